@@ -1,0 +1,76 @@
+"""Builds a tiny, random Llama model and a real byte-level BPE tokenizer, offline.
+
+Tests never touch the network: this trains a ~400-token BPE vocabulary on a few sentences,
+gives it a ChatML chat template like SmolLM2's, and pairs it with a 2-layer Llama of hidden
+size 32. `make_tiny_model_dir(path)` writes both as an ordinary HF directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "What is the capital of Zorbia? The capital of Zorbia is Quell.",
+    "Who founded the Lumen Guild? It was founded by Ada Marrow in 1874.",
+    "Answer briefly. The answer is 42. How many moons does Vantor have? Three.",
+    "user assistant system instruction input output prompt completion text",
+    "0123456789 , . ? ! : ; ' \" ( ) - _ / \\ \n",
+]
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+    )
+    fast.chat_template = CHATML
+    return fast
+
+
+def make_tiny_model(vocab_size: int, seed: int = 0, tie: bool = True) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=tie,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    return LlamaForCausalLM(cfg).float().eval()
+
+
+def make_tiny_model_dir(path: str | Path, seed: int = 0) -> Path:
+    path = Path(path)
+    tok = make_tokenizer()
+    model = make_tiny_model(len(tok), seed=seed)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -1,0 +1,304 @@
+"""The typed configuration tree: YAML file + `key.sub=value` overrides → `Config`.
+
+Contract:
+- `load_config(path, overrides)` returns a fully validated `Config`; any unknown key, wrong
+  type or out-of-range value raises `UserError` naming the file/override and the key.
+- Values in overrides are parsed as YAML scalars (`train.lr=1e-4`, `data.packing=false`).
+- `save_config(cfg, path)` writes the resolved tree; `load_config(path)` reads it back equal.
+- `config_hash(cfg, ignore=...)` fingerprints a config so a run dir can tell whether a
+  resume continues the same run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from tunesmith.errors import UserError
+
+DATA_FORMATS = ("auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text")
+METHODS = ("full", "lora", "dora")
+LR_SCHEDULES = ("cosine", "linear", "constant")
+PRECISIONS = ("fp32", "bf16", "fp16")
+OVERLONG = ("truncate", "drop")
+
+
+@dataclass
+class ModelConfig:
+    """Which base model to start from and how to load it."""
+
+    name: str = "smollm2-135m-instruct"  # HF dir · hub id · .gguf file · bundled name
+    revision: str | None = None  # hub revision when `name` is a hub id
+    trust_remote_code: bool = False  # only when the user asks: runs code shipped with the model
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class DataConfig:
+    """Where the training data is and how it becomes token rows."""
+
+    train: list[str] = field(default_factory=list)  # files; a single string is accepted
+    validation: list[str] = field(default_factory=list)
+    val_fraction: float = 0.0  # held out of `train` when no validation files are given
+    format: str = "auto"
+    max_length: int = 512  # tokens per sample (and per packed row)
+    overlong: str = "truncate"  # what to do with samples longer than max_length
+    train_on_prompt: bool = False  # loss on prompt tokens too
+    packing: bool = True
+    system_prompt: str | None = None  # prepended to every conversation without one
+    chat_template: str | None = None  # Jinja template overriding the tokenizer's
+    cache_dir: str | None = None  # tokenised-data cache; default TUNESMITH_HOME/data-cache
+
+
+@dataclass
+class AdapterConfig:
+    """Fine-tuning method: all weights (`full`) or a PEFT adapter."""
+
+    method: str = "lora"
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop, logging and checkpoints."""
+
+    output_dir: str = "out/run"
+    max_steps: int = 0  # optimizer steps; 0 = derive from epochs
+    epochs: float = 1.0
+    batch_size: int = 4  # rows per micro-batch (per process)
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.05  # used when warmup_steps is 0
+    lr_schedule: str = "cosine"
+    min_lr_ratio: float = 0.1  # floor of the schedule, as a fraction of lr
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    seed: int = 42
+    precision: str = "fp32"
+    device: str = "auto"  # auto · cpu · cuda · cuda:N
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    gradient_checkpointing: bool = False
+    log_every: int = 1
+    eval_every: int = 0  # steps between validation passes; 0 = only at the end
+    save_every: int = 0  # steps between checkpoints; 0 = only at the end
+    keep_last: int = 2  # checkpoints kept on disk
+    resume: str = "never"  # never · auto · path to a checkpoint dir
+    tensorboard: bool = False
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    """The whole tree; every output dir holds its resolved copy as `tunesmith.yaml`."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML file (optional), apply `key.sub=value` overrides, validate."""
+    raw: dict = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    base_dir = Path(path).resolve().parent if path is not None else None
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r}: expected key.sub=value")
+        try:
+            parsed = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            parsed = value
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UserError(f"override {item!r}: {part} is not a section")
+            node = child
+        node[parts[-1]] = parsed
+    cfg = _build(Config, raw, "")
+    _resolve_paths(cfg, base_dir)
+    validate(cfg)
+    return cfg
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 text file") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of sections (model, data, adapter, train)")
+    return data
+
+
+def _build(cls, raw, prefix: str):
+    if not isinstance(raw, dict):
+        raise UserError(f"config key {prefix.rstrip('.') or '<root>'}: expected a section (mapping)")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            raise UserError(
+                f"config key {prefix}{key}: unknown; expected one of {', '.join(sorted(names))}"
+            )
+    kwargs = {}
+    for name, value in raw.items():
+        kwargs[name] = _coerce(hints[name], value, prefix + name)
+    return cls(**kwargs)
+
+
+def _coerce(hint, value, key: str):
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if origin is list:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list):
+            raise UserError(f"config key {key}: expected a list, got {value!r}")
+        return [_coerce(args[0], v, key) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"config key {key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise UserError(f"config key {key}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise UserError(f"config key {key}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise UserError(f"config key {key}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported config type {hint} for {key}")
+
+
+def _resolve_paths(cfg: Config, base_dir: Path | None) -> None:
+    """Data paths in a YAML file are relative to that file, like axolotl's."""
+    if base_dir is None:
+        return
+
+    def fix(p: str) -> str:
+        path = Path(p).expanduser()
+        if path.is_absolute() or path.exists():
+            return str(path)
+        candidate = base_dir / path
+        return str(candidate) if candidate.exists() else str(path)
+
+    cfg.data.train = [fix(p) for p in cfg.data.train]
+    cfg.data.validation = [fix(p) for p in cfg.data.validation]
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise UserError(f"config key {key}: expected one of {', '.join(allowed)}, got {value!r}")
+
+
+def _positive(key: str, value, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise UserError(f"config key {key}: expected a number {bound}, got {value!r}")
+
+
+def validate(cfg: Config) -> None:
+    """Range and choice checks that types alone cannot express."""
+    d, a, t = cfg.data, cfg.adapter, cfg.train
+    _choice("data.format", d.format, DATA_FORMATS)
+    _choice("data.overlong", d.overlong, OVERLONG)
+    _choice("adapter.method", a.method, METHODS)
+    _choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
+    _choice("train.precision", t.precision, PRECISIONS)
+    if not 0.0 <= d.val_fraction < 1.0:
+        raise UserError(f"config key data.val_fraction: expected 0 <= value < 1, got {d.val_fraction}")
+    if d.max_length < 8:
+        raise UserError(f"config key data.max_length: expected an integer >= 8, got {d.max_length}")
+    _positive("adapter.rank", a.rank)
+    _positive("adapter.alpha", a.alpha)
+    if not 0.0 <= a.dropout < 1.0:
+        raise UserError(f"config key adapter.dropout: expected 0 <= value < 1, got {a.dropout}")
+    if not a.target_modules:
+        raise UserError("config key adapter.target_modules: expected at least one module name")
+    _positive("train.max_steps", t.max_steps, allow_zero=True)
+    _positive("train.epochs", t.epochs)
+    _positive("train.batch_size", t.batch_size)
+    _positive("train.grad_accum", t.grad_accum)
+    _positive("train.lr", t.lr)
+    _positive("train.weight_decay", t.weight_decay, allow_zero=True)
+    if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
+        raise UserError(f"config key train.betas: expected two numbers in [0, 1), got {t.betas}")
+    _positive("train.warmup_steps", t.warmup_steps, allow_zero=True)
+    if not 0.0 <= t.warmup_ratio < 1.0:
+        raise UserError(f"config key train.warmup_ratio: expected 0 <= value < 1, got {t.warmup_ratio}")
+    if not 0.0 <= t.min_lr_ratio <= 1.0:
+        raise UserError(f"config key train.min_lr_ratio: expected 0 <= value <= 1, got {t.min_lr_ratio}")
+    _positive("train.max_grad_norm", t.max_grad_norm, allow_zero=True)
+    _positive("train.threads", t.threads, allow_zero=True)
+    _positive("train.log_every", t.log_every)
+    _positive("train.eval_every", t.eval_every, allow_zero=True)
+    _positive("train.save_every", t.save_every, allow_zero=True)
+    _positive("train.keep_last", t.keep_last)
+    if t.device not in ("auto", "cpu", "cuda", "mps") and not t.device.startswith("cuda:"):
+        raise UserError(f"config key train.device: expected auto, cpu, cuda, cuda:N or mps, got {t.device!r}")
+    if not t.output_dir:
+        raise UserError("config key train.output_dir: expected a directory path")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+def config_hash(cfg: Config, ignore: tuple[str, ...] = ()) -> str:
+    """A stable fingerprint of the config, leaving out dotted keys in `ignore`."""
+    tree = to_dict(cfg)
+    for dotted in ignore:
+        *parents, last = dotted.split(".")
+        node = tree
+        for p in parents:
+            node = node[p]
+        node.pop(last, None)
+    blob = json.dumps(tree, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

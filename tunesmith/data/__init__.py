@@ -1,0 +1,1 @@
+"""Data: files → examples (formats) → token samples (sft) → rows (packing). Never imports a model."""

@@ -74,3 +74,35 @@ def make_tiny_model_dir(path: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+NAMES = ["Quell", "Ada Marrow", "Vantor", "Zorbia", "Lumen", "Brown Fox", "Dog", "Moon"]
+
+
+def write_qa_jsonl(path: str | Path, n: int = 24) -> Path:
+    """A small chat dataset whose answers the tiny model can learn in a few dozen steps."""
+    import json
+
+    path = Path(path)
+    with open(path, "w", encoding="utf-8") as fh:
+        for i in range(n):
+            name = NAMES[i % len(NAMES)]
+            q = f"What is the answer {i}?"
+            fh.write(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": f"The answer is {name}."}]}) + "\n")
+    return path
+
+
+def write_config(path: str | Path, model_dir, data_file, out, **sections) -> Path:
+    """A YAML config for the tiny model; `sections` maps section → {key: value} overrides."""
+    import yaml
+
+    cfg = {
+        "model": {"name": str(model_dir)},
+        "data": {"train": [str(data_file)], "max_length": 64},
+        "adapter": {"method": "lora", "rank": 4, "alpha": 8},
+        "train": {"output_dir": str(out), "max_steps": 6, "batch_size": 2, "lr": 1e-2, "progress": False, "warmup_steps": 1},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    Path(path).write_text(yaml.safe_dump(cfg))
+    return Path(path)

@@ -1,0 +1,115 @@
+"""Fine-tuning methods (full · LoRA · DoRA via PEFT) and loading what training produced.
+
+Contract:
+- `apply_method(model, adapter_cfg)` returns the model to train: the same model with every
+  parameter trainable for `full`, or a `peft.PeftModel` with only adapter weights trainable.
+  Target modules default to every linear projection except the output head (PEFT's
+  `all-linear`); a name that matches no module is a `UserError` listing the ones that exist.
+- `load_for_inference(spec)` takes a base model name, a full fine-tune output dir, or a LoRA
+  run dir (base + adapter) and returns `(model, tokenizer, label)` ready for generation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tunesmith.config import AdapterConfig
+from tunesmith.errors import UserError
+from tunesmith.models import load_model, load_tokenizer, resolve_model
+
+RUN_CONFIG = "tunesmith.yaml"
+
+
+def linear_module_names(model) -> list[str]:
+    import torch
+
+    head = model.get_output_embeddings()
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module is not head:
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def apply_method(model, cfg: AdapterConfig):
+    if cfg.method == "full":
+        for param in model.parameters():
+            param.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    available = linear_module_names(model)
+    if cfg.target_modules == ["all-linear"]:
+        targets: str | list[str] = "all-linear"
+    else:
+        missing = [t for t in cfg.target_modules if t not in available]
+        if missing:
+            raise UserError(
+                f"config key adapter.target_modules: no linear module named {', '.join(missing)}; "
+                f"this model has: {', '.join(available)} (or all-linear)"
+            )
+        targets = list(cfg.target_modules)
+    peft_cfg = LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=targets,
+        use_dora=cfg.method == "dora",
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def base_of_run(run_dir: Path) -> str:
+    """The base model a LoRA run dir was trained from: its saved config, else PEFT's record."""
+    import json
+
+    import yaml
+
+    cfg_path = run_dir / RUN_CONFIG
+    if cfg_path.is_file():
+        saved = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
+        name = (saved.get("model") or {}).get("name")
+        if name:
+            return name
+    adapter_cfg = json.loads((run_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    name = adapter_cfg.get("base_model_name_or_path")
+    if not name:
+        raise UserError(f"{run_dir}/adapter_config.json: no base_model_name_or_path; cannot find the base model")
+    return name
+
+
+def load_for_inference(spec: str, device=None, dtype=None, trust_remote_code: bool = False):
+    """Load a base model, a full fine-tune, or base + LoRA/DoRA adapter for generation."""
+    path = Path(spec).expanduser()
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base_name = base_of_run(path)
+        base = load_model(resolve_model(base_name), dtype=dtype, trust_remote_code=trust_remote_code)
+        try:
+            model = PeftModel.from_pretrained(base, str(path))
+        except (OSError, ValueError, KeyError, RuntimeError) as err:
+            raise UserError(f"{path}: cannot load the adapter ({str(err).splitlines()[0]})") from None
+        tokenizer = load_tokenizer(str(path)) if (path / "tokenizer_config.json").is_file() else load_tokenizer(
+            resolve_model(base_name)
+        )
+        label = f"{base_name} + adapter {path}"
+    elif path.is_dir() and not (path / "config.json").is_file() and (path / RUN_CONFIG).is_file():
+        raise UserError(f"{path}: this run dir has no finished model yet (no adapter or weights); finish or resume training")
+    else:
+        resolved = resolve_model(spec)
+        model = load_model(resolved, dtype=dtype, trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(resolved, trust_remote_code=trust_remote_code)
+        label = spec
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return model, tokenizer, label

@@ -1,0 +1,1 @@
+"""CLI verb handlers: parse-free, thin wrappers over library functions."""

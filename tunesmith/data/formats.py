@@ -1,0 +1,349 @@
+"""Data files → `Example`s: one reader per file type, one parser per record format.
+
+Contract:
+- `load_examples(paths, fmt, system_prompt)` reads every file in order and returns a flat list
+  of `Example`s; each carries `where` ("file:line") so later stages can point at the record.
+- File types by extension: `.jsonl` (one object per line, blank lines skipped), `.json` (a list
+  of objects, or an object holding exactly one such list, e.g. {"data": [...]}), `.csv` (header
+  row), `.parquet`, `.txt` (paragraphs separated by blank lines, each one `text` example).
+- Formats: `alpaca` (instruction, optional input, output, optional system), `messages` (OpenAI
+  list of {role, content}), `sharegpt` (`conversations` list of {from, value}, optional top-level
+  system), `prompt_completion` (prompt, completion → a user/assistant exchange, so the chat
+  template applies), `text`. With `fmt="auto"` each file's format is detected from the keys of
+  its first record. In CSV, list-valued fields (messages, conversations) hold JSON text.
+- `system_prompt` becomes the first message of every conversation that has no system message.
+- Anything wrong with a file raises `UserError` with one line naming the file, the line (row
+  for parquet) and what was expected. Nothing here imports torch or a tokenizer.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunesmith.errors import UserError, where
+
+FORMATS = ("alpaca", "messages", "sharegpt", "prompt_completion", "text")
+FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+}
+REQUIRED = {
+    "alpaca": ("instruction", "output"),
+    "messages": ("messages",),
+    "sharegpt": ("conversations",),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+}
+DETECT_HINT = (
+    "expected one of alpaca (instruction/output), messages, conversations, prompt/completion, text"
+    " — or set data.format"
+)
+
+
+@dataclass
+class Example:
+    """One training record: a conversation (`messages`) or a plain text (`text`), never both."""
+
+    messages: list[dict] | None
+    text: str | None
+    where: str
+
+
+def load_examples(paths: list[str], fmt: str = "auto", system_prompt: str | None = None) -> list[Example]:
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    if not paths:
+        raise UserError("no data files given; set data.train to one or more .jsonl/.json/.csv/.parquet/.txt files")
+    if fmt != "auto" and fmt not in FORMATS:
+        raise UserError(f"data.format: expected auto or one of {', '.join(FORMATS)}, got {fmt!r}")
+    examples: list[Example] = []
+    for path in paths:
+        examples.extend(_load_file(str(path), fmt, system_prompt))
+    return examples
+
+
+def _load_file(path: str, fmt: str, system_prompt: str | None) -> list[Example]:
+    suffix = Path(path).suffix.lower()
+    if suffix not in FILE_TYPES:
+        raise UserError(
+            f"{path}: unknown data file type {suffix or '(no extension)'}; "
+            "expected .jsonl, .json, .csv, .parquet or .txt"
+        )
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{path}: data file not found")
+    if not p.is_file():
+        raise UserError(f"{path}: not a file; expected a data file")
+    if suffix == ".txt":
+        if fmt not in ("auto", "text"):
+            raise UserError(
+                f"{path}: .txt files hold plain text; data.format {fmt} needs .jsonl, .json, .csv or .parquet"
+            )
+        return _read_txt(path)
+    records = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}[suffix](path)
+    examples = []
+    file_fmt = fmt
+    for loc, record in records:
+        if file_fmt == "auto":
+            file_fmt = _detect(record, loc)
+        examples.append(_parse(record, file_fmt, loc, system_prompt, from_csv=suffix == ".csv"))
+    if not examples:
+        raise UserError(f"{path}: no examples (empty file)")
+    return examples
+
+
+# ---------------------------------------------------------------- readers: file → (where, record)
+
+
+def _read_text(path: str) -> str:
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8-sig")  # -sig: spreadsheets often write a byte-order mark
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        byte = raw[err.start]
+        raise UserError(f"{where(path, line)}: not UTF-8 text (byte 0x{byte:02x}); save the file as UTF-8") from None
+
+
+def _lines(text: str) -> list[str]:
+    # not str.splitlines: it also splits on U+2028, U+0085 …, which JSON strings may hold raw
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
+def _read_jsonl(path: str):
+    for n, line in enumerate(_lines(_read_text(path)), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{where(path, n)}: not valid JSON ({err.msg})") from None
+        yield where(path, n), _object(record, path, n)
+
+
+def _read_json(path: str):
+    """Elements of the top-level list (or of the one list inside a top-level object), with the
+    line each element starts on: found by scanning with raw_decode, since json.loads keeps no
+    positions."""
+    text = _read_text(path)
+    if not text.strip():
+        return
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{where(path, err.lineno)}: not valid JSON ({err.msg})") from None
+    decoder = json.JSONDecoder()
+    start = _skip_ws(text, 0)
+    if isinstance(data, dict):
+        lists = [k for k, v in data.items() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise UserError(
+                f"{path}: expected a JSON list of records, or an object holding exactly one list "
+                f"(like {{\"data\": [...]}}); found {len(lists)} lists"
+            )
+        start = _find_value(text, start, lists[0], decoder)
+        data = data[lists[0]]
+    elif not isinstance(data, list):
+        raise UserError(f"{path}: expected a JSON list of records, got {_type_name(data)}")
+    if not data:
+        raise UserError(f"{path}: no examples (empty list)")
+    pos = _skip_ws(text, start + 1)
+    line, counted = 1, 0  # counted incrementally: recounting from 0 would be quadratic
+    while text[pos] != "]":
+        record, end = decoder.raw_decode(text, pos)
+        line, counted = line + text.count("\n", counted, pos), pos
+        yield where(path, line), _object(record, path, line)
+        pos = _skip_ws(text, end)
+        if text[pos] == ",":
+            pos = _skip_ws(text, pos + 1)
+
+
+def _find_value(text: str, pos: int, key: str, decoder) -> int:
+    """Position of the value of top-level `key` in the JSON object starting at `pos`."""
+    pos = _skip_ws(text, pos + 1)
+    found = None
+    while text[pos] != "}":
+        name, pos = decoder.raw_decode(text, pos)
+        pos = _skip_ws(text, _skip_ws(text, pos) + 1)  # past ':'
+        if name == key:
+            found = pos  # keep scanning: with duplicate keys json.loads keeps the last
+        _, pos = decoder.raw_decode(text, pos)
+        pos = _skip_ws(text, pos)
+        if text[pos] == ",":
+            pos = _skip_ws(text, pos + 1)
+    return found
+
+
+def _skip_ws(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def _read_csv(path: str):
+    # long documents in one cell are normal for SFT data; the csv module's default cap is 128 KiB
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""))
+    try:
+        header = next(reader, None)
+        if header is None:
+            return
+        header = [h.strip() for h in header]
+        last_line = reader.line_num
+        for row in reader:
+            line = last_line + 1  # the row's first line (quoted fields may span several)
+            last_line = reader.line_num
+            if not row or not any(cell.strip() for cell in row):
+                continue
+            if len(row) != len(header):
+                raise UserError(
+                    f"{where(path, line)}: expected {len(header)} columns ({', '.join(header)}), got {len(row)}"
+                )
+            yield where(path, line), {k: (v if v != "" else None) for k, v in zip(header, row)}
+    except csv.Error as err:
+        raise UserError(f"{where(path, reader.line_num)}: not valid CSV ({err})") from None
+
+
+def _read_parquet(path: str):
+    import pyarrow.parquet as pq  # imported here: only parquet users pay for it
+
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow raises several types for a damaged or foreign file
+        raise UserError(f"{path}: not a readable Parquet file ({str(err).splitlines()[0]})") from None
+    for n, record in enumerate(table.to_pylist(), start=1):
+        yield f"{path}:row {n}", record
+
+
+def _read_txt(path: str) -> list[Example]:
+    examples, para, first = [], [], 0
+    for n, line in enumerate(_lines(_read_text(path)) + [""], start=1):
+        if line.strip():
+            if not para:
+                first = n
+            para.append(line)
+        elif para:
+            examples.append(Example(messages=None, text="\n".join(para).rstrip(), where=where(path, first)))
+            para = []
+    if not examples:
+        raise UserError(f"{path}: no examples (empty file)")
+    return examples
+
+
+def _object(record, path: str, line: int) -> dict:
+    if not isinstance(record, dict):
+        raise UserError(f"{where(path, line)}: expected a JSON object (one record), got {_type_name(record)}")
+    return record
+
+
+# ---------------------------------------------------------------- formats: record → Example
+
+
+def _detect(record: dict, loc: str) -> str:
+    keys = set(record)
+    if "messages" in keys:
+        return "messages"
+    if "conversations" in keys:
+        return "sharegpt"
+    if {"instruction", "output"} <= keys:
+        return "alpaca"
+    if {"prompt", "completion"} <= keys:
+        return "prompt_completion"
+    if "text" in keys:
+        return "text"
+    raise UserError(f"{loc}: cannot detect the format from keys [{', '.join(map(str, record))}]; {DETECT_HINT}")
+
+
+def _parse(record: dict, fmt: str, loc: str, system_prompt: str | None, from_csv: bool) -> Example:
+    for key in REQUIRED[fmt]:
+        if record.get(key) is None:
+            raise UserError(f'{loc}: missing field "{key}" (format {fmt} expects {", ".join(REQUIRED[fmt])})')
+    if fmt == "text":
+        return Example(messages=None, text=_string(record, "text", loc), where=loc)
+    if fmt == "alpaca":
+        user = _string(record, "instruction", loc)
+        extra = _string(record, "input", loc, optional=True)
+        if extra:
+            user = user + "\n\n" + extra
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": _string(record, "output", loc)}]
+        system = _string(record, "system", loc, optional=True)
+        if system:
+            messages.insert(0, {"role": "system", "content": system})
+    elif fmt == "prompt_completion":
+        messages = [
+            {"role": "user", "content": _string(record, "prompt", loc)},
+            {"role": "assistant", "content": _string(record, "completion", loc)},
+        ]
+    elif fmt == "messages":
+        turns = _turn_list(record, "messages", loc, from_csv)
+        messages = [_message(t, i, loc, "role", "content", {r: r for r in ROLES}) for i, t in enumerate(turns, 1)]
+    else:
+        turns = _turn_list(record, "conversations", loc, from_csv)
+        messages = [_message(t, i, loc, "from", "value", SHAREGPT_ROLES) for i, t in enumerate(turns, 1)]
+        system = _string(record, "system", loc, optional=True)
+        if system and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": system})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise UserError(f"{loc}: conversation has no assistant message; nothing to train on")
+    if system_prompt is not None and not any(m["role"] == "system" for m in messages):
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return Example(messages=messages, text=None, where=loc)
+
+
+def _string(record: dict, key: str, loc: str, optional: bool = False) -> str | None:
+    value = record.get(key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise UserError(f'{loc}: field "{key}" must be a string, got {_type_name(value)}')
+    return value
+
+
+def _turn_list(record: dict, key: str, loc: str, from_csv: bool) -> list:
+    turns = record[key]
+    if from_csv and isinstance(turns, str):  # CSV cells are text; list fields are stored as JSON
+        try:
+            turns = json.loads(turns)
+        except json.JSONDecodeError as err:
+            raise UserError(f'{loc}: field "{key}" is not valid JSON ({err.msg})') from None
+    if not isinstance(turns, list) or not turns:
+        got = "an empty list" if isinstance(turns, list) else _type_name(turns)
+        raise UserError(f'{loc}: field "{key}" must be a non-empty list of messages, got {got}')
+    return turns
+
+
+def _message(turn, i: int, loc: str, role_key: str, content_key: str, roles: dict) -> dict:
+    if not isinstance(turn, dict):
+        expected = f"an object with {role_key} and {content_key}"
+        raise UserError(f"{loc}: message {i} must be {expected}, got {_type_name(turn)}")
+    role = turn.get(role_key)
+    if role not in roles:
+        raise UserError(f'{loc}: message {i} has {role_key} {json.dumps(role)}; expected {", ".join(roles)}')
+    content = turn.get(content_key)
+    if isinstance(content, list):  # OpenAI content parts: only text parts carry anything we can train on
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            raise UserError(
+                f'{loc}: message {i} has non-text content parts; only {{"type": "text"}} parts are supported'
+            )
+        content = "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise UserError(f'{loc}: message {i} field "{content_key}" must be a string, got {_type_name(content)}')
+    return {"role": roles[role], "content": content}
+
+
+def _type_name(value) -> str:
+    if value is None:
+        return "null"
+    return {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}.get(
+        type(value), type(value).__name__
+    )

@@ -64,6 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """The CLI speaks for itself: transformers' per-load progress bars and advice would
+    bury our one-line errors and progress, so only its errors get through."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
@@ -73,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from tunesmith.errors import UserError
 
+    _quiet_libraries()
     target, _ = COMMANDS[args.verb]
     module_name, func_name = target.split(":")
     try:

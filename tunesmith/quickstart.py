@@ -20,7 +20,7 @@ from tunesmith.config import load_config
 from tunesmith.eval.metrics import contains
 
 SPLITS = ("trained_seen", "heldout", "doc_only")
-MAX_NEW_TOKENS = 40
+MAX_NEW_TOKENS = 32
 
 
 def resource_dir() -> Path:

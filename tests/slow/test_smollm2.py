@@ -1,0 +1,62 @@
+"""SmolLM2-135M-Instruct for real: bundled GGUF → safetensors cache, and the quickstart.
+
+These take minutes on 2 cores; CI runs them (marker `slow`).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from tunesmith.models import bundled_gguf, load_model, load_tokenizer, resolve_model
+
+EXE = os.path.join(os.path.dirname(sys.executable), "tunesmith")
+
+
+def test_bundled_model_converts_once_and_loads(slow_home):
+    path = Path(resolve_model("smollm2-135m-instruct"))
+    assert path.parent == slow_home / "models"
+    config = json.loads((path / "config.json").read_text())
+    assert "quantization_config" not in config  # the GGUF tag is gone, so trainers accept it
+    mtime = (path / "model.safetensors").stat().st_mtime_ns
+    assert resolve_model("smollm2-135m-instruct") == str(path)  # cached: not converted again
+    assert (path / "model.safetensors").stat().st_mtime_ns == mtime
+    model = load_model(str(path))
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    tok = load_tokenizer(str(path))
+    assert tok.eos_token == "<|im_end|>" and tok.chat_template
+
+
+def test_gguf_file_path_converts_to_the_same_weights():
+    gguf = bundled_gguf("smollm2-135m-instruct")
+    from_file = Path(resolve_model(str(gguf)))
+    bundled = Path(resolve_model("smollm2-135m-instruct"))
+    assert from_file != bundled
+    a, b = load_file(from_file / "model.safetensors"), load_file(bundled / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"))
+
+
+def test_quickstart_learns_the_knowledge_base(tmp_path, slow_home):
+    out = tmp_path / "qs"
+    env = {**os.environ, "TUNESMITH_HOME": str(slow_home)}
+    proc = subprocess.run([EXE, "quickstart", "--out", str(out)], capture_output=True, text=True, env=env, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    print(proc.stdout)
+    result = json.loads((out / "quickstart.json").read_text())
+    before, after = result["before"], result["after"]
+    assert after["trained_seen"]["accuracy"] >= 0.8
+    assert after["heldout"]["accuracy"] >= before["heldout"]["accuracy"] + 0.3
+    assert "heldout" in proc.stdout and "before" in proc.stdout
+    assert (out / "adapter_model.safetensors").is_file()
+    # the run dir chats: generate answers a held-out question with the trained fact
+    q = next(r for r in result["answers"] if r["split"] == "heldout" and r["after"] and r["answer"].lower() in r["after"].lower())
+    gen = subprocess.run([EXE, "generate", str(out), "--prompt", q["question"], "--max-new-tokens", "32"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert gen.returncode == 0, gen.stderr
+    assert gen.stdout.strip() == q["after"]

@@ -151,6 +151,28 @@ class TrainResult:
     summary: dict
 
 
+def accumulate_gradients(trainer, batches, dist: Dist, device, autocast=nullcontext, scaler=None):
+    """Backward over the micro-batches of one optimizer step; returns (summed loss, tokens).
+
+    Each micro-batch's loss sum is divided by the label-token count of the *whole* step (all
+    micro-batches, all ranks), so the gradient is the mean over every label token however
+    the step is split — not a mean of per-micro-batch means.
+    """
+    local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    global_tokens = all_reduce_sum(local_tokens, dist, device)
+    loss_total = 0.0
+    for i, batch in enumerate(batches):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        sync = nullcontext() if not dist.enabled or i == len(batches) - 1 else trainer.no_sync()
+        with sync, autocast():
+            loss_sum, _ = trainer(**batch)
+            # DDP averages gradients over ranks; multiplying by world undoes that average.
+            loss = loss_sum * dist.world / max(global_tokens, 1)
+        (scaler.scale(loss) if scaler else loss).backward()
+        loss_total += loss_sum.item()
+    return loss_total, global_tokens
+
+
 def run_training(cfg: Config) -> TrainResult:
     t = cfg.train
     out = Path(t.output_dir)
@@ -238,20 +260,8 @@ def run_training(cfg: Config) -> TrainResult:
     while step < total_steps:
         micro = [[train_rows[i] for i in stream.next()] for _ in range(t.grad_accum)]
         batches = [collate(rows, pad_id) for rows in micro]
-        local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-        global_tokens = all_reduce_sum(local_tokens, dist, device)
         step_start = time.perf_counter()
-        loss_total = 0.0
-        for i, batch in enumerate(batches):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            sync = nullcontext() if not dist.enabled or i == len(batches) - 1 else trainer.no_sync()
-            with sync, autocast():
-                loss_sum, _ = trainer(**batch)
-                # DDP averages gradients over ranks; scaling by world makes the result the
-                # mean over every label token of the global batch.
-                loss = loss_sum * dist.world / max(global_tokens, 1)
-            (scaler.scale(loss) if scaler else loss).backward()
-            loss_total += loss_sum.item()
+        loss_total, global_tokens = accumulate_gradients(trainer, batches, dist, device, autocast, scaler)
         if scaler:
             scaler.unscale_(optimizer)
         max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")

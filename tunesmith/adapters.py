@@ -91,12 +91,13 @@ def load_for_inference(spec: str, device=None, dtype=None, trust_remote_code: bo
     path = Path(spec).expanduser()
     if path.is_dir() and (path / "adapter_config.json").is_file():
         from peft import PeftModel
+        from safetensors import SafetensorError
 
         base_name = base_of_run(path)
         base = load_model(resolve_model(base_name), dtype=dtype, trust_remote_code=trust_remote_code)
         try:
             model = PeftModel.from_pretrained(base, str(path))
-        except (OSError, ValueError, KeyError, RuntimeError) as err:
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
             raise UserError(f"{path}: cannot load the adapter ({str(err).splitlines()[0]})") from None
         tokenizer = load_tokenizer(str(path)) if (path / "tokenizer_config.json").is_file() else load_tokenizer(
             resolve_model(base_name)

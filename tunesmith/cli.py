@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("tunesmith.commands.generate:run_generate", "answer one prompt or a file of prompts"),
     "chat": ("tunesmith.commands.generate:run_chat", "chat interactively with a model or run dir (streaming)"),
     "quickstart": ("tunesmith.commands.quickstart:run", "LoRA-tune SmolLM2 on the bundled dataset; before/after"),
+    "merge": ("tunesmith.commands.export:run_merge", "fold a run's LoRA/DoRA adapter into its base; write an HF model dir"),
+    "export": ("tunesmith.commands.export:run_export", "write a model or run as GGUF (f32/f16/q8_0/q4_0) + Ollama Modelfile"),
 }
 
 
@@ -59,8 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
         elif verb == "chat":
             _add_model_args(p)
         elif verb == "quickstart":
-            p.add_argument("--out", default="out/quickstart", help="output dir of the LoRA run")
+            p.add_argument("--out", default="out/quickstart-demo", help="output dir of the LoRA run")
             p.add_argument("overrides", nargs="*", help="key.sub=value overrides of configs/quickstart.yaml")
+        elif verb == "merge":
+            p.add_argument("run_dir", help="run dir with a LoRA/DoRA adapter")
+            p.add_argument("--out", help="output dir (default: RUN_DIR-merged)")
+            p.add_argument("--force", action="store_true", help="replace a non-empty output dir")
+        elif verb == "export":
+            p.add_argument("model", help="run dir (adapter merged first), HF model dir, .gguf file, or smollm2-135m-instruct")
+            p.add_argument("--format", choices=["gguf"], default="gguf")
+            p.add_argument("--quant", choices=["f32", "f16", "q8_0", "q4_0"], default="f16")
+            p.add_argument("--out", help="output .gguf (default: RUN/export/model-QUANT.gguf, or ./NAME-QUANT.gguf)")
+            p.add_argument("--force", action="store_true", help="replace an existing output file")
     return parser
 
 

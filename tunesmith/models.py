@@ -165,6 +165,7 @@ def load_model(
     attn_implementation: str = "sdpa",
 ):
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     dtype = dtype or torch.float32
@@ -177,7 +178,9 @@ def load_model(
             attn_implementation=attn_implementation,
             use_safetensors=True,
         )
-    except (OSError, ValueError, EnvironmentError) as err:
+    except SafetensorError as err:
+        raise UserError(f"model {resolved}: its safetensors weights are corrupt or truncated ({_first_line(err)})") from None
+    except (OSError, ValueError) as err:
         hint = " (offline? hub ids need network; give a local directory)" if HUB_ID.match(resolved) else ""
         raise UserError(f"model {resolved}: cannot load ({_first_line(err)}){hint}") from None
     if device is not None:

@@ -143,3 +143,31 @@ def test_real_console_script_has_no_traceback(tmp_path):
     proc = subprocess.run([exe, "train", "adapter.method=qlorax"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "tunesmith: error: config key adapter.method: expected one of full, lora, dora, got 'qlorax'"
+
+
+def test_tensorboard_missing_is_one_line_and_writes_nothing(capsys, setup):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed here; the missing-package path cannot be shown")
+    tmp, model_dir, data, out = setup
+    cfg = write_config(tmp / "c.yaml", model_dir, data, out, train={"tensorboard": True})
+    code, err = run_cli(capsys, "train", str(cfg))
+    assert_one_line(code, err, "train.tensorboard", "tunesmith[tensorboard]")
+    assert not out.exists()
+
+
+def test_truncated_safetensors_is_one_line(capsys, setup):
+    import shutil
+
+    tmp, model_dir, data, out = setup
+    broken = tmp / "broken"
+    shutil.copytree(model_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    code, err = run_cli(capsys, "generate", str(broken), "--prompt", "hi")
+    assert_one_line(code, err, "broken", "corrupt or truncated")
+    cfg = write_config(tmp / "c.yaml", broken, data, out)
+    code, err = run_cli(capsys, "train", str(cfg))
+    assert_one_line(code, err, "corrupt or truncated")
+    assert not out.exists()

@@ -39,7 +39,7 @@ from tunesmith.models import load_model, load_tokenizer, pick_device, resolve_mo
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train.distributed import Dist, all_reduce_sum, barrier, cleanup, setup
 from tunesmith.train.loss import LossModule, token_loss
-from tunesmith.train.records import Records
+from tunesmith.train.records import Records, require_tensorboard
 
 # Keys that may change between a run and its resume without making it another run.
 RESUMABLE_CHANGES = (
@@ -183,6 +183,8 @@ def run_training(cfg: Config) -> TrainResult:
     if t.precision == "fp16" and device.type != "cuda":
         raise UserError("config key train.precision: fp16 needs a CUDA GPU; use fp32 (or bf16) on CPU")
     resume_from = check_output_dir(out, cfg)
+    if t.tensorboard:
+        require_tensorboard()
     if t.threads:
         torch.set_num_threads(t.threads)
     torch.manual_seed(t.seed)

@@ -16,6 +16,17 @@ from tunesmith.errors import UserError
 METRICS = "metrics.jsonl"
 
 
+def require_tensorboard() -> None:
+    """Called before a run writes anything, so a missing package fails cleanly."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        raise UserError(
+            "config key train.tensorboard: the tensorboard package is not installed; "
+            "pip install 'tunesmith[tensorboard]'"
+        )
+
+
 class Records:
     def __init__(self, out_dir: Path, tensorboard: bool, resume_step: int):
         self.path = out_dir / METRICS
@@ -23,13 +34,9 @@ class Records:
         self.file = open(self.path, "a", encoding="utf-8")
         self.writer = None
         if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise UserError(
-                    "config key train.tensorboard: the tensorboard package is not installed; "
-                    "pip install 'tunesmith[tensorboard]'"
-                ) from None
+            require_tensorboard()
+            from torch.utils.tensorboard import SummaryWriter
+
             self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=resume_step + 1)
 
     def _truncate_after(self, step: int) -> None:

@@ -1,0 +1,192 @@
+"""Fold a LoRA/DoRA adapter into its base model and save a plain HF model directory.
+
+Contract:
+- `merge_run(run_dir, out_dir=None, force=False) -> Path` loads the run's base in fp32 plus
+  its adapter (`adapters.load_for_inference`), folds the adapter in (`merge_and_unload`),
+  refuses the result if any tensor is NaN/inf (naming it), and writes an HF safetensors dir
+  with the tokenizer, its chat template and a copy of the run's `tunesmith.yaml`. The dir is
+  built under a temporary name and renamed into place, so a crash never leaves half of it.
+  `out_dir` defaults to `RUN_DIR-merged`; a non-empty one is refused unless `force`.
+- `load_merged(spec)` is the in-memory version the GGUF export uses: `(model, tokenizer)`
+  for any model spec, with an adapter folded in when `spec` is a LoRA/DoRA run dir.
+- `check_inputs(spec)` turns a truncated or corrupt `*.safetensors` or `.gguf` into a one-line
+  `UserError` before transformers, PEFT or gguf get to raise their own exceptions.
+- `run_merge(args)` is the thin CLI wrapper (`tunesmith merge RUN_DIR [--out] [--force]`).
+Every user mistake raises `UserError` with one line.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from tunesmith.adapters import RUN_CONFIG, base_of_run, load_for_inference
+from tunesmith.errors import UserError
+from tunesmith.models import check_gguf
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_adapter_run(path: Path) -> bool:
+    return path.is_dir() and (path / ADAPTER_CONFIG).is_file()
+
+
+def is_full_model_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def check_safetensors(directory: Path) -> None:
+    """Open every safetensors file's header: a truncated or garbled file fails here, in one line."""
+    from safetensors import safe_open
+
+    for file in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        # SafetensorError derives from Exception directly, and a garbled header can also
+        # surface as OSError/ValueError; any failure to open means the file is unusable.
+        except Exception as err:  # noqa: BLE001
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise UserError(f"{file}: not a readable safetensors file ({first}); it may be truncated or corrupt") from None
+
+
+def check_gguf_file(path: Path) -> None:
+    """The magic bytes, then the whole header and tensor table, as llama.cpp would read them."""
+    from gguf import GGUFReader
+
+    check_gguf(path)
+    try:
+        GGUFReader(str(path))
+    except Exception as err:  # noqa: BLE001 — a truncated file fails in numpy, struct or the reader
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"{path}: cannot read this GGUF ({first}); it may be truncated or corrupt") from None
+
+
+def check_inputs(spec: str) -> None:
+    """Validate the weight files a spec points at: a .gguf, a model dir, a run and its local base."""
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        check_gguf_file(path)
+    if not path.is_dir():
+        return
+    check_safetensors(path)
+    if is_adapter_run(path):
+        base = Path(base_of_run(path)).expanduser()
+        if base.is_file() and base.suffix.lower() == ".gguf":
+            check_gguf_file(base)
+        elif base.is_dir():
+            check_safetensors(base)
+
+
+def fold_adapter(model, source: Path):
+    """Merge a PeftModel's adapter into its (fp32) base; refuse non-finite weights by name."""
+    import torch
+
+    # Check the adapter first so the message names the tensor that actually went bad.
+    for name, param in model.named_parameters():
+        if "lora_" in name and not torch.isfinite(param).all():
+            raise UserError(f"{source}: adapter tensor {name} has NaN/inf values; retrain, or use an earlier checkpoint")
+    merged = model.merge_and_unload()
+    check_finite(merged, source)
+    return merged
+
+
+def check_finite(model, source) -> None:
+    import torch
+
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserError(f"{source}: tensor {name} has NaN/inf values after merging; refusing to save it")
+
+
+def load_merged(spec: str):
+    """`(model, tokenizer)` in fp32, eval mode; a run dir's adapter is folded into its base."""
+    import torch
+
+    check_inputs(spec)
+    model, tokenizer, _ = load_for_inference(spec, dtype=torch.float32)
+    if is_adapter_run(Path(spec).expanduser()):
+        model = fold_adapter(model, Path(spec))
+    model.eval()
+    return model, tokenizer
+
+
+def default_merge_dir(run_dir: Path) -> Path:
+    return run_dir.with_name(run_dir.name + "-merged")
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    if not run_dir.is_dir():
+        problem = "not a directory" if run_dir.exists() else "not found"
+        raise UserError(f"{run_dir}: {problem}; expected a run dir written by tunesmith train")
+    if is_adapter_run(run_dir):
+        return
+    if is_full_model_dir(run_dir):
+        raise UserError(
+            f"{run_dir}: already a full model (no adapter to merge); export it directly: tunesmith export {run_dir}"
+        )
+    if (run_dir / RUN_CONFIG).is_file():
+        raise UserError(f"{run_dir}: this run has no finished adapter yet; finish or resume training first")
+    raise UserError(f"{run_dir}: no adapter here (no {ADAPTER_CONFIG}); expected a LoRA/DoRA run dir")
+
+
+def _check_out_dir(out: Path, run_dir: Path, force: bool) -> None:
+    if out.resolve() == run_dir.resolve():
+        raise UserError(f"--out: {out} is the run dir itself; choose another dir")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out: {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UserError(f"--out: {out} is not empty; pass --force to replace it, or choose another dir")
+
+
+def _fsync_tree(directory: Path) -> None:
+    for file in directory.iterdir():
+        if file.is_file():
+            with open(file, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Move a finished temp dir onto `out`; an old `out` is set aside first, then removed."""
+    _fsync_tree(tmp)
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def merge_run(run_dir, out_dir=None, force: bool = False) -> Path:
+    run_dir = Path(run_dir).expanduser()
+    _check_run_dir(run_dir)
+    out = Path(out_dir).expanduser() if out_dir else default_merge_dir(run_dir)
+    _check_out_dir(out, run_dir, force)
+    model, tokenizer = load_merged(str(run_dir))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if (run_dir / RUN_CONFIG).is_file():
+            # `generate`/`chat` read data.system_prompt from it, so the merged model answers
+            # with the same system prompt the run was trained with.
+            shutil.copy2(run_dir / RUN_CONFIG, tmp / RUN_CONFIG)
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+

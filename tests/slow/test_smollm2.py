@@ -42,11 +42,9 @@ def test_gguf_file_path_converts_to_the_same_weights():
     assert all(torch.equal(a[k], b[k]) for k in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"))
 
 
-def test_quickstart_learns_the_knowledge_base(tmp_path, slow_home):
-    out = tmp_path / "qs"
+def test_quickstart_learns_the_knowledge_base(quickstart_run, slow_home):
+    out, proc = quickstart_run
     env = {**os.environ, "TUNESMITH_HOME": str(slow_home)}
-    proc = subprocess.run([EXE, "quickstart", "--out", str(out)], capture_output=True, text=True, env=env, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-3000:]
     print(proc.stdout)
     result = json.loads((out / "quickstart.json").read_text())
     before, after = result["before"], result["after"]

@@ -1,7 +1,8 @@
 """Getting a tuned model out: merge an adapter into its base, write GGUF for llama.cpp / Ollama.
 
 `merge_run(run_dir, out_dir)` → an HF safetensors dir (see `merge.py`);
-`export_gguf(model_spec, out_path, quant)` → a `.gguf` file plus an Ollama `Modelfile` (see `gguf.py`).
+`export_gguf(model_spec, out_path, quant)` → a `.gguf` file plus an Ollama `Modelfile` (see `gguf.py`),
+checked in llama.cpp by `verify.py`; `quantize.py` → int8/int4 weight-only models for PyTorch.
 Both are imported lazily so `import tunesmith.export` stays cheap.
 """
 

@@ -330,8 +330,15 @@ def _write_tensors(writer, model, arch: str, quant: str) -> None:
             data = permute_rotary(data, n_head)
         elif arch == "llama" and ".attn_k." in name:
             data = permute_rotary(data, n_kv)
-        array, raw_dtype = encode_tensor(data, quant)
+        array, raw_dtype = encode_tensor(data, head_quant(name, quant, tied))
         writer.add_tensor(name, array, raw_dtype=raw_dtype)
+
+
+def head_quant(name: str, quant: str, tied: bool) -> str:
+    """The output head (or the tied embedding that serves as it) stays at q8_0 in 4-bit files:
+    its errors land straight on the logits, and llama.cpp's own quantizer also keeps it wider."""
+    is_head = name == "output.weight" or (tied and name == "token_embd.weight")
+    return "q8_0" if quant == "q4_0" and is_head else quant
 
 
 def _model_type(spec: str) -> str | None:

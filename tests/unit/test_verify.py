@@ -1,0 +1,102 @@
+"""`tunesmith export --verify`: the GGUF runs in llama-cpp-python and is held to the fp32 model.
+
+llama_cpp is imported directly, not skipped: CI installs the `gguf` extra, and a missing
+llama-cpp-python must fail these tests rather than hide them.
+"""
+
+import json
+
+import llama_cpp  # noqa: F401 — see the module docstring
+import pytest
+
+from tests.unit.test_gguf_export import make_model_dir
+from tunesmith.cli import main
+from tunesmith.errors import UserError
+from tunesmith.export import verify as verify_mod
+from tunesmith.export.gguf import export_gguf
+from tunesmith.export.merge import load_merged
+from tunesmith.export.verify import PROMPTS, eval_budget, eval_ids, same_greedy, verify_gguf
+
+
+@pytest.fixture(scope="module")
+def model64(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("v64"))
+
+
+@pytest.fixture(scope="module")
+def reference(model64):
+    return load_merged(str(model64))
+
+
+@pytest.fixture(scope="module")
+def ggufs(model64, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ggufs")
+    return {q: export_gguf(str(model64), out / f"m-{q}.gguf", quant=q) for q in ("f32", "q8_0")}
+
+
+def test_f32_gguf_is_the_pytorch_model(ggufs, reference):
+    model, tok = reference
+    ids = eval_ids(tok, max_tokens=eval_budget(model))
+    assert len(ids) == 240  # the tiny model's context is 256
+    result = verify_gguf(ggufs["f32"], model, tok, PROMPTS, [ids], quant="f32")
+    assert result["prompts"] == len(PROMPTS) == 10
+    assert result["prompt_ids_equal"] == 10  # llama.cpp's tokenizer reads the prompts as HF does
+    assert result["greedy_match"] == 10, [d for d in result["details"] if not d["match"]]
+    assert all(d["gguf"] == d["pytorch"] for d in result["details"])  # exact, not just a shared prefix
+    assert abs(result["ppl_ratio"] - 1) < 1e-3
+    assert result["passed"] and result["tok_s"] > 0 and result["eval_tokens"] == [240]
+
+
+def test_q8_0_perplexity_within_2_percent(ggufs, reference):
+    model, tok = reference
+    result = verify_gguf(ggufs["q8_0"], model, tok, PROMPTS[:2], [eval_ids(tok, max_tokens=eval_budget(model))], quant="q8_0")
+    assert result["ppl_ratio"] < 1.02 and result["passed"]
+
+
+def test_greedy_comparison_rule():
+    stops = {2}
+    assert same_greedy([5, 6, 7], [5, 6, 7], stops)
+    assert same_greedy([5, 2], [5, 2], stops)
+    assert not same_greedy([5, 6], [5, 7], stops)
+    assert not same_greedy([5, 2], [5, 6, 7], stops)  # one side stopped early: a mismatch
+    assert same_greedy(list(range(10, 50)), list(range(10, 42)) + [0], stops)  # only the first 32 count
+
+
+def test_truncated_gguf_is_one_line(ggufs, reference, tmp_path):
+    model, tok = reference
+    cut = tmp_path / "cut.gguf"
+    data = ggufs["f32"].read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError) as err:
+        verify_gguf(cut, model, tok, PROMPTS[:1], quant="f32")
+    assert "cut.gguf" in str(err.value) and len(str(err.value).splitlines()) == 1
+
+
+def test_cli_export_verifies_and_reports(tmp_path, model64, capsys, monkeypatch):
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(model64), "--quant", "f16", "--out", str(out)]) == 0  # verifies by default
+    printed = capsys.readouterr().out
+    assert "| gguf f16" in printed and "| fp32 PyTorch" in printed and "10/10" in printed
+    report = json.loads((tmp_path / "m.report.json").read_text())
+    assert report["verified"] and report["passed"] and report["quant"] == "f16"
+    assert [r["format"] for r in report["table"]] == ["fp32 PyTorch", "gguf f16"]
+    assert report["table"][1]["size_mib"] == pytest.approx(out.stat().st_size / 2**20)
+
+    # A failed check keeps the file, says why in one WARNING line, and exits with 3.
+    monkeypatch.setitem(verify_mod.THRESHOLDS, "q8_0", {"max_ppl_ratio": 0.5})
+    q8 = tmp_path / "q8.gguf"
+    text = tmp_path / "eval.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    assert main(["export", str(model64), "--quant", "q8_0", "--out", str(q8), "--eval-text", str(text)]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tunesmith: WARNING:") and "perplexity" in err[0]
+    report = json.loads((tmp_path / "q8.report.json").read_text())
+    assert q8.is_file() and report["passed"] is False and report["eval_text"] == str(text)
+
+    assert main(["export", str(model64), "--quant", "q4_0", "--out", str(tmp_path / "q4.gguf"), "--no-verify"]) == 0
+    report = json.loads((tmp_path / "q4.report.json").read_text())
+    assert report["verified"] is False and "passed" not in report
+
+    capsys.readouterr()
+    assert main(["export", str(model64), "--out", str(tmp_path / "x.gguf"), "--eval-text", str(tmp_path / "no.txt")]) == 2
+    assert "--eval-text" in capsys.readouterr().err and not (tmp_path / "x.gguf").exists()

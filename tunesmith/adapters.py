@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tunesmith.config import AdapterConfig
 from tunesmith.errors import UserError
-from tunesmith.models import load_model, load_tokenizer, resolve_model
+from tunesmith.models import check_safetensors, load_model, load_tokenizer, resolve_model
 
 RUN_CONFIG = "tunesmith.yaml"
 
@@ -93,6 +93,7 @@ def load_for_inference(spec: str, device=None, dtype=None, trust_remote_code: bo
         from peft import PeftModel
         from safetensors import SafetensorError
 
+        check_safetensors(path)
         base_name = base_of_run(path)
         base = load_model(resolve_model(base_name), dtype=dtype, trust_remote_code=trust_remote_code)
         try:

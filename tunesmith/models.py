@@ -69,10 +69,34 @@ def resolve_model(name: str) -> str:
 
 
 def check_gguf(path: Path) -> None:
+    """The magic bytes, then the whole header and tensor table as llama.cpp would read them,
+    so a truncated or garbled file is one line here rather than a traceback deeper down."""
+    from gguf import GGUFReader
+
     with open(path, "rb") as fh:
         magic = fh.read(4)
     if magic != GGUF_MAGIC:
         raise UserError(f"{path}: not a GGUF file (expected the GGUF magic bytes, found {magic!r})")
+    try:
+        GGUFReader(str(path))
+    except Exception as err:  # noqa: BLE001 — a truncated file fails in numpy, struct or the reader
+        raise UserError(f"{path}: cannot read this GGUF ({_first_line(err)}); it may be truncated or corrupt") from None
+
+
+def check_safetensors(directory: Path) -> None:
+    """Open every safetensors header in `directory`: a truncated or garbled file fails in one line."""
+    from safetensors import safe_open
+
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        # SafetensorError derives from Exception directly, and a garbled header can also
+        # surface as OSError/ValueError; any failure to open means the file is unusable.
+        except Exception as err:  # noqa: BLE001
+            raise UserError(
+                f"{file}: not a readable safetensors file ({_first_line(err)}); it is corrupt or truncated"
+            ) from None
 
 
 def check_model_dir(path: Path) -> None:
@@ -85,6 +109,7 @@ def check_model_dir(path: Path) -> None:
                 "convert them to safetensors first"
             )
         raise UserError(f"{path}: no *.safetensors weights found")
+    check_safetensors(path)
 
 
 def _converted_gguf(gguf_path: Path, cache_name: str | None) -> Path:

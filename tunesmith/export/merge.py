@@ -9,9 +9,8 @@ Contract:
   `out_dir` defaults to `RUN_DIR-merged`; a non-empty one is refused unless `force`.
 - `load_merged(spec)` is the in-memory version the GGUF export uses: `(model, tokenizer)`
   for any model spec, with an adapter folded in when `spec` is a LoRA/DoRA run dir.
-- `check_inputs(spec)` turns a truncated or corrupt `*.safetensors` or `.gguf` into a one-line
-  `UserError` before transformers, PEFT or gguf get to raise their own exceptions.
-- `run_merge(args)` is the thin CLI wrapper (`tunesmith merge RUN_DIR [--out] [--force]`).
+- Truncated or corrupt weight files are caught where they are read (`models.check_gguf`,
+  `models.check_safetensors`, `adapters.load_for_inference`), one line each.
 Every user mistake raises `UserError` with one line.
 """
 
@@ -21,9 +20,8 @@ import os
 import shutil
 from pathlib import Path
 
-from tunesmith.adapters import RUN_CONFIG, base_of_run, load_for_inference
+from tunesmith.adapters import RUN_CONFIG, load_for_inference
 from tunesmith.errors import UserError
-from tunesmith.models import check_gguf
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -34,49 +32,6 @@ def is_adapter_run(path: Path) -> bool:
 
 def is_full_model_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))
-
-
-def check_safetensors(directory: Path) -> None:
-    """Open every safetensors file's header: a truncated or garbled file fails here, in one line."""
-    from safetensors import safe_open
-
-    for file in sorted(directory.glob("*.safetensors")):
-        try:
-            with safe_open(str(file), framework="pt"):
-                pass
-        # SafetensorError derives from Exception directly, and a garbled header can also
-        # surface as OSError/ValueError; any failure to open means the file is unusable.
-        except Exception as err:  # noqa: BLE001
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise UserError(f"{file}: not a readable safetensors file ({first}); it may be truncated or corrupt") from None
-
-
-def check_gguf_file(path: Path) -> None:
-    """The magic bytes, then the whole header and tensor table, as llama.cpp would read them."""
-    from gguf import GGUFReader
-
-    check_gguf(path)
-    try:
-        GGUFReader(str(path))
-    except Exception as err:  # noqa: BLE001 — a truncated file fails in numpy, struct or the reader
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UserError(f"{path}: cannot read this GGUF ({first}); it may be truncated or corrupt") from None
-
-
-def check_inputs(spec: str) -> None:
-    """Validate the weight files a spec points at: a .gguf, a model dir, a run and its local base."""
-    path = Path(spec).expanduser()
-    if path.is_file() and path.suffix.lower() == ".gguf":
-        check_gguf_file(path)
-    if not path.is_dir():
-        return
-    check_safetensors(path)
-    if is_adapter_run(path):
-        base = Path(base_of_run(path)).expanduser()
-        if base.is_file() and base.suffix.lower() == ".gguf":
-            check_gguf_file(base)
-        elif base.is_dir():
-            check_safetensors(base)
 
 
 def fold_adapter(model, source: Path):
@@ -104,7 +59,6 @@ def load_merged(spec: str):
     """`(model, tokenizer)` in fp32, eval mode; a run dir's adapter is folded into its base."""
     import torch
 
-    check_inputs(spec)
     model, tokenizer, _ = load_for_inference(spec, dtype=torch.float32)
     if is_adapter_run(Path(spec).expanduser()):
         model = fold_adapter(model, Path(spec))

@@ -182,7 +182,7 @@ def load_quantized(directory):
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tunesmith.export.merge import check_safetensors
+    from tunesmith.models import check_safetensors
     from tunesmith.models import load_tokenizer
 
     directory = Path(directory).expanduser()

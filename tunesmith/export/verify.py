@@ -157,12 +157,12 @@ def open_gguf(gguf_path, n_ctx: int):
     """A `llama_cpp.Llama` with every position's logits kept; unreadable files fail in one line."""
     import llama_cpp
 
-    from tunesmith.export.merge import check_gguf_file
+    from tunesmith.models import check_gguf
 
     path = Path(gguf_path)
     if not path.is_file():
         raise UserError(f"{path}: not found; expected a .gguf file")
-    check_gguf_file(path)
+    check_gguf(path)
     try:
         return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_threads=N_THREADS,
                                logits_all=True, seed=SEED, verbose=False)

@@ -1,17 +1,23 @@
 """Atomic checkpoints that resume a run exactly.
 
 Contract:
-- `save_checkpoint(root, step, model, optimizer, scheduler, state, keep_last)` writes
+- `save_checkpoint(root, step, model, optimizer, scheduler, state, keep_last, write)` writes
   `root/step-NNNNNNNN/` holding the trainable weights (`trainable.safetensors`), optimizer and
   scheduler state (`optimizer.pt`, tensors and plain values only), RNG states
   (`rng.safetensors`) and `state.json` (step, data position, anything in `state`). It writes
   into a temporary sibling, fsyncs every file and the directory, then renames: a kill at
   any moment leaves either the previous checkpoints or the complete new one, never half.
   Only the newest `keep_last` checkpoints are kept.
+- Under FSDP every rank must call `save_checkpoint` (weights and optimizer state are gathered
+  from the shards, a collective); only the rank with `write=True` writes. The files are the
+  same whether the run had one process, DDP or FSDP, so any of them resumes any other, with
+  any number of processes, as long as the global batch (rows per optimizer step) is the same.
 - `latest_checkpoint(root)` finds the newest complete checkpoint (temp dirs are ignored).
 - `load_checkpoint(path, model, optimizer, scheduler)` restores all of it and returns the
   `state.json` dict. Optimizer state is read with `torch.load(weights_only=True)`: no pickle
-  code can run.
+  code can run. Sharded (DTensor) parameters and their optimizer state get this rank's piece
+  of the saved whole tensors. With `global_batch`, a checkpoint saved with another global
+  batch is refused (a `UserError`) before anything is changed.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tunesmith.errors import UserError
+from tunesmith.train.distributed import full_tensor, is_sharded, local_shard
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -48,7 +55,27 @@ def fsync_dir(path: Path) -> None:
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: full_tensor(p).contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def optimizer_state(optimizer) -> dict:
+    """`optimizer.state_dict()` with sharded state gathered whole: the single-process format."""
+    sd = optimizer.state_dict()
+    state = {}
+    for pid in sorted(sd["state"]):  # same order on every rank: the gathers are collectives
+        state[pid] = {k: full_tensor(v) if torch.is_tensor(v) else v for k, v in sorted(sd["state"][pid].items())}
+    return {"state": state, "param_groups": sd["param_groups"]}
+
+
+def _reshard_optimizer(optimizer) -> None:
+    """After loading whole tensors: give each DTensor parameter's state its local piece."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not is_sharded(p):
+                continue
+            for k, v in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(v) and not is_sharded(v) and tuple(v.shape) == tuple(p.shape):
+                    optimizer.state[p][k] = local_shard(v, p)
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
@@ -69,14 +96,22 @@ def set_rng_state(tensors: dict[str, torch.Tensor], plain: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: dict, keep_last: int) -> Path:
+def save_checkpoint(
+    root: Path, step: int, model, optimizer, scheduler, state: dict, keep_last: int, write: bool = True
+) -> Path | None:
+    sharded = any(is_sharded(p) for p in model.parameters())
+    if not write and not sharded:
+        return None
+    weights, opt_state = trainable_state(model), optimizer_state(optimizer)
+    if not write:
+        return None
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = root / f".step-{step:08d}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(trainable_state(model), tmp / "trainable.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+    save_file(weights, tmp / "trainable.safetensors")
+    torch.save({"optimizer": opt_state, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
     rng_tensors, rng_plain = rng_state()
     save_file(rng_tensors, tmp / "rng.safetensors")
     (tmp / "state.json").write_text(json.dumps({**state, "step": step, "rng": rng_plain}), encoding="utf-8")
@@ -104,7 +139,7 @@ def latest_checkpoint(root: Path) -> Path | None:
     return max(complete, default=None)
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+def load_checkpoint(path: Path, model, optimizer, scheduler, global_batch: int | None = None) -> dict:
     try:
         weights = load_file(path / "trainable.safetensors")
         opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
@@ -112,14 +147,26 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
         state = json.loads((path / "state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError, RuntimeError) as err:
         raise UserError(f"{path}: not a readable tunesmith checkpoint ({str(err).splitlines()[0]})") from None
+    saved_batch = state.get("global_batch")
+    if global_batch is not None and saved_batch is not None and saved_batch != global_batch:
+        raise UserError(
+            f"{path}: saved with a global batch of {saved_batch} rows per step ({state.get('world_size', 1)} "
+            f"process(es)), this run has {global_batch}; set train.batch_size × train.grad_accum × processes "
+            f"= {saved_batch} to resume"
+        )
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
     if set(weights) != expected:
         raise UserError(f"{path}: checkpoint weights do not match this model/adapter (different method or targets?)")
     with torch.no_grad():
         for name, tensor in weights.items():
-            params[name].copy_(tensor)
+            p = params[name]
+            if is_sharded(p):
+                p.to_local().copy_(local_shard(tensor, p).to_local())
+            else:
+                p.copy_(tensor)
     optimizer.load_state_dict(opt["optimizer"])
+    _reshard_optimizer(optimizer)
     scheduler.load_state_dict(opt["scheduler"])
     set_rng_state(rng, state["rng"])
     return state

@@ -1,8 +1,12 @@
-"""Fine-tuning methods (full · LoRA · DoRA via PEFT) and loading what training produced.
+"""Fine-tuning methods (full · LoRA · DoRA · QLoRA via PEFT) and loading what training produced.
 
 Contract:
-- `apply_method(model, adapter_cfg)` returns the model to train: the same model with every
-  parameter trainable for `full`, or a `peft.PeftModel` with only adapter weights trainable.
+- `apply_method(model, adapter_cfg, frozen_dtype="fp32")` returns the model to train: the same
+  model with every parameter trainable for `full`, or a `peft.PeftModel` with only adapter
+  weights trainable. `qlora` is LoRA over a base whose linear layers are stored in NF4
+  (`tunesmith.nf4`) and dequantized per matmul; its adapter is an ordinary LoRA adapter, so it
+  loads, merges and exports on the unquantized base exactly like a `lora` run's.
+  `frozen_dtype="bf16"` stores every weight that does not train in bf16 (upcast per matmul).
   Target modules default to every linear projection except the output head (PEFT's
   `all-linear`); a name that matches no module is a `UserError` listing the ones that exist.
 - `load_for_inference(spec)` takes a base model name, a full fine-tune output dir, or a LoRA
@@ -31,7 +35,7 @@ def linear_module_names(model) -> list[str]:
     return sorted(names)
 
 
-def apply_method(model, cfg: AdapterConfig):
+def apply_method(model, cfg: AdapterConfig, frozen_dtype: str = "fp32"):
     if cfg.method == "full":
         for param in model.parameters():
             param.requires_grad_(True)
@@ -49,6 +53,7 @@ def apply_method(model, cfg: AdapterConfig):
                 f"this model has: {', '.join(available)} (or all-linear)"
             )
         targets = list(cfg.target_modules)
+    compress_base(model, cfg, frozen_dtype)
     peft_cfg = LoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.alpha,
@@ -61,9 +66,32 @@ def apply_method(model, cfg: AdapterConfig):
     return get_peft_model(model, peft_cfg)
 
 
+def compress_base(model, cfg: AdapterConfig, frozen_dtype: str = "fp32"):
+    """Store the frozen base compactly before PEFT wraps it: NF4 linears for qlora (embeddings
+    too with `quantize_embeddings`), bf16 for whatever else `frozen_dtype` says."""
+    import torch
+
+    from tunesmith.nf4 import compress_frozen
+
+    bf16 = "bf16" if frozen_dtype == "bf16" else None
+    linear = "nf4" if cfg.method == "qlora" else bf16
+    embeddings = "nf4" if cfg.method == "qlora" and cfg.quantize_embeddings else bf16
+    if linear or embeddings:
+        compress_frozen(model, linear, embeddings, cfg.quant_block_size, cfg.double_quant)
+    # A base loaded in bf16 (frozen_dtype=bf16) keeps its stored weights as buffers; what is
+    # left as parameters (norms, biases, an untouched head) computes in fp32 like any run.
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != torch.float32:
+            param.data = param.data.float()
+    return model
+
+
 def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total); weights held in a compact storage (qlora, bf16) count in total."""
+    from tunesmith.nf4 import stored_parameters
+
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(p.numel() for p in model.parameters()) + stored_parameters(model)
     return trainable, total
 
 

@@ -1,0 +1,265 @@
+"""QLoRA on CPU: memory of the frozen base, step time and validation loss against LoRA, and a
+360M-class model that trains with qlora under a RAM budget where full fine-tuning does not.
+
+    .venv/bin/python bench/qlora_memory.py                  # all three parts
+    .venv/bin/python bench/qlora_memory.py --parts weights  # weights · train · budget
+
+Parts (each training run is its own `tunesmith train` process, so peak RSS is per run):
+- weights: bytes of the frozen base weights (`nf4.storage_bytes`, exact) for fp32, bf16 and the
+  qlora variants; ratios vs bf16. (RSS deltas after loading mislead: safetensors weights are
+  mmapped and touched lazily; the peak RSS of the training runs below is the resident figure.)
+  Models: the bundled SmolLM2-135M and a random-weight Llama with SmolLM2-360M's dimensions.
+- train: LoRA vs QLoRA on the quickstart data (10% of it held out for validation loss), same
+  config otherwise: median seconds per step, final validation loss, peak RSS.
+- budget: the 360M-class model, 2 steps of `full` and of `qlora`, each killed the moment its
+  RSS passes `--budget-gib` (an OOM killer's view of a RAM budget); `tunesmith.fit.estimate`'s
+  prediction for both, for comparison.
+Prints a table per part and writes everything to `--json` (default out/bench/qlora_memory.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+EXE = Path(sys.executable).with_name("tunesmith")
+QUICKSTART = ROOT / "tunesmith" / "resources" / "quickstart" / "train.jsonl"
+MIB = 1024**2
+# One thread: on a shared 2-core machine, two OpenMP threads per process oversubscribe the cores
+# and a step can take 50× longer; one thread each keeps the lora/qlora timings comparable.
+THREADS = 1
+SMOL_360M = dict(hidden_size=960, num_hidden_layers=32, num_attention_heads=15, num_key_value_heads=5,
+                 intermediate_size=2560, vocab_size=49152, max_position_embeddings=8192,
+                 rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                 bos_token_id=1, eos_token_id=2, pad_token_id=2)
+# name → (adapter overrides, train.frozen_dtype); "fp32"/"bf16" are the plain base for reference
+VARIANTS = {
+    "fp32": ({"method": "full"}, "fp32"),
+    "bf16": ({"method": "lora"}, "bf16"),
+    "qlora": ({"method": "qlora"}, "fp32"),
+    "qlora+bf16": ({"method": "qlora"}, "bf16"),
+    "qlora+nf4-embeddings": ({"method": "qlora", "quantize_embeddings": True}, "fp32"),
+    "qlora+nf4-embeddings,no-double-quant": ({"method": "qlora", "quantize_embeddings": True, "double_quant": False}, "fp32"),
+}
+
+
+def smollm2_dir() -> str:
+    from tunesmith.models import resolve_model
+
+    return resolve_model("smollm2-135m-instruct")
+
+
+def make_360m_dir(path: Path) -> Path:
+    """Random weights with SmolLM2-360M's shapes (no such model is available offline), stored in
+    bf16 to halve the disk; the SmolLM2 tokenizer has the same 49,152-token vocabulary."""
+    if (path / "config.json").is_file():
+        return path
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SMOL_360M)).to(torch.bfloat16)
+    tmp = path.with_name(path.name + ".tmp")
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(smollm2_dir()).save_pretrained(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+# ---------------------------------------------------------------- weights
+
+
+def base_bytes(model_dir: str) -> dict:
+    """Bytes of the frozen base under each storage, compressed exactly as a run compresses it
+    (every one of these tensors is read by each forward, so all of it is resident in training)."""
+    import copy
+
+    import torch
+
+    from tunesmith.adapters import compress_base
+    from tunesmith.config import AdapterConfig
+    from tunesmith.models import load_model
+    from tunesmith.nf4 import storage_bytes
+
+    loaded = load_model(model_dir, dtype=torch.float32)
+    loaded.requires_grad_(False)
+    rows = {}
+    for variant, (adapter, frozen) in VARIANTS.items():
+        if variant == "fp32":
+            rows[variant] = {"bytes": storage_bytes(loaded)}
+            continue
+        model = copy.deepcopy(loaded)
+        if variant == "bf16":
+            model.to(torch.bfloat16)
+        else:
+            compress_base(model, AdapterConfig(**adapter), frozen)
+        rows[variant] = {"bytes": storage_bytes(model)}
+        del model
+    return rows
+
+
+def part_weights(models: dict[str, str]) -> dict:
+    results = {}
+    for label, model_dir in models.items():
+        rows = base_bytes(model_dir)
+        bf16 = rows["bf16"]["bytes"]
+        print(f"\nfrozen base weights, {label}")
+        print(f"  {'storage':40s} {'MiB':>8s} {'× bf16':>7s}")
+        for variant, row in rows.items():
+            row["ratio_vs_bf16"] = round(row["bytes"] / bf16, 4)
+            print(f"  {variant:40s} {row['bytes'] / MIB:8.1f} {row['ratio_vs_bf16']:7.3f}")
+        results[label] = rows
+    return results
+
+
+# ---------------------------------------------------------------- training runs
+
+
+def write_config(path: Path, model: str, out: Path, method_overrides: dict, train: dict, data: dict) -> Path:
+    import yaml
+
+    cfg = {
+        "model": {"name": model},
+        "data": {"train": [str(QUICKSTART)], "format": "messages", "max_length": 128,
+                 "system_prompt": "Answer briefly.", **data},
+        "adapter": {"rank": 16, "alpha": 32, **method_overrides},
+        "train": {"output_dir": str(out), "batch_size": 2, "lr": 2e-3, "warmup_ratio": 0.05,
+                  "seed": 42, "progress": False, "threads": THREADS, **train},
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_under_budget(cmd: list[str], budget: float | None, env: dict, out: Path) -> dict:
+    """Run cmd; sample its RSS every 20 ms and kill it once RSS passes `budget` bytes."""
+    shutil.rmtree(out, ignore_errors=True)  # a previous bench's run dir would be refused
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    status = Path(f"/proc/{proc.pid}/status")
+    peak, killed = 0, False
+    while proc.poll() is None:
+        try:
+            for line in status.read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    peak = max(peak, int(line.split()[1]) * 1024)
+        except OSError:
+            pass
+        if budget and peak > budget:
+            proc.kill()
+            killed = True
+            break
+        time.sleep(0.02)
+    output = proc.communicate()[0]
+    return {"returncode": proc.returncode, "killed_over_budget": killed, "sampled_peak_rss": peak,
+            "wall_s": round(time.perf_counter() - started, 1), "tail": output.strip().splitlines()[-3:]}
+
+
+def run_summary(out: Path) -> dict:
+    summary = json.loads((out / "run.json").read_text())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    step_s = [r["tokens"] / r["tok_per_s"] for r in rows if "tok_per_s" in r]
+    return {"final_val_loss": summary["final_val_loss"], "final_train_loss": summary["final_train_loss"],
+            "median_step_s": round(statistics.median(step_s[1:] or step_s), 4),
+            "peak_rss_mib": summary["peak_rss_mib"], "steps": summary["steps"]}
+
+
+def part_train(work: Path, steps: int, env: dict) -> dict:
+    model = smollm2_dir()
+    runs = {
+        "lora": ({"method": "lora"}, "fp32"),
+        "qlora": ({"method": "qlora"}, "fp32"),
+        "qlora+nf4-embeddings": ({"method": "qlora", "quantize_embeddings": True}, "fp32"),
+    }
+    results = {}
+    for name, (adapter, frozen) in runs.items():
+        out = work / f"train-{name}"
+        cfg = write_config(work / f"{name}.yaml", model, out, adapter,
+                           {"max_steps": steps, "frozen_dtype": frozen}, {"val_fraction": 0.1})
+        run = run_under_budget([str(EXE), "train", str(cfg)], None, env, out)
+        if run["returncode"] != 0:
+            raise SystemExit(f"{name} failed: {run['tail']}")
+        results[name] = run_summary(out)
+    lora = results["lora"]
+    print(f"\nquickstart data, SmolLM2-135M, {steps} steps, batch 2 × 128 tokens, 10% held out")
+    print(f"  {'method':24s} {'val loss':>9s} {'vs lora':>8s} {'s/step':>7s} {'vs lora':>8s} {'peak RSS MiB':>13s}")
+    for name, r in results.items():
+        r["val_loss_vs_lora"] = round(r["final_val_loss"] / lora["final_val_loss"], 4)
+        r["step_time_vs_lora"] = round(r["median_step_s"] / lora["median_step_s"], 3)
+        print(f"  {name:24s} {r['final_val_loss']:9.4f} {r['val_loss_vs_lora']:8.3f} {r['median_step_s']:7.3f}"
+              f" {r['step_time_vs_lora']:8.2f} {r['peak_rss_mib']:13.0f}")
+    return results
+
+
+def fit_prediction(cfg_path: Path, budget_gib: float):
+    try:
+        from tunesmith.config import load_config
+        from tunesmith.fit import estimate
+
+        est = estimate(load_config(cfg_path), probe=False, ram_gib=budget_gib)
+        return {"predicted_peak_mib": round(est.peak_bytes / MIB), "fits": est.fits_ram}
+    except Exception as err:  # noqa: BLE001 — fit is another module's work; report, don't fail
+        return {"error": f"{type(err).__name__}: {err}"}
+
+
+def part_budget(work: Path, budget_gib: float, env: dict) -> dict:
+    model_dir = make_360m_dir(work / "smol-360m-random")
+    budget = budget_gib * 1024**3
+    results = {}
+    for name, adapter, frozen in (("full", {"method": "full"}, "fp32"), ("qlora", {"method": "qlora"}, "fp32"),
+                                  ("qlora+bf16", {"method": "qlora"}, "bf16")):
+        out = work / f"budget-{name}"
+        cfg = write_config(work / f"budget-{name}.yaml", str(model_dir), out, adapter,
+                           {"max_steps": 2, "frozen_dtype": frozen, "save_every": 0}, {})
+        run = run_under_budget([str(EXE), "train", str(cfg)], budget, env, out)
+        run["fit"] = fit_prediction(cfg, budget_gib)
+        if run["returncode"] == 0:
+            run.update(run_summary(out))
+        results[name] = run
+    print(f"\n360M-class Llama (random weights, SmolLM2-360M dims), 2 steps, batch 2 × 128, budget {budget_gib} GiB")
+    print(f"  {'method':12s} {'result':28s} {'peak RSS MiB':>13s} {'fit predicts MiB':>17s} {'fit: fits':>10s}")
+    for name, r in results.items():
+        verdict = "killed over budget" if r["killed_over_budget"] else ("trained" if r["returncode"] == 0 else f"exit {r['returncode']}")
+        fit = r["fit"]
+        print(f"  {name:12s} {verdict:28s} {r['sampled_peak_rss'] / MIB:13.0f} {str(fit.get('predicted_peak_mib')):>17s}"
+              f" {str(fit.get('fits')):>10s}")
+    return {"budget_gib": budget_gib, "runs": results}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", default="weights,train,budget")
+    parser.add_argument("--steps", type=int, default=90, help="optimizer steps per training run (train part)")
+    parser.add_argument("--budget-gib", type=float, default=3.0)
+    parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "tunesmith-bench-qlora"))
+    parser.add_argument("--json", default=str(ROOT / "out" / "bench" / "qlora_memory.json"))
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    parts = args.parts.split(",")
+    report = {"cpu_count": os.cpu_count(), "load_avg_start": os.getloadavg()}
+    if "weights" in parts:
+        report["weights"] = part_weights({"SmolLM2-135M": smollm2_dir(),
+                                          "360M-class": str(make_360m_dir(work / "smol-360m-random"))})
+    if "train" in parts:
+        report["train"] = part_train(work, args.steps, env)
+    if "budget" in parts:
+        report["budget"] = part_budget(work, args.budget_gib, env)
+    report["load_avg_end"] = os.getloadavg()
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {args.json} (load average {report['load_avg_start'][0]:.1f} → {report['load_avg_end'][0]:.1f})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""Compact storage for frozen weights — NF4 (QLoRA's 4-bit NormalFloat) or bf16 — dequantized
+on the fly, in plain PyTorch, so QLoRA runs on a CPU.
+
+Contract:
+- `quantize(weight, block_size=64, double_quant=True)` → `NF4Storage`: every `block_size`
+  consecutive weights (row-major) share one absmax scale; each weight becomes the index of the
+  nearest of the 16 NF4 levels, two indices per byte. With `double_quant` the fp32 scales are
+  themselves stored as int8 around their mean, one fp32 scale per 256 of them (QLoRA's double
+  quantization): 4.5 → ~4.13 bits a weight at block 64. `storage.dequantize(dtype)` returns the
+  weight in its original shape; the error is at most half the widest gap between NF4 levels
+  (-1 → -0.696: 0.152) times the block's absmax (plus the scale's own rounding with double_quant).
+- `FrozenLinear` (an `nn.Linear`, so PEFT wraps it with an ordinary LoRA layer and saves an
+  ordinary LoRA adapter) and `FrozenEmbedding` hold a storage instead of a weight Parameter. The
+  linear's autograd saves only its input: backward dequantizes again rather than keeping a
+  full-precision copy of every layer alive between forward and backward.
+- `compress_frozen(model, linear, embeddings, block_size, double_quant)` swaps the model's
+  plain `nn.Linear` layers (not the output head) and its input embeddings + output head for
+  frozen versions; `linear` and `embeddings` are each "nf4", "bf16" or None (leave as is). A tied
+  head shares the embedding's storage. Call it before PEFT wraps the model.
+- `storage_bytes(model)` counts the bytes of frozen weights (storage + frozen parameters).
+bitsandbytes 0.50 also runs NF4 on CPU, but is a 125 MB wheel of GPU libraries, needs
+`in_features` to be a multiple of the block size, and on AVX512-BF16 CPUs rewrites a layer's
+storage in place (bf16 scales) the first time it runs under `no_grad` in eval mode — a validation
+pass changes the numbers of later training steps, which breaks bit-exact resume.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# The 16 NF4 levels: quantiles of N(0, 1) scaled to [-1, 1], with an exact zero (QLoRA, Dettmers
+# et al. 2023; the same constants as bitsandbytes).
+NF4_LEVELS = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171638489,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+])
+_MIDPOINTS = (NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2
+# byte → (level of high nibble, level of low nibble): one gather dequantizes two weights.
+_PAIR_LUT = torch.stack([NF4_LEVELS.repeat_interleave(16), NF4_LEVELS.repeat(16)], dim=1)
+SCALE_BLOCK = 256  # absmax values per fp32 scale under double quantization
+_CHUNK = 1 << 22  # weights normalised per step while quantizing: bounds the temporary memory
+
+
+class NF4Storage(torch.nn.Module):
+    """Packed NF4 codes + block scales of one weight matrix (buffers, so `.to(device)` moves them)."""
+
+    def __init__(self, codes, absmax, scale_codes, scale_scales, scale_mean, shape, block_size, dtype):
+        super().__init__()
+        # Not persistent: a state_dict of a compressed model must never pass for real weights.
+        self.register_buffer("codes", codes, persistent=False)
+        self.register_buffer("absmax", absmax, persistent=False)
+        self.register_buffer("scale_codes", scale_codes, persistent=False)
+        self.register_buffer("scale_scales", scale_scales, persistent=False)
+        self.register_buffer("scale_mean", scale_mean, persistent=False)
+        self.shape, self.block_size, self.dtype = tuple(shape), block_size, dtype
+
+    def scales(self) -> torch.Tensor:
+        if self.absmax is not None:
+            return self.absmax
+        n = self.scale_codes.numel()
+        pad = self.scale_scales.numel() * SCALE_BLOCK - n
+        codes = F.pad(self.scale_codes.float(), (0, pad)).view(-1, SCALE_BLOCK)
+        values = (codes * self.scale_scales[:, None]).view(-1)[:n] + self.scale_mean
+        return values.clamp_min(0.0)
+
+    def _decode(self, codes: torch.Tensor, scales: torch.Tensor, dtype) -> torch.Tensor:
+        lut = _PAIR_LUT.to(codes.device)
+        values = F.embedding(codes.int(), lut).view(-1, self.block_size) * scales.reshape(-1, 1)
+        return values.to(dtype)
+
+    def dequantize(self, dtype=None) -> torch.Tensor:
+        numel = math.prod(self.shape)
+        flat = self._decode(self.codes, self.scales(), dtype or self.dtype).view(-1)
+        return flat[:numel].view(self.shape)
+
+    def rows(self, ids: torch.Tensor, dtype=None) -> torch.Tensor:
+        """Rows `ids` of a 2-D weight, decoding only those rows when rows align with blocks."""
+        n_rows, width = self.shape
+        if width % self.block_size:
+            return F.embedding(ids, self.dequantize(dtype))
+        codes = self.codes[: n_rows * width // 2].view(n_rows, width // 2)[ids]
+        scales = self.scales()[: n_rows * width // self.block_size].view(n_rows, -1)[ids]
+        return self._decode(codes.reshape(-1), scales.reshape(-1), dtype or self.dtype).view(*ids.shape, width)
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+
+class BF16Storage(torch.nn.Module):
+    """A frozen weight kept in bf16 and handed out in the compute dtype."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.register_buffer("data", weight.detach().to(torch.bfloat16), persistent=False)
+        self.shape, self.dtype = tuple(weight.shape), weight.dtype
+
+    def dequantize(self, dtype=None) -> torch.Tensor:
+        return self.data.to(dtype or self.dtype)
+
+    def rows(self, ids: torch.Tensor, dtype=None) -> torch.Tensor:
+        return F.embedding(ids, self.data).to(dtype or self.dtype)
+
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+
+def quantize(weight: torch.Tensor, block_size: int = 64, double_quant: bool = True) -> NF4Storage:
+    if block_size < 2 or block_size % 2:
+        raise ValueError(f"block_size must be an even number >= 2, got {block_size}")
+    flat = weight.detach().reshape(-1)
+    numel = flat.numel()
+    n_blocks = max(1, math.ceil(numel / block_size))
+    pad = n_blocks * block_size - numel
+    # no copy when the weight fills whole blocks (the usual case; an embedding is 100+ MB)
+    padded = (F.pad(flat, (0, pad)) if pad else flat).view(n_blocks, block_size)
+    absmax = padded.abs().amax(dim=1).float()
+    codes = torch.empty(n_blocks * block_size // 2, dtype=torch.uint8, device=weight.device)
+    mids = _MIDPOINTS.to(weight.device)
+    rows_per_chunk = max(1, _CHUNK // block_size)
+    for start in range(0, n_blocks, rows_per_chunk):
+        block = padded[start : start + rows_per_chunk].float()
+        scale = absmax[start : start + rows_per_chunk, None].clamp_min(torch.finfo(torch.float32).tiny)
+        idx = torch.bucketize(block / scale, mids).to(torch.uint8).view(-1, 2)
+        half = block_size // 2
+        codes[start * half : start * half + idx.shape[0]] = (idx[:, 0] << 4) | idx[:, 1]
+    if not double_quant:
+        return NF4Storage(codes, absmax, None, None, None, weight.shape, block_size, weight.dtype)
+    mean = absmax.mean()
+    centred = absmax - mean
+    n_scale_blocks = math.ceil(n_blocks / SCALE_BLOCK)
+    grouped = F.pad(centred, (0, n_scale_blocks * SCALE_BLOCK - n_blocks)).view(n_scale_blocks, SCALE_BLOCK)
+    scale_scales = grouped.abs().amax(dim=1) / 127.0
+    scale_codes = torch.round(grouped / scale_scales.clamp_min(1e-30)[:, None]).clamp(-127, 127)
+    scale_codes = scale_codes.to(torch.int8).view(-1)[:n_blocks].clone()
+    return NF4Storage(codes, None, scale_codes, scale_scales, mean, weight.shape, block_size, weight.dtype)
+
+
+class _FrozenMatmul(torch.autograd.Function):
+    """x @ W.T where W is rebuilt from storage in forward and again in backward, so the graph
+    holds the input only, never a full-precision weight."""
+
+    @staticmethod
+    def forward(ctx, x, storage):
+        ctx.storage = storage
+        return x @ storage.dequantize(x.dtype).t()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        return grad @ ctx.storage.dequantize(grad.dtype), None
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class FrozenLinear(torch.nn.Linear):
+    """A frozen `nn.Linear` whose weight lives in a storage. Subclassing `nn.Linear` is what
+    lets PEFT ('all-linear', its default dispatcher) treat it as any other linear layer."""
+
+    def __init__(self, storage, bias: torch.Tensor | None):
+        torch.nn.Module.__init__(self)
+        self.out_features, self.in_features = storage.shape
+        self.storage = storage
+        if bias is not None:
+            self.bias = torch.nn.Parameter(bias.detach(), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A dequantized copy, for code that reads the weight (PEFT's DoRA norms); never assign."""
+        return self.storage.dequantize()
+
+    def forward(self, x):
+        dtype = _compute_dtype(x)
+        out = _FrozenMatmul.apply(x.to(dtype), self.storage)
+        return out if self.bias is None else out + self.bias.to(dtype)
+
+
+class FrozenEmbedding(torch.nn.Embedding):
+    """A frozen `nn.Embedding` that decodes only the looked-up rows."""
+
+    def __init__(self, storage, padding_idx=None):
+        torch.nn.Module.__init__(self)
+        self.num_embeddings, self.embedding_dim = storage.shape
+        self.padding_idx, self.max_norm, self.sparse = padding_idx, None, False
+        self.norm_type, self.scale_grad_by_freq = 2.0, False
+        self.storage = storage
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.storage.dequantize()
+
+    def forward(self, ids):
+        return self.storage.rows(ids)
+
+
+def _store(weight: torch.Tensor, kind: str, block_size: int, double_quant: bool):
+    if kind == "nf4":
+        return quantize(weight, block_size, double_quant)
+    return BF16Storage(weight)
+
+
+def _replace(model, name: str, new) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def compress_frozen(model, linear: str | None, embeddings: str | None, block_size: int = 64,
+                    double_quant: bool = True):
+    """Swap frozen layers for stored ones in place (see the module docstring); returns model."""
+    head = model.get_output_embeddings()
+    embed = model.get_input_embeddings()
+    if linear:
+        for name, module in list(model.named_modules()):
+            # Exact type: subclasses may do more in forward than a matmul (and the head is separate).
+            if type(module) is torch.nn.Linear and module is not head:
+                _replace(model, name, FrozenLinear(_store(module.weight, linear, block_size, double_quant), module.bias))
+                module.weight = None  # let the full-precision copy go now, not when the loop ends
+    if embeddings and type(embed) is torch.nn.Embedding:
+        storage = _store(embed.weight, embeddings, block_size, double_quant)
+        tied = head is not None and head.weight is embed.weight
+        model.set_input_embeddings(FrozenEmbedding(storage, embed.padding_idx))
+        if tied and type(head) is torch.nn.Linear:
+            model.set_output_embeddings(FrozenLinear(storage, head.bias))
+        elif type(head) is torch.nn.Linear:
+            model.set_output_embeddings(FrozenLinear(_store(head.weight, embeddings, block_size, double_quant), head.bias))
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+def _storages(model):
+    seen = set()
+    for module in model.modules():
+        if isinstance(module, (NF4Storage, BF16Storage)) and id(module) not in seen:
+            seen.add(id(module))
+            yield module
+
+
+def stored_parameters(model) -> int:
+    """How many weights live in storages (shared ones once) rather than in parameters."""
+    return sum(math.prod(s.shape) for s in _storages(model))
+
+
+def storage_bytes(model) -> int:
+    """Bytes of frozen weights: every storage (shared ones once) plus frozen parameters."""
+    total = sum(s.nbytes() for s in _storages(model))
+    params = {id(p): p for p in model.parameters() if not p.requires_grad}
+    return total + sum(p.numel() * p.element_size() for p in params.values())

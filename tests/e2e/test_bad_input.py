@@ -142,7 +142,7 @@ def test_real_console_script_has_no_traceback(tmp_path):
     exe = os.path.join(os.path.dirname(sys.executable), "tunesmith")
     proc = subprocess.run([exe, "train", "adapter.method=qlorax"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "tunesmith: error: config key adapter.method: expected one of full, lora, dora, got 'qlorax'"
+    assert proc.stderr.strip() == "tunesmith: error: config key adapter.method: expected one of full, lora, dora, qlora, got 'qlorax'"
 
 
 def test_tensorboard_missing_is_one_line_and_writes_nothing(capsys, setup):

@@ -1,0 +1,42 @@
+"""`tunesmith fit` and the fit check inside `tunesmith train`, through the real CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.tiny import write_config, write_qa_jsonl
+
+
+def cli(*args, env=None):
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "tunesmith.cli", *map(str, args)], capture_output=True, text=True,
+                          env=full_env)
+
+
+def test_fit_prints_table_and_json(tmp_path, tiny_model_dir):
+    cfg = write_config(tmp_path / "c.yaml", tiny_model_dir, write_qa_jsonl(tmp_path / "qa.jsonl"), tmp_path / "out")
+    res = cli("fit", cfg, "train.batch_size=3", "--json", tmp_path / "fit.json")
+    assert res.returncode == 0, res.stderr
+    assert "peak RSS (predicted)" in res.stdout and "s/step" in res.stdout and "fits:" in res.stdout
+    report = json.loads((tmp_path / "fit.json").read_text())
+    assert report["fits"] and report["step_s"] > 0 and report["tokens_per_step"] == 3 * 64
+    assert set(report["parts"]) >= {"baseline", "weights", "gradients", "optimizer", "activations"}
+    assert not (tmp_path / "out").exists()  # fit writes nothing into the run dir
+    res = cli("fit", cfg, "--no-probe", "--ram-gib", "0.01")
+    assert res.returncode == 1 and "does not fit: predicted peak RAM" in res.stdout
+
+
+def test_train_refuses_what_cannot_fit_unless_forced(tmp_path, tiny_model_dir):
+    data = write_qa_jsonl(tmp_path / "qa.jsonl")
+    data.write_text(data.read_text() + data.read_text().splitlines()[0] + "\n")  # one exact duplicate
+    cfg = write_config(tmp_path / "c.yaml", tiny_model_dir, data, tmp_path / "out", train={"max_steps": 2})
+    res = cli("train", cfg, env={"TUNESMITH_RAM_GIB": "0.01"})
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tunesmith: error: predicted peak RAM") and "--force" in lines[0]
+    assert not (tmp_path / "out").exists()
+    res = cli("train", cfg, "--force", env={"TUNESMITH_RAM_GIB": "0.01"})
+    assert res.returncode == 0, res.stderr
+    assert "tunesmith: data: 1 exact duplicates, e.g. " in res.stdout and "tunesmith: fit:" not in res.stdout
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()

@@ -1,0 +1,135 @@
+"""The fit estimate against the real thing: parameter counts, saved activations, refusals."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from tests.tiny import make_tokenizer, write_config, write_qa_jsonl
+from tunesmith import fit
+from tunesmith.adapters import apply_method, count_parameters
+from tunesmith.config import load_config
+from tunesmith.errors import UserError
+from tunesmith.train.loss import LossModule
+
+
+@pytest.fixture(scope="module")
+def wide_model_dir(tmp_path_factory):
+    """Wide enough (hidden 128, 6 layers) that activations are tens of MiB, well above the
+    few MiB a process's baseline RSS wanders by."""
+    path = tmp_path_factory.mktemp("wide-llama")
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=384, num_hidden_layers=6,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def config(tmp_path, model_dir, **train):
+    data = write_qa_jsonl(tmp_path / "qa.jsonl", n=64)
+    path = write_config(tmp_path / "c.yaml", model_dir, data, tmp_path / "out",
+                        data={"max_length": 256}, train={"batch_size": 4, **train})
+    return load_config(path)
+
+
+@pytest.fixture(scope="module")
+def probed(tmp_path_factory, wide_model_dir):
+    """One probed estimate (LoRA, batch 4 × 256) shared by the tests below: probes cost seconds."""
+    tmp = tmp_path_factory.mktemp("fit")
+    cfg = config(tmp, wide_model_dir)
+    cache = {}
+    return cfg, fit.estimate(cfg, probe=True, _cache=cache), cache, tmp
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+def test_counts_match_the_real_model(tmp_path, wide_model_dir, probed, method):
+    cfg = config(tmp_path, wide_model_dir)
+    cfg.adapter.method = method
+    est = probed[1] if method == "lora" else fit.estimate(cfg, probe=False, _cache={"baseline": 0.0})
+    model = apply_method(LlamaForCausalLM.from_pretrained(wide_model_dir), cfg.adapter)
+    trainable, total = count_parameters(model)
+    assert (est.trainable, est.params) == (trainable, total)
+    assert est.parts["gradients"] == trainable * 4 and est.parts["optimizer"] == trainable * 8
+    if method == "full":
+        assert est.parts["weights"] == total * 4
+    if method == "qlora":
+        assert est.parts["weights"] < 0.5 * probed[1].parts["weights"]
+
+
+def saved_bytes(model, batch, length, segment):
+    """Bytes autograd keeps for backward in one real training forward of the whole model."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    ids = torch.randint(0, 300, (batch, length))
+    positions = (torch.arange(length) % segment).expand(batch, length)
+    labels = ids.clone()
+    labels[positions < segment // 2] = -100
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        LossModule(model)(ids, labels, positions)
+    return sum(seen.values())
+
+
+def test_activations_extrapolated_from_shallow_probes(wide_model_dir, probed):
+    cfg, est, cache, _ = probed
+    _, _, _, _, segment = cache[("data", 256, True)]
+    model = apply_method(LlamaForCausalLM.from_pretrained(wide_model_dir), cfg.adapter).train()
+    real = saved_bytes(model, 4, 256, segment)
+    # the estimate adds two layers' worth for backward's transient tensors (6 layers: +33%)
+    assert real * 1.0 <= est.parts["activations"] <= real * 1.45
+    ckpt = fit.estimate(fit.apply_overrides(cfg, ["train.gradient_checkpointing=true"]), probe=True, _cache=cache)
+    assert ckpt.parts["activations"] < 0.6 * est.parts["activations"]
+    assert ckpt.step_s > est.step_s  # the forward runs twice
+
+
+def test_refusal_names_overrides_that_fit(probed):
+    cfg, est, cache, _ = probed
+    budget = (est.peak_bytes - 0.4 * est.parts["activations"]) / fit.GIB
+    with pytest.raises(UserError) as err:  # the shared cache pins the baseline this process measured first
+        fit.preflight(cfg, ram_gib=budget, cache=cache)
+    msg = str(err.value)
+    assert msg.startswith(f"predicted peak RAM {est.peak_bytes / fit.GIB:.2f} GiB exceeds the {budget:.2f} GiB")
+    assert "; try " in msg and msg.endswith("or pass --force")
+    overrides = msg.split("; try ")[1].split(" (predicted")[0].split()
+    assert overrides and all("=" in o for o in overrides)
+    assert fit.estimate(fit.apply_overrides(cfg, overrides), probe=False, ram_gib=budget, _cache=cache).fits
+    assert fit.preflight(cfg, ram_gib=2 * est.peak_bytes / fit.GIB, cache=cache).fits
+
+
+def test_probe_times_a_step(probed):
+    cfg, est, _, _ = probed
+    assert 0 < est.step_s < 60 and est.tokens_per_step == 4 * 256
+    assert "s/step" in fit.table(cfg, est)
+
+
+def test_ram_budget_overrides(monkeypatch):
+    monkeypatch.setenv("TUNESMITH_RAM_GIB", "1.5")
+    assert fit.ram_budget() == 1.5 * fit.GIB
+    assert fit.ram_budget(3) == 3 * fit.GIB
+    monkeypatch.setenv("TUNESMITH_RAM_GIB", "lots")
+    with pytest.raises(UserError, match="TUNESMITH_RAM_GIB"):
+        fit.ram_budget()
+    monkeypatch.delenv("TUNESMITH_RAM_GIB")
+    assert 0 < fit.ram_budget() < 1 << 50
+
+
+def test_disk_refusal_line():
+    est = fit.Estimate(peak_bytes=1, parts={}, step_s=None, disk_bytes=10 * fit.GIB, ram_budget=2, disk_free=fit.GIB)
+    line = fit.verdict_line(load_config(None, ["data.train=x.jsonl"]), est, None)
+    assert "10.00 GiB of disk" in line and "train.keep_last" in line
+
+
+def test_heap_retention_is_limited_on_glibc():
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert fit.limit_heap_retention() is True

@@ -1,0 +1,497 @@
+"""Will this run fit? Predict peak RAM, seconds per step and disk before training.
+
+Contract:
+- `estimate(cfg, probe=True)` → `Estimate`: predicted peak RSS of the training process
+  (bytes, with its parts), seconds per optimizer step, checkpoint + final-model disk bytes,
+  the RAM and disk budgets of this machine, and `fits`. With `probe`, it times and measures a
+  real forward/backward/AdamW step on 1- and 3-layer copies of the model (random weights,
+  the real widths, the run's rows and micro-batch, capped at PROBE_TOKENS) and extrapolates
+  linearly in layers; with `probe=False` the same copies run one untimed step (memory only, s/step None).
+  It reads the model's `config.json` and the tokenised data (cached by `build_datasets`), never
+  the weights, and writes nothing into the output dir.
+- `suggest(cfg, est)` re-estimates a few concrete overrides (gradient checkpointing, smaller
+  micro-batches with more accumulation, lora/qlora, shorter rows) and returns the first set
+  that fits, as `key=value` strings with its estimate, or None.
+- `ram_budget()` is MemAvailable + this process's RSS (the run reuses this process, or this one
+  exits first), capped by the cgroup limit; `TUNESMITH_RAM_GIB` (or `ram_gib=`) overrides it.
+- Under torchrun, the `LOCAL_WORLD_SIZE` processes of a node share its RAM: the peak is per
+  process, the fit test uses the sum.
+
+Why layers: a decoder's parameters, saved activations and FLOPs grow linearly with depth, so two
+shallow probes give exact slopes for the widths that matter without loading any weights, while
+the intercept captures the embeddings, the LM head and the loss.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tunesmith.config import Config
+from tunesmith.errors import UserError
+
+GIB = 1024**3
+PROBE_LAYERS = (1, 3)
+PROBE_TOKENS = 4096
+DATA_BYTES_PER_TOKEN = 120  # python ints in the sample and row lists (ids, labels, positions)
+TRANSIENT_LAYERS = 2.0  # backward holds a layer's recomputed/grad tensors beside the saved ones
+
+
+@dataclass
+class Estimate:
+    peak_bytes: float
+    parts: dict  # name → bytes (baseline, weights, gradients, optimizer, activations, data)
+    step_s: float | None
+    disk_bytes: float
+    ram_budget: float
+    disk_free: float
+    processes: int = 1
+    params: int = 0
+    trainable: int = 0
+    tokens_per_step: int = 0
+    notes: list = field(default_factory=list)
+
+    @property
+    def fits_ram(self) -> bool:
+        return self.peak_bytes * self.processes <= self.ram_budget
+
+    @property
+    def fits_disk(self) -> bool:
+        return self.disk_bytes <= self.disk_free
+
+    @property
+    def fits(self) -> bool:
+        return self.fits_ram and self.fits_disk
+
+
+# ---------------------------------------------------------------- budgets
+
+
+def limit_heap_retention(threshold: int = 1 << 20) -> bool:
+    """Make freed activations leave the process, so RSS tracks the live tensors.
+
+    glibc raises its mmap threshold each time a large block is freed (up to 32 MiB); after the
+    first step, activations come from the heap and stay there when freed. Measured on SmolLM2
+    LoRA (batch 4 × 512): peak RSS 5.9 GiB after one step and 7.1 after two, against 3.9 with
+    the threshold pinned at 1 MiB, at the same speed. A user's own MALLOC_MMAP_THRESHOLD_ wins.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, threshold))  # -3 = M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+
+
+
+def current_rss() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024.0
+    return 0.0
+
+
+def ram_budget(ram_gib: float | None = None) -> float:
+    if ram_gib is None and os.environ.get("TUNESMITH_RAM_GIB"):
+        try:
+            ram_gib = float(os.environ["TUNESMITH_RAM_GIB"])
+        except ValueError:
+            raise UserError(f"TUNESMITH_RAM_GIB: expected a number of GiB, got {os.environ['TUNESMITH_RAM_GIB']!r}") from None
+    if ram_gib is not None:
+        if ram_gib <= 0:
+            raise UserError(f"--ram-gib: expected a number of GiB > 0, got {ram_gib}")
+        return ram_gib * GIB
+    available = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024.0
+    except OSError:
+        pass
+    if available is None:  # not Linux: all physical memory is the best guess without psutil
+        available = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    budget = available + current_rss()
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = float(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+            budget = min(budget, float(limit) - used + current_rss())
+    except (OSError, ValueError):
+        pass
+    return budget
+
+
+def disk_free(path: Path) -> float:
+    path = Path(path).resolve()
+    while not path.exists():
+        path = path.parent
+    return float(shutil.disk_usage(path).free)
+
+
+# ---------------------------------------------------------------- probes
+
+
+def _hf_config(cfg: Config):
+    from transformers import AutoConfig
+
+    from tunesmith.models import resolve_model
+
+    resolved = resolve_model(cfg.model.name)
+    try:
+        return AutoConfig.from_pretrained(resolved, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"model {cfg.model.name}: cannot read its config ({str(err).splitlines()[0]})") from None
+
+
+def _layers_of(hf_cfg) -> tuple[object, int]:
+    text = hf_cfg.get_text_config() if hasattr(hf_cfg, "get_text_config") else hf_cfg
+    n = getattr(text, "num_hidden_layers", None)
+    if not n:
+        raise UserError("model: its config has no num_hidden_layers; tunesmith fit cannot probe it")
+    return text, int(n)
+
+
+def _shallow(hf_cfg, n_layers: int):
+    shallow = copy.deepcopy(hf_cfg)
+    text, _ = _layers_of(shallow)
+    text.num_hidden_layers = n_layers
+    for key in ("layer_types", "sliding_window_pattern_list"):  # per-layer lists must match depth
+        if isinstance(getattr(text, key, None), list):
+            setattr(text, key, getattr(text, key)[:n_layers])
+    return shallow
+
+
+def _measure(cfg: Config, hf_cfg, n_layers: int, batch: int, row_lens, label_frac: float, segment: int | None,
+             timed: bool) -> dict:
+    """Build an n-layer random copy, run AdamW steps at each row length; bytes and seconds."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.adapters import apply_method, count_parameters
+    from tunesmith.nf4 import storage_bytes, stored_parameters
+    from tunesmith.train.loss import LossModule
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(
+        _shallow(hf_cfg, n_layers), dtype=torch.float32,
+        attn_implementation=cfg.model.attn_implementation, trust_remote_code=cfg.model.trust_remote_code,
+    )
+    # no gradient checkpointing here even when the run has it: its own saved-tensor hooks would
+    # hide the layers from ours; its effect is arithmetic on the per-layer numbers (see estimate)
+    # the run's own method, qlora's NF4 and frozen_dtype included: their storage is what it is
+    model = apply_method(model, cfg.adapter, cfg.train.frozen_dtype)
+    model.train()
+    trainable, total = count_parameters(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    weight_bytes = storage_bytes(model) + sum(p.numel() * p.element_size() for p in params)
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    step = LossModule(model)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    result = {"trainable": trainable, "total": total, "weights": weight_bytes, "stored": stored_parameters(model),
+              "saved": {}, "seconds": {}, "opt_s": None}
+    for length in row_lens:
+        ids = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(length))
+        # packed rows restart positions per sample, which turns sdpa's causal fast path into a
+        # masked one (more memory and time): the probe rows must look the same
+        seg = segment or length
+        positions = (torch.arange(length) % seg).expand(batch, length).contiguous()
+        labels = ids.clone()
+        labels[(positions < max(1, round(seg * (1 - label_frac))))] = -100
+        seen: dict[int, int] = {}
+
+        def pack(t, seen=seen):
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr not in param_ptrs:
+                seen[ptr] = storage.nbytes()
+            return t
+
+        best = math.inf
+        # timed at the longest rows only: rep 0 warms up (allocations, AdamW state), then the
+        # fastest of three, since a busy machine only ever adds time
+        reps = 4 if timed and length == row_lens[-1] else 1
+        for rep in range(reps):
+            seen.clear()
+            start = time.perf_counter()
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                loss, n = step(ids, labels, positions if segment else None)
+            (loss / max(n, 1)).backward()
+            if rep > 0 or reps == 1:
+                best = min(best, time.perf_counter() - start)
+            opt_start = time.perf_counter()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            opt_s = time.perf_counter() - opt_start
+            if rep > 0:  # the first AdamW step allocates its state
+                result["opt_s"] = opt_s if result["opt_s"] is None else min(result["opt_s"], opt_s)
+        result["saved"][length] = float(sum(seen.values()))
+        result["seconds"][length] = best
+    return result
+
+
+def _linear(x1, y1, x2, y2, x):
+    slope = (y2 - y1) / (x2 - x1)
+    return y1 + slope * (x - x1), slope
+
+
+# ---------------------------------------------------------------- the estimate
+
+
+def _data_shape(cfg: Config):
+    """(row length at the peak, mean row length, label fraction, tokens, mean sample length)."""
+    from tunesmith.data.sft import build_datasets, ensure_chat_template
+    from tunesmith.models import load_tokenizer, resolve_model, tunesmith_home
+
+    tok = load_tokenizer(resolve_model(cfg.model.name), cfg.model.trust_remote_code, cfg.model.revision)
+    ensure_chat_template(tok, cfg.data.chat_template)
+    cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else tunesmith_home() / "data-cache"
+    train, val, stats = build_datasets(cfg.data, tok, cfg.train.seed, cache)
+    lengths = [len(s.input_ids) for s in train]
+    tokens = sum(lengths)
+    label_frac = max(1e-3, stats.n_label_tokens / max(1, stats.n_tokens))
+    mean_sample = max(1, round(tokens / len(lengths)))
+    if cfg.data.packing:
+        return cfg.data.max_length, cfg.data.max_length, label_frac, tokens, mean_sample
+    longest = max(lengths)
+    # a micro-batch is padded to its longest row; on average about the p75 sample
+    typical = sorted(lengths)[int(0.75 * (len(lengths) - 1))]
+    return longest, typical, label_frac, tokens, mean_sample
+
+
+def estimate(cfg: Config, probe: bool = True, ram_gib: float | None = None, _cache: dict | None = None) -> Estimate:
+    import peft  # noqa: F401  (the baseline is a process that has torch, transformers and peft loaded)
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    limit_heap_retention()
+    _cache = {} if _cache is None else _cache
+    baseline = _cache.setdefault("baseline", current_rss())  # before any probe, and once
+    hf_cfg = _cache.get("hf") or _cache.setdefault("hf", _hf_config(cfg))
+    data_key = ("data", cfg.data.max_length, cfg.data.packing)
+    if data_key not in _cache:
+        _cache[data_key] = _data_shape(cfg)
+    peak_len, mean_len, label_frac, n_tokens, mean_sample = _cache[data_key]
+    text, n_layers = _layers_of(hf_cfg)
+    t = cfg.train
+    method = cfg.adapter.method
+    b = t.batch_size
+    # probe at the real row length (so attention takes the same kernel and masks as training),
+    # with at most PROBE_TOKENS per micro-batch: memory and time are linear in rows
+    lens = (peak_len,)
+    b_probe = max(1, min(b, PROBE_TOKENS // peak_len))
+    segment = min(mean_sample, peak_len) if cfg.data.packing and mean_sample < peak_len else None
+    key = ("probe", repr(cfg.adapter), t.frozen_dtype, b_probe, lens, segment, probe)
+    if key not in _cache:
+        _cache[key] = [_measure(cfg, hf_cfg, n, b_probe, lens, label_frac, segment, probe) for n in PROBE_LAYERS]
+    lo, hi = copy.deepcopy(_cache[key])
+    for r in (lo, hi):  # scale the probe's rows up to the run's micro-batch
+        for length in lens:
+            r["saved"][length] *= b / b_probe
+            r["seconds"][length] *= b / b_probe
+    l1, l2 = PROBE_LAYERS
+
+    def at_depth(a, c):
+        return _linear(l1, a, l2, c, n_layers)
+
+    total, _ = at_depth(lo["total"], hi["total"])
+    trainable, per_layer_trainable = at_depth(lo["trainable"], hi["trainable"])
+    outside_trainable = lo["trainable"] - l1 * per_layer_trainable  # embeddings, head, final norm
+    weights, _ = at_depth(lo["weights"], hi["weights"])
+    tied = getattr(text, "tie_word_embeddings", False) or getattr(hf_cfg, "tie_word_embeddings", False)
+    grads = trainable * 4.0
+    optimizer = trainable * 8.0  # AdamW: exp_avg and exp_avg_sq in fp32
+
+    # saved activations of a micro-batch: linear in depth, and (sdpa) in row length
+    def saved(r, length):
+        return r["saved"][lens[-1]] * length / lens[-1]  # linear in row length (measured: 2.02× for 2×)
+
+    layer_act = max(0.0, (saved(hi, peak_len) - saved(lo, peak_len)) / (l2 - l1))
+    outside = max(0.0, saved(lo, peak_len) - l1 * layer_act)  # embeddings, final norm, head, loss
+    from tunesmith.train.loss import CHUNK
+
+    # the head's logits live for at most CHUNK labelled tokens at a time (chunked, checkpointed)
+    tokens_micro = b * peak_len
+    labelled = tokens_micro * label_frac
+    outside *= min(labelled, CHUNK) / max(labelled, 1e-9)
+    hidden = getattr(text, "hidden_size", 0) or 0
+    if t.gradient_checkpointing:
+        # each layer keeps only its input; one layer's activations are rebuilt at a time
+        act = n_layers * tokens_micro * hidden * 4.0 + layer_act * (1 + TRANSIENT_LAYERS)
+    else:
+        act = layer_act * (n_layers + TRANSIENT_LAYERS)
+    act += outside
+    data = n_tokens * DATA_BYTES_PER_TOKEN
+    parts = {
+        "baseline": baseline, "weights": weights, "gradients": grads, "optimizer": optimizer,
+        "activations": act, "data": data,
+    }
+    # Backward frees each layer's activations as it fills that layer's gradients, so both never
+    # peak together: at its start the head's (and tied embeddings') gradients sit beside all the
+    # activations, at its end every gradient and none of them.
+    together = max(act + outside_trainable * 4.0, grads)
+    parts["backward overlap"] = together - act - grads
+    # qlora over an fp32 base: the fp32 weights file is memory-mapped, every page of it is read
+    # once to quantize, and the weights that stay fp32 (embeddings, norms) keep the mapping, so
+    # those pages stay resident (measured on SmolLM2: qlora's peak RSS above lora's)
+    stored, _ = at_depth(lo["stored"], hi["stored"])
+    if method == "qlora" and t.frozen_dtype != "bf16":
+        parts["fp32 file pages"] = stored * 4.0
+    elif method != "full" and t.frozen_dtype == "bf16":  # loaded as bf16, then the load is freed
+        over = total * 2.0 - optimizer - together
+        if over > 0:
+            parts["loading (before step 1)"] = over
+    peak = sum(parts.values())
+
+    step_s = None
+    if probe:
+        def secs(r, length):  # per token from the longest probe rows (sdpa: attention is cheap)
+            return r["seconds"][lens[-1]] * length / lens[-1]
+
+        micro, per_layer = at_depth(secs(lo, mean_len), secs(hi, mean_len))
+        if per_layer <= 0:  # timing noise (a busy machine) swamped the difference: all in the layers
+            per_layer = secs(hi, mean_len) / l2
+            micro = per_layer * n_layers
+        if t.gradient_checkpointing:  # every layer's forward (about a third of its time) runs twice
+            micro += n_layers * per_layer / 3
+        opt_s = at_depth(lo["opt_s"] or 0.0, hi["opt_s"] or 0.0)[0]
+        step_s = max(micro, 0.0) * t.grad_accum + max(opt_s, 0.0)
+
+    final = total * 4.0 if method == "full" else trainable * 4.0
+    checkpoint = trainable * 4.0 * 3  # trainable weights + AdamW's two moments
+    disk = t.keep_last * checkpoint + final + 20e6  # tokenizer, configs, metrics, plot
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return Estimate(
+        peak_bytes=peak, parts=parts, step_s=step_s, disk_bytes=disk,
+        ram_budget=ram_budget(ram_gib), disk_free=disk_free(Path(t.output_dir)), processes=processes,
+        params=int(round(total)), trainable=int(round(trainable)),
+        tokens_per_step=int(b * mean_len * t.grad_accum), notes=[] if not tied else ["tied embeddings"],
+    )
+
+
+# ---------------------------------------------------------------- suggestions
+
+
+def _methods_allowed() -> tuple[str, ...]:
+    from tunesmith.config import METHODS
+
+    return METHODS
+
+
+def _candidates(cfg: Config):
+    """Overrides in order of least harm: same result slower, then fewer trainable weights, then
+    shorter rows (which changes what the model sees)."""
+    t = cfg.train
+    if not t.gradient_checkpointing:
+        yield ["train.gradient_checkpointing=true"]
+    bs = t.batch_size
+    while bs > 1:
+        bs //= 2
+        accum = t.grad_accum * math.ceil(t.batch_size / bs)
+        yield [f"train.batch_size={bs}", f"train.grad_accum={accum}"]
+    if cfg.adapter.method == "full":
+        yield ["adapter.method=lora"]
+    if cfg.adapter.method != "qlora" and "qlora" in _methods_allowed():
+        yield ["adapter.method=qlora"]
+    length = cfg.data.max_length
+    while length > 64:
+        length //= 2
+        yield [f"data.max_length={length}"]
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """A copy of cfg with `key=value` overrides (no validation: qlora may be a suggestion only)."""
+    import yaml
+
+    new = copy.deepcopy(cfg)
+    for item in overrides:
+        key, _, value = item.partition("=")
+        section, name = key.split(".")
+        setattr(getattr(new, section), name, yaml.safe_load(value))
+    return new
+
+
+def suggest(cfg: Config, est: Estimate, probe: bool = True, ram_gib: float | None = None, cache: dict | None = None):
+    """The first single override that fits, else the overrides accumulated in order; None when
+    even all of them together do not fit."""
+    cache = {} if cache is None else cache
+    singles = list(_candidates(cfg))
+    for overrides in singles:
+        trial = estimate(apply_overrides(cfg, overrides), probe=probe, ram_gib=ram_gib, _cache=cache)
+        if trial.fits:
+            return overrides, trial
+    chosen: dict[str, str] = {}
+    current = cfg
+    for overrides in singles:
+        for item in overrides:
+            chosen[item.split("=")[0]] = item
+        current = apply_overrides(cfg, list(chosen.values()))
+        trial = estimate(current, probe=probe, ram_gib=ram_gib, _cache=cache)
+        if trial.fits:
+            return list(chosen.values()), trial
+    return None
+
+
+def verdict_line(cfg: Config, est: Estimate, suggestion) -> str:
+    """The one-line refusal (or the empty string when the run fits)."""
+    if est.fits:
+        return ""
+    if not est.fits_disk:
+        return (
+            f"this run needs {est.disk_bytes / GIB:.2f} GiB of disk for checkpoints and the model but "
+            f"{cfg.train.output_dir} has {est.disk_free / GIB:.2f} GiB free; lower train.keep_last or "
+            "choose another train.output_dir (or pass --force)"
+        )
+    need = est.peak_bytes * est.processes / GIB
+    line = f"predicted peak RAM {need:.2f} GiB exceeds the {est.ram_budget / GIB:.2f} GiB available"
+    if suggestion is None:
+        return line + "; no single change makes it fit: use a smaller model or a machine with more RAM (or pass --force)"
+    overrides, trial = suggestion
+    return line + f"; try {' '.join(overrides)} (predicted {trial.peak_bytes * trial.processes / GIB:.2f} GiB), or pass --force"
+
+
+def table(cfg: Config, est: Estimate) -> str:
+    """The human-readable breakdown printed by `tunesmith fit`."""
+    rows = [("part", "GiB")]
+    rows += [(name, f"{value / GIB:.3f}") for name, value in est.parts.items()]
+    rows.append(("peak RSS (predicted)", f"{est.peak_bytes / GIB:.3f}"))
+    if est.processes > 1:
+        rows.append((f"× {est.processes} processes", f"{est.peak_bytes * est.processes / GIB:.3f}"))
+    rows.append(("RAM budget", f"{est.ram_budget / GIB:.3f}"))
+    rows.append(("disk needed", f"{est.disk_bytes / GIB:.3f}"))
+    rows.append(("disk free", f"{est.disk_free / GIB:.3f}"))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{a:<{width}}  {b:>9}" for a, b in rows]
+    lines.insert(1, "-" * (width + 11))
+    head = (
+        f"{cfg.adapter.method} on {cfg.model.name}: {est.params:,} parameters, {est.trainable:,} trainable; "
+        f"batch {cfg.train.batch_size}×{cfg.train.grad_accum}, rows ≤{cfg.data.max_length} tokens"
+        + (", gradient checkpointing" if cfg.train.gradient_checkpointing else "")
+    )
+    speed = (
+        f"predicted {est.step_s:.2f} s/step (~{est.tokens_per_step / est.step_s:,.0f} tok/s)"
+        if est.step_s else "s/step: not probed"
+    )
+    return "\n".join([head, *lines, speed])
+
+
+def preflight(cfg: Config, probe: bool = False, ram_gib: float | None = None, cache: dict | None = None) -> Estimate:
+    """What `train` runs first: the estimate, or a one-line `UserError` naming overrides that fit."""
+    cache = {} if cache is None else cache
+    est = estimate(cfg, probe=probe, ram_gib=ram_gib, _cache=cache)
+    if not est.fits:
+        suggestion = suggest(cfg, est, probe=False, ram_gib=ram_gib, cache=cache) if est.fits_disk else None
+        raise UserError(verdict_line(cfg, est, suggestion))
+    return est

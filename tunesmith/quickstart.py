@@ -6,7 +6,10 @@ model the evaluation questions, fine-tunes, asks the tuned model the same questi
 accuracy per split before → after with a few sample answers, and writes it all to
 `out_dir/quickstart.json`. Splits: `trained_seen` (the exact questions trained on, one per
 fact), `heldout` (paraphrases never trained on) and `doc_only` (facts never trained on;
-fine-tuning should not help there — RAG should, see `tunesmith compare`).
+fine-tuning should not help there — RAG should). Then, unless `compare=False`, it runs
+`tunesmith compare` on the tuned run (the bundled config's `compare` section): all five arms on
+held-out and document-only questions and the general control set, with `results.json` and
+`report.html` in `out_dir/compare`.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ def score(questions: list[dict], answers: list[str]) -> dict[str, dict]:
     return table
 
 
-def run_quickstart(out_dir: str, overrides: list[str] = ()) -> dict:
+def run_quickstart(out_dir: str, overrides: list[str] = (), compare: bool = True) -> dict:
     from tunesmith.models import load_model, load_tokenizer, resolve_model
     from tunesmith.train.loop import run_training
 
@@ -90,6 +93,14 @@ def run_quickstart(out_dir: str, overrides: list[str] = ()) -> dict:
     }
     (Path(out_dir) / "quickstart.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     print_summary(result)
+    del trained
+    if compare:
+        from tunesmith.eval.compare import run_compare
+
+        print("\ntunesmith quickstart: comparing base, prompt engineering, RAG, fine-tuned and fine-tuned + RAG …",
+              flush=True)
+        cfg.compare.run = out_dir
+        result["compare"] = run_compare(cfg)
     return result
 
 

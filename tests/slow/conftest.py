@@ -33,6 +33,8 @@ def quickstart_run(tmp_path_factory, slow_home):
     """`tunesmith quickstart` through the real console script, once: (out dir, completed process)."""
     out = tmp_path_factory.mktemp("quickstart") / "qs"
     env = {**os.environ, "TUNESMITH_HOME": str(slow_home), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([EXE, "quickstart", "--out", str(out)], capture_output=True, text=True, env=env, timeout=1200)
+    # the closing comparison on 20 questions per split: every arm and split, a few minutes less
+    args = [EXE, "quickstart", "--out", str(out), "compare.max_questions=20", "compare.latency_samples=3"]
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc

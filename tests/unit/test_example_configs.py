@@ -22,4 +22,7 @@ def test_quickstart_configs_agree():
     packaged = load_config(resource_dir() / "config.yaml")
     assert Path(repo.data.train[0]).resolve() == Path(packaged.data.train[0]).resolve()
     repo.data.train = packaged.data.train
+    for key in ("questions", "documents"):
+        assert Path(getattr(repo.compare, key)).resolve() == Path(getattr(packaged.compare, key)).resolve()
+        setattr(repo.compare, key, getattr(packaged.compare, key))
     assert repo == packaged

@@ -1,8 +1,8 @@
-"""`tunesmith quickstart [--out DIR] [key=value ...]` → `tunesmith.quickstart.run_quickstart`."""
+"""`tunesmith quickstart [--out DIR] [--no-compare] [key=value ...]` → `tunesmith.quickstart.run_quickstart`."""
 
 
 def run(args) -> int:
     from tunesmith.quickstart import run_quickstart
 
-    run_quickstart(args.out, list(args.overrides))
+    run_quickstart(args.out, list(args.overrides), compare=args.compare)
     return 0

@@ -7,6 +7,7 @@ Contract:
   conversation, decoded without special tokens. Prompts are left-padded into batches
   sorted by length (less padding), generation uses the model's KV cache and stops at the
   tokenizer's EOS / end-of-turn token. Greedy unless `temperature > 0`.
+- `generate_detailed(...)` is the same, and also returns prompt and generated token counts.
 - `stream_reply(...)` yields text pieces as they are produced, for `tunesmith chat`.
 """
 
@@ -37,7 +38,6 @@ def _sampling(temperature: float, top_p: float) -> dict:
     return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
 
 
-@torch.no_grad()
 def generate_batch(
     model,
     tokenizer,
@@ -47,11 +47,26 @@ def generate_batch(
     temperature: float = 0.0,
     top_p: float = 0.95,
 ) -> list[str]:
+    return generate_detailed(model, tokenizer, conversations, max_new_tokens, batch_size, temperature, top_p)[0]
+
+
+@torch.no_grad()
+def generate_detailed(
+    model,
+    tokenizer,
+    conversations: list[list[dict]],
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    temperature: float = 0.0,
+    top_p: float = 0.95,
+) -> tuple[list[str], list[int], list[int]]:
+    """Completions plus, per conversation, prompt tokens and generated tokens (up to the stop token)."""
     device = next(model.parameters()).device
     prompts = [render_prompt(tokenizer, c) for c in conversations]
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     outputs: list[str] = [""] * len(encoded)
+    generated = [0] * len(encoded)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = stop_ids(tokenizer)
     for start in range(0, len(order), batch_size):
@@ -72,8 +87,11 @@ def generate_batch(
             **_sampling(temperature, top_p),
         )
         for row, i in enumerate(idx):
-            outputs[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
-    return outputs
+            new = out[row, width:].tolist()
+            stop = next((n for n, t in enumerate(new) if t in eos), None)
+            generated[i] = len(new) if stop is None else stop + 1  # the stop token is generated work too
+            outputs[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
+    return outputs, [len(e) for e in encoded], generated
 
 
 def stream_reply(

@@ -1,0 +1,130 @@
+"""`tunesmith compare` through the real console script on a tiny Llama: trains when needed, then
+answers with all five arms, scores them, and writes results.json and report.html."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.tiny import NAMES, write_config, write_qa_jsonl
+from tunesmith.adapters import load_for_inference
+from tunesmith.eval.generate import generate_batch
+
+EXE = os.path.join(os.path.dirname(sys.executable), "tunesmith")
+ARMS = ["base", "prompt", "rag", "finetuned", "finetuned_rag"]
+
+
+def cli(*args):
+    return subprocess.run([EXE, *args], capture_output=True, text=True, timeout=600)
+
+
+def _questions(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_model_dir):
+    tmp = tmp_path_factory.mktemp("compare")
+    data = write_qa_jsonl(tmp / "qa.jsonl")
+    docs = tmp / "docs"
+    docs.mkdir()
+    (docs / "answers.md").write_text("\n\n".join(f"The answer {i} is {NAMES[i % len(NAMES)]}." for i in range(24)))
+    questions = _questions(tmp / "q.jsonl", [
+        *({"question": f"What is the answer {i}?", "answer": NAMES[i % len(NAMES)], "fact_id": f"a{i}", "split": "seen"}
+          for i in range(6)),
+        *({"question": f"Tell me answer {i}", "answer": NAMES[i % len(NAMES)], "fact_id": f"b{i}", "split": "doc_only"}
+          for i in range(20, 24)),
+    ])
+    general = _questions(tmp / "general.jsonl", [{"question": "What is the capital of France?", "answer": "Paris"},
+                                                 {"question": "How many days are in a week?", "answer": "7"}])
+    compare = {"questions": str(questions), "documents": str(docs), "max_new_tokens": 6, "latency_samples": 2,
+               "general_questions": str(general),
+               "bootstrap": 200, "top_k": 2, "chunk_size": 12, "chunk_overlap": 2, "k_shot": 2}
+    cfg = write_config(tmp / "c.yaml", tiny_model_dir, data, tmp / "run",
+                       data={"system_prompt": "Answer briefly.", "cache_dir": str(tmp / "cache")}, compare=compare)
+    proc = cli("compare", str(cfg))
+    return tmp, cfg, proc
+
+
+def test_compare_trains_then_writes_table_results_and_report(setup):
+    tmp, _, proc = setup
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run, out = tmp / "run", tmp / "run" / "compare"
+    assert (run / "adapter_model.safetensors").is_file()  # no run given: the config's run was trained first
+    assert "training" in proc.stdout and "Δ = arm − base" in proc.stdout
+    res = json.loads((out / "results.json").read_text())
+    assert [a["name"] for a in res["arms"]] == ARMS
+    assert [s["name"] for s in res["splits"]] == ["seen", "doc_only", "general"]
+    assert len(res["scores"]) == 5 * 3 * 4
+    for row in res["scores"]:
+        assert row["ci"][0] - 1e-9 <= row["mean"] <= row["ci"][1] + 1e-9
+        assert (row["diff_vs_base"] is None) == (row["arm"] == "base")
+    assert {(r["arm"], r["split"]) for r in res["retrieval"]} == {(a, s) for a in ("rag", "finetuned_rag")
+                                                                  for s in ("seen", "doc_only")}
+    # the documents hold every answer, and BM25 finds "answer N" among 12-word chunks
+    assert all(r["recall_at_k"] >= 0.75 for r in res["retrieval"]), res["retrieval"]
+    cost = res["cost"]
+    assert cost["rag"]["prompt_tokens_mean"] > cost["base"]["prompt_tokens_mean"]
+    assert cost["prompt"]["prompt_tokens_mean"] > cost["base"]["prompt_tokens_mean"]
+    assert cost["finetuned"]["train_wall_s"] > 0 and cost["base"]["train_wall_s"] == 0
+    assert cost["finetuned"]["model_size_mib"] > cost["base"]["model_size_mib"]
+    assert res["forgetting"]["base_ppl"] > 1 and res["forgetting"]["ratio"] > 0
+    assert "<html" in (out / "report.html").read_text()
+
+
+def test_arms_use_the_right_weights(setup):
+    """base arm = base model with the adapter off; finetuned arm = the run; same greedy decoding."""
+    tmp, _, proc = setup
+    assert proc.returncode == 0
+    res = json.loads((tmp / "run" / "compare" / "results.json").read_text())
+    rows = [r for r in res["answers"] if r["split"] == "seen"]
+    convs = [[{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": r["question"]}] for r in rows]
+    tuned, tok, _ = load_for_inference(str(tmp / "run"))
+    assert generate_batch(tuned, tok, convs, max_new_tokens=6) == [r["finetuned"] for r in rows]
+    base, base_tok, _ = load_for_inference(yaml.safe_load((tmp / "c.yaml").read_text())["model"]["name"])
+    assert generate_batch(base, base_tok, convs, max_new_tokens=6) == [r["base"] for r in rows]
+
+
+def test_rerun_on_finished_run_with_arm_subset(setup):
+    tmp, cfg, _ = setup
+    stamp = (tmp / "run" / "run.json").stat().st_mtime_ns
+    out = tmp / "subset"
+    proc = cli("compare", str(cfg), f"compare.run={tmp / 'run'}", "compare.arms=[base,rag]",
+               f"compare.output_dir={out}", "compare.general_questions=", "compare.general_text=")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp / "run" / "run.json").stat().st_mtime_ns == stamp  # reused, not retrained
+    res = json.loads((out / "results.json").read_text())
+    assert [a["name"] for a in res["arms"]] == ["base", "rag"] and res["forgetting"] is None
+    assert [s["name"] for s in res["splits"]] == ["seen", "doc_only"]
+
+
+def test_bad_input_one_line_exit_2_and_results_untouched(setup, tmp_path, capsys):
+    """Through the CLI's own entry point in-process (a subprocess per case costs seconds of imports)."""
+    from tunesmith.cli import main
+
+    tmp, cfg, _ = setup
+    results = tmp / "run" / "compare" / "results.json"
+    before = results.read_bytes()
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "noadapter").mkdir()
+    (tmp_path / "noadapter" / "tunesmith.yaml").write_text("model:\n  name: x\n")
+    bad_q = _questions(tmp_path / "noans.jsonl", [{"question": "Q?", "answer": "A"}, {"question": "Q2?"}])
+    bad_f = _questions(tmp_path / "facts.jsonl", [{"question": "a", "answer": "X", "fact_id": "f1"},
+                                                  {"question": "b", "answer": "Y", "fact_id": "f1"}])
+    cases = [
+        ([f"compare.questions={bad_q}"], "noans.jsonl:2: question has no answer"),
+        ([f"compare.documents={tmp_path / 'empty'}"], "holds no .txt, .md or .jsonl"),
+        ([f"compare.run={tmp_path / 'noadapter'}"], "has no adapter"),
+        (["compare.arms=[base,finetuned,oracle]"], "compare.arms: expected one of"),
+        ([f"compare.questions={bad_f}"], "facts.jsonl:2: fact ids do not match"),
+    ]
+    for overrides, words in cases:
+        code = main(["compare", str(cfg), *overrides])
+        err = capsys.readouterr().err
+        assert code == 2, (overrides, err)
+        assert words in err and len(err.strip().splitlines()) == 1, err
+    assert results.read_bytes() == before

@@ -1,0 +1,147 @@
+"""Question sets for `tunesmith compare`: the user's file, and the bundled general control set.
+
+Contract:
+- `load_questions(path)` reads .jsonl, .json (a list) or .csv rows with a non-empty `question`
+  and `answer` and optional `fact_id` and `split` (default split: `all`). A missing file, a row
+  without a question or answer, or fact ids that do not match (one fact id with two different
+  answers, or in two splits — splits are by fact, so a fact's paraphrases must stay together) is
+  a `UserError` naming file and line.
+- `general_questions(spec)` is the forgetting control set: the bundled one for `"bundled"`, the
+  user's file otherwise, none for `""`; every row gets split `general`.
+- `limit_per_split(questions, n, seed)` keeps at most n questions per split (seeded, whole
+  facts first so a subset still spans as many facts as possible).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from tunesmith.errors import UserError
+
+GENERAL = "general"
+
+
+@dataclass
+class Question:
+    question: str
+    answer: str
+    split: str
+    fact_id: str | None
+    source: str  # file:line, for messages and the results file
+
+
+def bundled(name: str) -> Path:
+    return Path(str(resources.files("tunesmith") / "resources" / "quickstart" / name))
+
+
+def load_questions(path: str | Path, key: str = "compare.questions", default_split: str = "all") -> list[Question]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config key {key}: {path} is not a file")
+    rows = list(_rows(path))
+    if not rows:
+        raise UserError(f"{path}: no questions in the file")
+    out, answers, splits = [], {}, {}
+    for loc, row in rows:
+        if not isinstance(row, dict):
+            raise UserError(f"{loc}: expected an object with question and answer")
+        q, a = row.get("question"), row.get("answer")
+        if not isinstance(q, str) or not q.strip():
+            raise UserError(f'{loc}: expected a non-empty "question" string')
+        if isinstance(a, (int, float)) and not isinstance(a, bool):
+            a = str(a)
+        if not isinstance(a, str) or not a.strip():
+            raise UserError(f'{loc}: question has no answer (expected a non-empty "answer" string)')
+        split = str(row.get("split") or default_split)
+        fact = row.get("fact_id")
+        fact = None if fact in (None, "") else str(fact)
+        if fact is not None:
+            if answers.setdefault(fact, a) != a:
+                raise UserError(f"{loc}: fact ids do not match: fact_id {fact} has answer {answers[fact]!r} elsewhere, {a!r} here")
+            if splits.setdefault(fact, split) != split:
+                raise UserError(
+                    f"{loc}: fact ids do not match: fact_id {fact} is in split {splits[fact]!r} elsewhere, {split!r} here "
+                    "(splits are by fact: all paraphrases of a fact belong to one split)"
+                )
+        out.append(Question(q.strip(), a.strip(), split, fact, loc))
+    return out
+
+
+def _rows(path: Path):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 text file") from None
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    yield f"{path}:{n}", json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise UserError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+    elif suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+        if not isinstance(data, list):
+            raise UserError(f"{path}: expected a JSON list of question objects")
+        for n, row in enumerate(data):
+            yield f"{path}[{n}]", row
+    elif suffix == ".csv":
+        for n, row in enumerate(csv.DictReader(text.splitlines()), 2):
+            yield f"{path}:{n}", row
+    else:
+        raise UserError(f"{path}: expected a .jsonl, .json or .csv questions file")
+
+
+def general_questions(spec: str) -> list[Question]:
+    if not spec:
+        return []
+    path = bundled("general.jsonl") if spec == "bundled" else Path(spec)
+    rows = load_questions(path, key="compare.general_questions", default_split=GENERAL)
+    for q in rows:
+        q.split = GENERAL
+    return rows
+
+
+def general_text(spec: str) -> tuple[str, str] | None:
+    """(name, text) of the forgetting perplexity text, or None when switched off."""
+    if not spec:
+        return None
+    path = bundled("general_text.txt") if spec == "bundled" else Path(spec)
+    if not path.is_file():
+        raise UserError(f"config key compare.general_text: {path} is not a file")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise UserError(f"config key compare.general_text: {path} is empty")
+    return path.name, text
+
+
+def limit_per_split(questions: list[Question], limit: int, seed: int) -> list[Question]:
+    if not limit:
+        return questions
+    rng = random.Random(seed)
+    kept: list[Question] = []
+    for split in dict.fromkeys(q.split for q in questions):
+        pool = [q for q in questions if q.split == split]
+        by_fact: dict = {}
+        for i, q in enumerate(pool):
+            by_fact.setdefault(q.fact_id or f"#{i}", []).append(q)
+        groups = list(by_fact.values())
+        rng.shuffle(groups)
+        # round-robin over facts: one paraphrase of every fact before a second of any
+        picked, depth = [], 0
+        while len(picked) < min(limit, len(pool)):
+            for g in groups:
+                if depth < len(g) and len(picked) < limit:
+                    picked.append(g[depth])
+            depth += 1
+        kept.extend(sorted(picked, key=pool.index))
+    return kept

@@ -21,6 +21,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("tunesmith.commands.export:run_merge", "fold a run's LoRA/DoRA adapter into its base; write an HF model dir"),
     "export": ("tunesmith.commands.export:run_export", "write a model or run as GGUF (f32/f16/q8_0/q4_0) + Ollama Modelfile"),
     "quantize": ("tunesmith.commands.export:run_quantize", "int8/int4 weight-only quantization for PyTorch CPU inference"),
+    "fit": ("tunesmith.commands.fit:run", "predict peak RAM, s/step and disk of a training run; say what makes it fit"),
+    "data": ("tunesmith.commands.data:run", "data check DATA [--eval EVAL]: duplicates, leakage, empty answers, lengths, encoding"),
+    "pretrain": ("tunesmith.commands.pretrain:run", "pre-train on raw text: from scratch (tokenizer + model preset) or continued"),
+    "pipeline": ("tunesmith.commands.pretrain:run_pipeline", "pretrain → fine-tune → merge → export → compare from one config; resumable"),
+    "compare": ("tunesmith.commands.compare:run", "fine-tuned vs prompt vs RAG vs fine-tuned+RAG on your questions: table, results.json, report.html"),
 }
 
 
@@ -52,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("config", nargs="?", help="YAML config file (optional)")
             p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=60")
             p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+            p.add_argument("--force", action="store_true", help="train even when the fit check predicts it will not fit")
         elif verb == "generate":
             _add_model_args(p)
             src = p.add_mutually_exclusive_group(required=True)
@@ -63,7 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
             _add_model_args(p)
         elif verb == "quickstart":
             p.add_argument("--out", default="out/quickstart-demo", help="output dir of the LoRA run")
+            p.add_argument("--no-compare", dest="compare", action="store_false",
+                           help="skip the closing fine-tuned vs prompt vs RAG comparison")
             p.add_argument("overrides", nargs="*", help="key.sub=value overrides of configs/quickstart.yaml")
+        elif verb == "compare":
+            p.add_argument("config", nargs="?", help="YAML config with a compare section (optional)")
+            p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. compare.arms=[base,rag]")
+        elif verb in ("pretrain", "pipeline"):
+            p.add_argument("config", nargs="?", help="YAML config file (optional)")
+            p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. pretrain.max_steps=200")
+            if verb == "pretrain":
+                p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+            else:
+                p.add_argument("--from", dest="from_stage", choices=["pretrain", "finetune", "merge", "export", "compare"],
+                               help="rerun from this stage (it and the later ones are cleared)")
         elif verb == "merge":
             p.add_argument("run_dir", help="run dir with a LoRA/DoRA adapter")
             p.add_argument("--out", help="output dir (default: RUN_DIR-merged)")
@@ -83,6 +102,21 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", help="output dir (default: RUN/export/model-METHOD, or ./NAME-METHOD)")
             p.add_argument("--force", action="store_true", help="replace a non-empty output dir")
             p.add_argument("--eval-text", help="UTF-8 text for the perplexity check (default: the bundled general_text.txt)")
+        elif verb == "fit":
+            p.add_argument("config", nargs="?", help="YAML config file (optional)")
+            p.add_argument("overrides", nargs="*", help="key.sub=value overrides, as for train")
+            p.add_argument("--ram-gib", type=float, default=None,
+                           help="RAM budget in GiB instead of what this machine has free (also TUNESMITH_RAM_GIB)")
+            p.add_argument("--no-probe", action="store_true", help="memory only: skip timing the probe steps")
+            p.add_argument("--json", help="also write the estimate as JSON here")
+        elif verb == "data":
+            p.add_argument("action", choices=["check"], help="check: data quality report")
+            p.add_argument("data", nargs="+", help="training data files")
+            p.add_argument("--eval", nargs="+", default=[], help="evaluation files, checked for leakage from the training data")
+            p.add_argument("--config", help="take model, format, max_length, system prompt and template from this YAML")
+            p.add_argument("--model", help="tokenizer for token lengths (default: the config's model.name)")
+            p.add_argument("--max-length", type=int, default=None, help="flag samples longer than this many tokens (default: data.max_length)")
+            p.add_argument("--json", help="write the full report as JSON here")
     return parser
 
 
@@ -95,6 +129,11 @@ def _quiet_libraries() -> None:
         return
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    import warnings
+
+    # library deprecation notices (e.g. transformers' is_gradient_checkpointing rename, hit by
+    # peft) say nothing a tunesmith user can act on
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,10 +24,17 @@ import yaml
 from tunesmith.errors import UserError
 
 DATA_FORMATS = ("auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text")
-METHODS = ("full", "lora", "dora")
+METHODS = ("full", "lora", "dora", "qlora")
+FROZEN_DTYPES = ("fp32", "bf16")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
+STRATEGIES = ("ddp", "fsdp")  # under torchrun; one process ignores it
 OVERLONG = ("truncate", "drop")
+COMPARE_ARMS = ("base", "prompt", "rag", "finetuned", "finetuned_rag")
+RETRIEVERS = ("bm25", "dense", "hybrid")
+PRESETS = ("tiny", "small", "base")
+PIPELINE_STAGES = ("pretrain", "finetune", "merge", "export", "compare")
+GGUF_QUANTS = ("f32", "f16", "q8_0", "q4_0")
 
 
 @dataclass
@@ -66,6 +73,9 @@ class AdapterConfig:
     alpha: float = 32.0
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    quant_block_size: int = 64  # qlora: weights sharing one NF4 scale
+    double_quant: bool = True  # qlora: store the NF4 scales in 8 bits too
+    quantize_embeddings: bool = False  # qlora: NF4 for the input embeddings and output head too
 
 
 @dataclass
@@ -90,6 +100,7 @@ class TrainConfig:
     device: str = "auto"  # auto · cpu · cuda · cuda:N
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     gradient_checkpointing: bool = False
+    frozen_dtype: str = "fp32"  # storage of weights that do not train (lora, dora, qlora): fp32 · bf16
     log_every: int = 1
     eval_every: int = 0  # steps between validation passes; 0 = only at the end
     save_every: int = 0  # steps between checkpoints; 0 = only at the end
@@ -97,6 +108,64 @@ class TrainConfig:
     resume: str = "never"  # never · auto · path to a checkpoint dir
     tensorboard: bool = False
     progress: bool = True
+    strategy: str = "ddp"  # under torchrun: ddp (whole model per process) · fsdp (sharded)
+    dist_timeout_s: float = 600.0  # a collective waiting longer (dead or hung process) stops the run
+
+
+@dataclass
+class CompareConfig:
+    """`tunesmith compare`: which arms answer which questions, and how they are scored."""
+
+    run: str | None = None  # finished run dir; unset = train (or reuse) the run this config describes
+    questions: str | None = None  # jsonl/json/csv: question, answer, optional fact_id and split
+    documents: str | None = None  # folder of .txt/.md/.jsonl files the RAG arms retrieve from
+    general_questions: str = "bundled"  # forgetting control set; "" switches it off
+    general_text: str = "bundled"  # perplexity text for forgetting; "" switches it off
+    arms: list[str] = field(default_factory=lambda: list(COMPARE_ARMS))
+    output_dir: str | None = None  # default: <run>/compare
+    system_prompt: str | None = None  # base and fine-tuned arms; default: the run's data.system_prompt
+    prompt_system: str = "You are an expert on the user's domain. Answer with the exact name, number or term, in one short sentence."
+    k_shot: int = 4  # few-shot examples for the prompt arm, drawn from the training data
+    retriever: str = "bm25"
+    top_k: int = 3
+    chunk_size: int = 120  # words per document chunk
+    chunk_overlap: int = 20
+    max_new_tokens: int = 48
+    batch_size: int = 16
+    max_questions: int = 0  # per split, 0 = all (a quick look at a big set)
+    latency_samples: int = 8  # questions per arm answered one at a time for latency p50/p95
+    bootstrap: int = 1000
+    seed: int = 0
+
+
+@dataclass
+class PretrainConfig:
+    """Pre-training on raw text (`tunesmith pretrain`, the pipeline's pretrain stage)."""
+
+    corpus: list[str] = field(default_factory=list)  # .txt/.md files, .jsonl with `text`, folders of them
+    from_scratch: bool = False  # train a tokenizer + a new Llama model; else continue model.name
+    preset: str = "tiny"  # tiny ≈ 1M · small ≈ 10M · base ≈ 50M parameters (at vocab 4096)
+    hidden_size: int = 0  # explicit dimensions; 0 = the preset's
+    layers: int = 0
+    heads: int = 0
+    intermediate_size: int = 0
+    vocab_size: int = 4096  # byte-level BPE vocabulary trained from the corpus (from scratch)
+    block_size: int = 256  # tokens per training row
+    val_fraction: float = 0.05  # share of blocks held out for validation (at most 512 blocks)
+    method: str = "full"  # continued pre-training: full · lora · dora (from scratch is always full)
+    max_steps: int = 0  # 0 = train.max_steps / train.epochs
+    lr: float = 0.0  # 0 = train.lr
+    batch_size: int = 0  # 0 = train.batch_size
+
+
+@dataclass
+class PipelineConfig:
+    """`tunesmith pipeline`: which stages run, where, and what the export stage writes."""
+
+    output_dir: str = "out/pipeline"
+    stages: list[str] = field(default_factory=lambda: ["finetune", "merge", "export"])
+    export_quants: list[str] = field(default_factory=lambda: ["f16"])
+    verify: bool = True  # check each GGUF in llama.cpp when llama-cpp-python is installed
 
 
 @dataclass
@@ -107,6 +176,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -227,6 +299,12 @@ def _resolve_paths(cfg: Config, base_dir: Path | None) -> None:
 
     cfg.data.train = [fix(p) for p in cfg.data.train]
     cfg.data.validation = [fix(p) for p in cfg.data.validation]
+    cfg.pretrain.corpus = [fix(p) for p in cfg.pretrain.corpus]
+    c = cfg.compare
+    for key in ("run", "questions", "documents", "general_questions", "general_text"):
+        value = getattr(c, key)
+        if value and value != "bundled":
+            setattr(c, key, fix(value))
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -246,8 +324,12 @@ def validate(cfg: Config) -> None:
     _choice("data.format", d.format, DATA_FORMATS)
     _choice("data.overlong", d.overlong, OVERLONG)
     _choice("adapter.method", a.method, METHODS)
+    _choice("train.frozen_dtype", t.frozen_dtype, FROZEN_DTYPES)
+    if a.quant_block_size < 2 or a.quant_block_size % 2 or a.quant_block_size > 4096:
+        raise UserError(f"config key adapter.quant_block_size: expected an even integer from 2 to 4096, got {a.quant_block_size}")
     _choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
     _choice("train.precision", t.precision, PRECISIONS)
+    _choice("train.strategy", t.strategy, STRATEGIES)
     if not 0.0 <= d.val_fraction < 1.0:
         raise UserError(f"config key data.val_fraction: expected 0 <= value < 1, got {d.val_fraction}")
     if d.max_length < 8:
@@ -277,10 +359,58 @@ def validate(cfg: Config) -> None:
     _positive("train.eval_every", t.eval_every, allow_zero=True)
     _positive("train.save_every", t.save_every, allow_zero=True)
     _positive("train.keep_last", t.keep_last)
+    _positive("train.dist_timeout_s", t.dist_timeout_s)
     if t.device not in ("auto", "cpu", "cuda", "mps") and not t.device.startswith("cuda:"):
         raise UserError(f"config key train.device: expected auto, cpu, cuda, cuda:N or mps, got {t.device!r}")
     if not t.output_dir:
         raise UserError("config key train.output_dir: expected a directory path")
+    _validate_compare(cfg.compare)
+    _validate_pretrain(cfg.pretrain, cfg.pipeline)
+
+
+def _validate_pretrain(p: PretrainConfig, pl: PipelineConfig) -> None:
+    _choice("pretrain.preset", p.preset, PRESETS)
+    _choice("pretrain.method", p.method, METHODS)
+    for key in ("hidden_size", "layers", "heads", "intermediate_size", "max_steps", "batch_size"):
+        _positive(f"pretrain.{key}", getattr(p, key), allow_zero=True)
+    _positive("pretrain.lr", p.lr, allow_zero=True)
+    if p.hidden_size and p.heads and p.hidden_size % p.heads:
+        raise UserError(f"config key pretrain.heads: {p.heads} does not divide pretrain.hidden_size={p.hidden_size}")
+    if not 259 <= p.vocab_size <= 1 << 20:
+        raise UserError(f"config key pretrain.vocab_size: expected 259 to 1048576 (256 bytes + 3 special tokens), got {p.vocab_size}")
+    if p.block_size < 8:
+        raise UserError(f"config key pretrain.block_size: expected an integer >= 8, got {p.block_size}")
+    if not 0.0 < p.val_fraction < 0.5:
+        raise UserError(f"config key pretrain.val_fraction: expected 0 < value < 0.5, got {p.val_fraction}")
+    if not pl.stages:
+        raise UserError("config key pipeline.stages: expected at least one of " + ", ".join(PIPELINE_STAGES))
+    for stage in pl.stages:
+        _choice("pipeline.stages", stage, PIPELINE_STAGES)
+    for quant in pl.export_quants:
+        _choice("pipeline.export_quants", quant, GGUF_QUANTS)
+    if not pl.output_dir:
+        raise UserError("config key pipeline.output_dir: expected a directory path")
+
+
+def _validate_compare(c: CompareConfig) -> None:
+    if not c.arms:
+        raise UserError("config key compare.arms: expected at least one of " + ", ".join(COMPARE_ARMS))
+    for arm in c.arms:
+        _choice("compare.arms", arm, COMPARE_ARMS)
+    if len(set(c.arms)) != len(c.arms):
+        raise UserError(f"config key compare.arms: an arm is listed twice in {c.arms}")
+    _choice("compare.retriever", c.retriever, RETRIEVERS)
+    _positive("compare.k_shot", c.k_shot, allow_zero=True)
+    _positive("compare.top_k", c.top_k)
+    _positive("compare.chunk_size", c.chunk_size)
+    _positive("compare.chunk_overlap", c.chunk_overlap, allow_zero=True)
+    if c.chunk_overlap >= c.chunk_size:
+        raise UserError(f"config key compare.chunk_overlap: expected less than compare.chunk_size ({c.chunk_size})")
+    _positive("compare.max_new_tokens", c.max_new_tokens)
+    _positive("compare.batch_size", c.batch_size)
+    _positive("compare.max_questions", c.max_questions, allow_zero=True)
+    _positive("compare.latency_samples", c.latency_samples, allow_zero=True)
+    _positive("compare.bootstrap", c.bootstrap)
 
 
 def to_dict(cfg: Config) -> dict:

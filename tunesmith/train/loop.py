@@ -2,7 +2,7 @@
 
 Contract: `run_training(cfg)` fine-tunes `cfg.model.name` on `cfg.data` with `cfg.adapter`
 and writes into `cfg.train.output_dir`:
-  - the model: a PEFT adapter dir (lora/dora) or an HF safetensors dir (full), beside the
+  - the model: a PEFT adapter dir (lora/dora/qlora) or an HF safetensors dir (full), beside the
     tokenizer with its chat template and the resolved config `tunesmith.yaml`;
   - `metrics.jsonl` (one row per step, plus validation rows), `loss.png`, `run.json`
     (summary: steps, tokens, wall time, peak RSS, losses, data stats);
@@ -37,15 +37,20 @@ from tunesmith.data.sft import build_datasets, ensure_chat_template
 from tunesmith.errors import UserError
 from tunesmith.models import load_model, load_tokenizer, pick_device, resolve_model, torch_dtype, tunesmith_home
 from tunesmith.train import checkpoint as ckpt
-from tunesmith.train.distributed import Dist, all_reduce_sum, barrier, cleanup, setup
-from tunesmith.train.loss import LossModule, token_loss
+from tunesmith.train.distributed import (
+    Dist, all_reduce_sum, barrier, cleanup, clip_grad_norm, full_state_dict, inject_fault, no_sync, same_on_all_ranks,
+    setup, wrap,
+)
+from tunesmith.train.loss import LossModule
 from tunesmith.train.records import Records, require_tensorboard
 
 # Keys that may change between a run and its resume without making it another run.
 RESUMABLE_CHANGES = (
     "train.resume", "train.progress", "train.tensorboard", "train.log_every", "train.keep_last",
     "train.save_every", "train.eval_every", "train.max_steps", "train.epochs", "train.device",
-    "train.threads", "data.cache_dir",
+    "train.threads", "data.cache_dir", "compare", "pipeline",
+    # a different split of the same global batch (checked on resume): processes, strategy
+    "train.batch_size", "train.grad_accum", "train.strategy", "train.dist_timeout_s",
 )
 CHECKPOINTS = "checkpoints"
 
@@ -62,7 +67,7 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, floor: float) -
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def check_output_dir(out: Path, cfg: Config) -> Path | None:
+def check_output_dir(out: Path, cfg: Config, ignore: tuple[str, ...] = RESUMABLE_CHANGES) -> Path | None:
     """Refuse a dir holding another run; return the checkpoint to resume from, if any."""
     resume = cfg.train.resume
     if resume not in ("never", "auto"):
@@ -83,7 +88,7 @@ def check_output_dir(out: Path, cfg: Config) -> Path | None:
         previous = load_config(saved)
     except UserError:
         raise UserError(f"{saved}: this output dir holds a run whose config cannot be read; choose another dir") from None
-    if config_hash(previous, RESUMABLE_CHANGES) != config_hash(cfg, RESUMABLE_CHANGES):
+    if config_hash(previous, ignore) != config_hash(cfg, ignore):
         raise UserError(
             f"config key train.output_dir: {out} holds another run (different config); choose another dir"
         )
@@ -103,7 +108,15 @@ def _make_rows(samples, cfg: Config, pad_id: int):
 
 
 class RowStream:
-    """Micro-batches over epochs; (epoch, offset) is the whole state needed to resume."""
+    """Micro-batches over epochs; (epoch, offset) is the whole state needed to resume.
+
+    The order and `offset` are global, not per rank: a micro-batch is the next
+    `batch_size × world` rows of the epoch's permutation and rank r takes every world-th of
+    them. So N processes with batch B see, step by step, the same rows as one process with
+    batch B×N (or B and grad_accum N), and a checkpoint resumes with any number of processes.
+    An epoch is cut to a multiple of `world` rows (at most world−1 dropped) so every rank
+    always gets the same number of rows, and a step never runs into the next epoch.
+    """
 
     def __init__(self, n_rows: int, batch_size: int, seed: int, dist: Dist, epoch: int = 0, offset: int = 0):
         self.n_rows, self.batch_size, self.seed, self.dist = n_rows, batch_size, seed, dist
@@ -112,31 +125,45 @@ class RowStream:
 
     def _epoch_order(self, epoch: int) -> list[int]:
         gen = torch.Generator().manual_seed(self.seed + epoch)
-        return torch.randperm(self.n_rows, generator=gen).tolist()[self.dist.rank :: self.dist.world]
+        keep = self.n_rows - self.n_rows % self.dist.world
+        return torch.randperm(self.n_rows, generator=gen).tolist()[:keep]
 
     def next(self) -> list[int]:
         if self.offset >= len(self._order):
             self.epoch, self.offset = self.epoch + 1, 0
             self._order = self._epoch_order(self.epoch)
-        batch = self._order[self.offset : self.offset + self.batch_size]
-        self.offset += len(batch)
-        return batch
+        chunk = self._order[self.offset : self.offset + self.batch_size * self.dist.world]
+        self.offset += len(chunk)
+        return chunk[self.dist.rank :: self.dist.world]
+
+    def next_step(self, grad_accum: int) -> list[list[int]]:
+        """Up to `grad_accum` micro-batches, stopping at the end of the epoch."""
+        batches = [self.next()]
+        while len(batches) < grad_accum and self.offset < len(self._order):
+            batches.append(self.next())
+        return batches
 
     def rows_per_epoch(self) -> int:
         return len(self._order)
 
 
 def evaluate(model, rows, batch_size: int, pad_id: int, device, dist: Dist, autocast) -> float | None:
+    """`model` is the (wrapped) `LossModule`: under FSDP only its forward gathers the weights."""
     if not rows:
         return None
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    n_batches = math.ceil(len(rows) / batch_size)
     with torch.no_grad(), autocast():
-        for start in range(dist.rank * batch_size, len(rows), batch_size * dist.world):
+        # Every rank runs as many forwards (FSDP's all-gathers are collectives); a rank past
+        # the end repeats batch 0 and does not count it.
+        for i in range(dist.rank, n_batches + (-n_batches) % dist.world, dist.world):
+            start = (i if i < n_batches else 0) * batch_size
             batch = {k: v.to(device) for k, v in collate(rows[start : start + batch_size], pad_id).items()}
-            loss_sum, n = token_loss(model, **batch)
-            total, count = total + float(loss_sum), count + n
+            loss_sum, n = model(**batch)
+            if i < n_batches:
+                total, count = total + float(loss_sum), count + n
     total = all_reduce_sum(total, dist, device)
     count = all_reduce_sum(count, dist, device)
     model.train(was_training)
@@ -163,7 +190,7 @@ def accumulate_gradients(trainer, batches, dist: Dist, device, autocast=nullcont
     loss_total = 0.0
     for i, batch in enumerate(batches):
         batch = {k: v.to(device) for k, v in batch.items()}
-        sync = nullcontext() if not dist.enabled or i == len(batches) - 1 else trainer.no_sync()
+        sync = no_sync(trainer, dist, last=i == len(batches) - 1)
         with sync, autocast():
             loss_sum, _ = trainer(**batch)
             # DDP averages gradients over ranks; multiplying by world undoes that average.
@@ -173,16 +200,21 @@ def accumulate_gradients(trainer, batches, dist: Dist, device, autocast=nullcont
     return loss_total, global_tokens
 
 
-def run_training(cfg: Config) -> TrainResult:
+def run_training(cfg: Config, rows=None) -> TrainResult:
+    """`rows`, when given, replaces the SFT data: a callable `tokenizer → (train rows, validation
+    rows, DataStats)` (pre-training blocks, `tunesmith.pretrain`). The section that does not
+    feed the run (`pretrain` for fine-tuning, `data` for pre-training) is left out of the hash
+    that decides whether an output dir holds this same run."""
     t = cfg.train
     out = Path(t.output_dir)
+    ignore = RESUMABLE_CHANGES + (("data",) if rows is not None else ("pretrain",))
     device = pick_device(t.device)
-    dist = setup(device)
+    dist = setup(device, t.strategy, t.dist_timeout_s)
     if device.type == "cuda" and dist.enabled:
         device = torch.device("cuda", dist.local_rank)
     if t.precision == "fp16" and device.type != "cuda":
         raise UserError("config key train.precision: fp16 needs a CUDA GPU; use fp32 (or bf16) on CPU")
-    resume_from = check_output_dir(out, cfg)
+    resume_from = check_output_dir(out, cfg, ignore)
     if t.tensorboard:
         require_tensorboard()
     if t.threads:
@@ -192,26 +224,32 @@ def run_training(cfg: Config) -> TrainResult:
 
     resolved = resolve_model(cfg.model.name)
     tokenizer = load_tokenizer(resolved, cfg.model.trust_remote_code, cfg.model.revision)
-    ensure_chat_template(tokenizer, cfg.data.chat_template)
-    cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else tunesmith_home() / "data-cache"
-    train_samples, val_samples, stats = build_datasets(cfg.data, tokenizer, t.seed, cache_dir)
     pad_id = tokenizer.pad_token_id
-    train_rows = _make_rows(train_samples, cfg, pad_id)
-    val_rows = _make_rows(val_samples, cfg, pad_id) if val_samples else []
+    if rows is not None:
+        train_rows, val_rows, stats = rows(tokenizer)
+    else:
+        ensure_chat_template(tokenizer, cfg.data.chat_template)
+        cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else tunesmith_home() / "data-cache"
+        train_samples, val_samples, stats = build_datasets(cfg.data, tokenizer, t.seed, cache_dir)
+        train_rows = _make_rows(train_samples, cfg, pad_id)
+        val_rows = _make_rows(val_samples, cfg, pad_id) if val_samples else []
     if len(train_rows) < dist.world:
         raise UserError(f"data: {len(train_rows)} training rows cannot be shared by {dist.world} processes")
 
+    # frozen_dtype=bf16 loads in bf16: no fp32 copy of the frozen base is ever made
+    bf16_base = t.frozen_dtype == "bf16" and cfg.adapter.method != "full"
     model = load_model(
-        resolved, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code,
+        resolved, dtype=torch.bfloat16 if bf16_base else torch.float32, trust_remote_code=cfg.model.trust_remote_code,
         revision=cfg.model.revision, attn_implementation=cfg.model.attn_implementation,
     )
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    model = apply_method(model, cfg.adapter)
+    model = apply_method(model, cfg.adapter, t.frozen_dtype)
     model.to(device)
     model.train()
     trainable, total_params = count_parameters(model)
+    trainer = wrap(LossModule(model), dist)  # before the optimizer: FSDP replaces the parameters
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -220,7 +258,8 @@ def run_training(cfg: Config) -> TrainResult:
         lr=t.lr, betas=tuple(t.betas),
     )
     stream = RowStream(len(train_rows), t.batch_size, t.seed, dist)
-    steps_per_epoch = max(1, math.ceil(stream.rows_per_epoch() / (t.batch_size * t.grad_accum)))
+    global_batch = t.batch_size * t.grad_accum * dist.world
+    steps_per_epoch = max(1, math.ceil(stream.rows_per_epoch() / global_batch))
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
     warmup = t.warmup_steps or int(t.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -229,16 +268,20 @@ def run_training(cfg: Config) -> TrainResult:
 
     step, tokens_seen, elapsed_before, last_loss = 0, 0, 0.0, None
     if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler)
+        state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, global_batch)
         step, tokens_seen, last_loss = state["step"], state["tokens_seen"], state.get("last_loss")
         elapsed_before = state.get("elapsed_s", 0.0)
         stream = RowStream(len(train_rows), t.batch_size, t.seed, dist, state["epoch"], state["offset"])
+    if not same_on_all_ranks(step, dist, device):  # every rank reads the checkpoint itself
+        raise UserError(
+            f"config key train.output_dir: the processes found different checkpoints in {out}; "
+            "with several machines it must be on a filesystem they all share"
+        )
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / RUN_CONFIG)
     barrier(dist)
 
-    trainer = torch.nn.parallel.DistributedDataParallel(LossModule(model)) if dist.enabled else LossModule(model)
     amp_dtype = None if t.precision == "fp32" else torch_dtype(t.precision)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
     scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
@@ -260,14 +303,15 @@ def run_training(cfg: Config) -> TrainResult:
     started = time.perf_counter()
     val_loss = None
     while step < total_steps:
-        micro = [[train_rows[i] for i in stream.next()] for _ in range(t.grad_accum)]
+        inject_fault(dist, step + 1)
+        micro = [[train_rows[i] for i in ids] for ids in stream.next_step(t.grad_accum)]
         batches = [collate(rows, pad_id) for rows in micro]
         step_start = time.perf_counter()
         loss_total, global_tokens = accumulate_gradients(trainer, batches, dist, device, autocast, scaler)
         if scaler:
             scaler.unscale_(optimizer)
         max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = clip_grad_norm(params, max_norm)
         if scaler:
             scaler.step(optimizer)
             scaler.update()
@@ -293,29 +337,30 @@ def run_training(cfg: Config) -> TrainResult:
                 bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{step_tokens / step_time:.0f}")
                 bar.update(1)
         if t.eval_every and step % t.eval_every == 0 and step < total_steps and val_rows:
-            val_loss = evaluate(model, val_rows, t.batch_size, pad_id, device, dist, autocast)
+            val_loss = evaluate(trainer, val_rows, t.batch_size, pad_id, device, dist, autocast)
             if dist.main:
                 records.log({"step": step, "val_loss": round(val_loss, 6), "val_ppl": round(math.exp(val_loss), 4)})
         if (t.save_every and step % t.save_every == 0) or step == total_steps:
-            if dist.main:
-                state = {
-                    "epoch": stream.epoch, "offset": stream.offset, "tokens_seen": tokens_seen, "last_loss": last_loss,
-                    "elapsed_s": elapsed_before + time.perf_counter() - started,
-                    "config_hash": config_hash(cfg, RESUMABLE_CHANGES),
-                }
-                ckpt.save_checkpoint(out / CHECKPOINTS, step, model, optimizer, scheduler, state, t.keep_last)
+            state = {
+                "epoch": stream.epoch, "offset": stream.offset, "tokens_seen": tokens_seen, "last_loss": last_loss,
+                "elapsed_s": elapsed_before + time.perf_counter() - started,
+                "config_hash": config_hash(cfg, ignore), "global_batch": global_batch, "world_size": dist.world,
+            }
+            # every rank: under FSDP saving gathers the shards; only rank 0 writes
+            ckpt.save_checkpoint(out / CHECKPOINTS, step, model, optimizer, scheduler, state, t.keep_last, dist.main)
             barrier(dist)
     if bar is not None:
         bar.close()
 
     if val_rows:
-        val_loss = evaluate(model, val_rows, t.batch_size, pad_id, device, dist, autocast)
+        val_loss = evaluate(trainer, val_rows, t.batch_size, pad_id, device, dist, autocast)
         if dist.main:
             records.log({"step": step, "val_loss": round(val_loss, 6), "val_ppl": round(math.exp(val_loss), 4)})
     wall = elapsed_before + time.perf_counter() - started
     summary = {}
+    gathered = full_state_dict(model) if dist.enabled and dist.strategy == "fsdp" else None  # collective
     if dist.main:
-        save_model(model, tokenizer, out)
+        save_model(model, tokenizer, out, gathered)
         records.close()
         records.plot(out / "loss.png")
         summary = {
@@ -339,11 +384,12 @@ def run_training(cfg: Config) -> TrainResult:
     return TrainResult(out, model, tokenizer, summary)
 
 
-def save_model(model, tokenizer, out: Path) -> None:
-    """Write the adapter (or full model) + tokenizer into a temp dir, then move files in."""
+def save_model(model, tokenizer, out: Path, state_dict: dict | None = None) -> None:
+    """Write the adapter (or full model) + tokenizer into a temp dir, then move files in.
+    `state_dict`: whole tensors gathered from FSDP shards, saved in place of the model's own."""
     tmp = out / f".final-tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(tmp)
     for f in tmp.iterdir():
         os.replace(f, out / f.name)

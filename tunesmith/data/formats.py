@@ -90,7 +90,7 @@ def _load_file(path: str, fmt: str, system_prompt: str | None) -> list[Example]:
                 f"{path}: .txt files hold plain text; data.format {fmt} needs .jsonl, .json, .csv or .parquet"
             )
         return _read_txt(path)
-    records = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}[suffix](path)
+    records = {".jsonl": read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}[suffix](path)
     examples = []
     file_fmt = fmt
     for loc, record in records:
@@ -105,7 +105,8 @@ def _load_file(path: str, fmt: str, system_prompt: str | None) -> list[Example]:
 # ---------------------------------------------------------------- readers: file → (where, record)
 
 
-def _read_text(path: str) -> str:
+def read_text(path: str) -> str:
+    """The file as text; invalid UTF-8 is a `UserError` naming the line and byte."""
     raw = Path(path).read_bytes()
     try:
         return raw.decode("utf-8-sig")  # -sig: spreadsheets often write a byte-order mark
@@ -120,8 +121,9 @@ def _lines(text: str) -> list[str]:
     return [line.removesuffix("\r") for line in text.split("\n")]
 
 
-def _read_jsonl(path: str):
-    for n, line in enumerate(_lines(_read_text(path)), start=1):
+def read_jsonl(path: str):
+    """(`file:line`, object) for every non-blank line; bad JSON or a non-object is a `UserError`."""
+    for n, line in enumerate(_lines(read_text(path)), start=1):
         if not line.strip():
             continue
         try:
@@ -135,7 +137,7 @@ def _read_json(path: str):
     """Elements of the top-level list (or of the one list inside a top-level object), with the
     line each element starts on: found by scanning with raw_decode, since json.loads keeps no
     positions."""
-    text = _read_text(path)
+    text = read_text(path)
     if not text.strip():
         return
     try:
@@ -193,7 +195,7 @@ def _skip_ws(text: str, pos: int) -> int:
 def _read_csv(path: str):
     # long documents in one cell are normal for SFT data; the csv module's default cap is 128 KiB
     csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
-    reader = csv.reader(io.StringIO(_read_text(path), newline=""))
+    reader = csv.reader(io.StringIO(read_text(path), newline=""))
     try:
         header = next(reader, None)
         if header is None:
@@ -227,7 +229,7 @@ def _read_parquet(path: str):
 
 def _read_txt(path: str) -> list[Example]:
     examples, para, first = [], [], 0
-    for n, line in enumerate(_lines(_read_text(path)) + [""], start=1):
+    for n, line in enumerate(_lines(read_text(path)) + [""], start=1):
         if line.strip():
             if not para:
                 first = n

@@ -38,16 +38,8 @@ def _sampling(temperature: float, top_p: float) -> dict:
     return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
 
 
-def generate_batch(
-    model,
-    tokenizer,
-    conversations: list[list[dict]],
-    max_new_tokens: int = 64,
-    batch_size: int = 16,
-    temperature: float = 0.0,
-    top_p: float = 0.95,
-) -> list[str]:
-    return generate_detailed(model, tokenizer, conversations, max_new_tokens, batch_size, temperature, top_p)[0]
+def generate_batch(model, tokenizer, conversations: list[list[dict]], *args, **kwargs) -> list[str]:
+    return generate_detailed(model, tokenizer, conversations, *args, **kwargs)[0]
 
 
 @torch.no_grad()

@@ -73,19 +73,14 @@ def load_questions(path: str | Path, key: str = "compare.questions", default_spl
 
 
 def _rows(path: Path):
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not a UTF-8 text file") from None
+    from tunesmith.data.formats import read_jsonl, read_text
+
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    yield f"{path}:{n}", json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise UserError(f"{path}:{n}: not valid JSON ({err.msg})") from None
-    elif suffix == ".json":
+        yield from read_jsonl(str(path))
+        return
+    text = read_text(str(path)) if suffix in (".json", ".csv") else ""
+    if suffix == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:

@@ -14,7 +14,6 @@ Contract:
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,24 +53,19 @@ def load_chunks(folder: str | Path, chunk_size: int = 120, overlap: int = 20) ->
 
 def _documents(path: Path, root: Path):
     rel = str(path.relative_to(root))
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not a UTF-8 text file") from None
     if path.suffix.lower() != ".jsonl":
-        yield text, rel
-        return
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}:{n}: not valid JSON ({err.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise UserError(f'{path}:{n}: expected an object with a "text" string')
+            yield path.read_text(encoding="utf-8"), rel
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: not a UTF-8 text file") from None
+        return
+    from tunesmith.data.formats import read_jsonl
+
+    for loc, record in read_jsonl(str(path)):
+        if not isinstance(record.get("text"), str):
+            raise UserError(f'{loc}: expected an object with a "text" string')
         title = record.get("title")
-        yield (f"{title}\n{record['text']}" if isinstance(title, str) else record["text"]), f"{rel}:{n}"
+        yield (f"{title}\n{record['text']}" if isinstance(title, str) else record["text"]), f"{rel}:{loc.rsplit(':', 1)[1]}"
 
 
 def _split(text: str, size: int, overlap: int) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -45,12 +46,31 @@ def train_in_process(cfg_path: Path, *overrides: str) -> Path:
     return Path(cfg.train.output_dir)
 
 
-def torchrun(cfg_path: Path, tmp_path: Path, *overrides: str, env: dict | None = None, timeout: int = 300):
+def torchrun(cfg_path: Path, tmp_path: Path, *overrides: str, env: dict | None = None, timeout: int = 150):
     env = {**os.environ, "TUNESMITH_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(
-        [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "tunesmith.cli", "train", str(cfg_path), *overrides],
-        capture_output=True, text=True, env=env, timeout=timeout,
-    )
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "tunesmith.cli", "train", str(cfg_path), *overrides]
+    try:
+        return _run_group(cmd, env, timeout)
+    except subprocess.TimeoutExpired as err:
+        # Seen once in CI (1 of ~10 launches): a 2-process launch that normally takes ~20 s hung
+        # with no output. Root cause not found yet; one relaunch keeps the suite informative, and
+        # a second hang still fails. The relaunch resumes from whatever the first one
+        # checkpointed, which the equality checks then cover like any resume.
+        print(f"torchrun timed out after {timeout}s; relaunching once. partial stderr: {err.stderr!r:.2000}")
+        return _run_group(cmd + ["train.resume=auto"], env, timeout)
+
+
+def _run_group(cmd: list[str], env: dict, timeout: int) -> subprocess.CompletedProcess:
+    """Run torchrun in its own process group, so a timeout kills its workers too."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def losses(out: Path, key: str = "loss") -> list[tuple[int, float]]:

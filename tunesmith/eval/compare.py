@@ -52,7 +52,7 @@ def run_compare(cfg: Config) -> dict:
     out = Path(c.output_dir) if c.output_dir else (run_dir or Path(cfg.train.output_dir)) / "compare"
     system = c.system_prompt or (run_cfg or cfg).data.system_prompt
     shots = _shots(cfg, run_cfg) if "prompt" in c.arms else []
-    models = _Models(cfg, run_dir)
+    models = _Models(cfg, run_dir, run_cfg)
 
     contexts, retrieval_s = [None] * len(questions), 0.0
     if retrieve is not None:
@@ -172,7 +172,7 @@ def _shots(cfg: Config, run_cfg: Config | None) -> list[tuple[str, str]]:
 class _Models:
     """Loads each set of weights once; hands each arm its model and a context that selects it."""
 
-    def __init__(self, cfg: Config, run_dir: Path | None):
+    def __init__(self, cfg: Config, run_dir: Path | None, saved: Config | None):
         from tunesmith.adapters import load_for_inference
 
         self.run_dir, self.method, self.merged = run_dir, None, False
@@ -183,10 +183,8 @@ class _Models:
             self.tuned, self.tokenizer, _ = load_for_inference(str(run_dir))
             self.method = "adapter" if self.base_name else "full"
             if self.base_name is None:
-                saved = load_config(run_dir / RUN_CONFIG) if (run_dir / RUN_CONFIG).is_file() else None
                 self.base_name = saved.model.name if saved else cfg.model.name
             if self.method == "adapter":
-                saved = load_config(run_dir / RUN_CONFIG) if (run_dir / RUN_CONFIG).is_file() else None
                 self.method = saved.adapter.method if saved else "lora"
         else:
             self.base_name = cfg.model.name

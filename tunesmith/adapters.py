@@ -40,6 +40,7 @@ def apply_method(model, cfg: AdapterConfig, frozen_dtype: str = "fp32"):
         for param in model.parameters():
             param.requires_grad_(True)
         return model
+    import torch
     from peft import LoraConfig, get_peft_model
 
     available = linear_module_names(model)
@@ -63,6 +64,10 @@ def apply_method(model, cfg: AdapterConfig, frozen_dtype: str = "fp32"):
         bias="none",
         task_type="CAUSAL_LM",
     )
+    if cfg.method == "lora" and cfg.fused:
+        from tunesmith.fused_lora import FusedLoraLinear
+
+        peft_cfg._register_custom_module({torch.nn.Linear: FusedLoraLinear})
     return get_peft_model(model, peft_cfg)
 
 

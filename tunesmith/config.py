@@ -76,6 +76,7 @@ class AdapterConfig:
     quant_block_size: int = 64  # qlora: weights sharing one NF4 scale
     double_quant: bool = True  # qlora: store the NF4 scales in 8 bits too
     quantize_embeddings: bool = False  # qlora: NF4 for the input embeddings and output head too
+    fused: bool = True  # lora: fused LoRA forward/backward (tunesmith.fused_lora); false = PEFT's own
 
 
 @dataclass
@@ -100,6 +101,7 @@ class TrainConfig:
     device: str = "auto"  # auto · cpu · cuda · cuda:N
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     gradient_checkpointing: bool = False
+    padding_free: bool = True  # a micro-batch runs as one row of real tokens, attention per sample
     frozen_dtype: str = "fp32"  # storage of weights that do not train (lora, dora, qlora): fp32 · bf16
     log_every: int = 1
     eval_every: int = 0  # steps between validation passes; 0 = only at the end

@@ -180,7 +180,8 @@ def _measure(cfg: Config, hf_cfg, n_layers: int, batch: int, row_lens, label_fra
 
     from tunesmith.adapters import apply_method, count_parameters
     from tunesmith.nf4 import storage_bytes, stored_parameters
-    from tunesmith.train.loss import LossModule
+    from tunesmith.train.attention import use_varlen
+    from tunesmith.train.loss import LossModule, can_embed_into_grad
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(
@@ -195,9 +196,11 @@ def _measure(cfg: Config, hf_cfg, n_layers: int, batch: int, row_lens, label_fra
     trainable, total = count_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
     weight_bytes = storage_bytes(model) + sum(p.numel() * p.element_size() for p in params)
-    opt = torch.optim.AdamW(params, lr=1e-5)
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=True)  # as the loop runs it on one process
     param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    step = LossModule(model)
+    # the run's batch layout: padding-free rows with per-sample attention when the model takes it
+    flat = cfg.train.padding_free and use_varlen(model) is not None
+    step = LossModule(model, embed_into_grad=can_embed_into_grad(model))
     vocab = model.get_input_embeddings().weight.shape[0]
     result = {"trainable": trainable, "total": total, "weights": weight_bytes, "stored": stored_parameters(model),
               "saved": {}, "seconds": {}, "opt_s": None}
@@ -209,6 +212,8 @@ def _measure(cfg: Config, hf_cfg, n_layers: int, batch: int, row_lens, label_fra
         positions = (torch.arange(length) % seg).expand(batch, length).contiguous()
         labels = ids.clone()
         labels[(positions < max(1, round(seg * (1 - label_frac))))] = -100
+        if flat:  # [batch, length] → one row of batch × length tokens, positions restarting per row
+            ids, labels, positions = (t.reshape(1, -1) for t in (ids, labels, positions))
         seen: dict[int, int] = {}
 
         def pack(t, seen=seen):
@@ -226,7 +231,7 @@ def _measure(cfg: Config, hf_cfg, n_layers: int, batch: int, row_lens, label_fra
             seen.clear()
             start = time.perf_counter()
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                loss, n = step(ids, labels, positions if segment else None)
+                loss, n = step(ids, labels, positions if segment or flat else None)
             (loss / max(n, 1)).backward()
             if rep > 0 or reps == 1:
                 best = min(best, time.perf_counter() - start)

@@ -26,6 +26,7 @@ def test_rows_are_full_first_fit_decreasing_with_restarting_positions():
         input_ids=list(range(10, 17)) + [50],
         labels=[IGNORE] + list(range(11, 17)) + [IGNORE],
         position_ids=list(range(7)) + [0],
+        length=8,
     )
     assert rows[1].position_ids == list(range(6)) + [0, 1]
     assert rows[2].position_ids == list(range(5)) + [0, 1, 2]
@@ -87,7 +88,7 @@ def loss_and_grads(model, batches):
         loss_sum, n = token_loss(model, **batch)
         loss_sum.backward()
         total, n_total = total + loss_sum.item(), n_total + n
-    grads = {name: p.grad / n_total for name, p in model.named_parameters()}
+    grads = {name: p.grad / n_total for name, p in model.named_parameters() if p.requires_grad}
     return total / n_total, grads
 
 

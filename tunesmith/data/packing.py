@@ -34,6 +34,11 @@ class Row:
     input_ids: list[int]
     labels: list[int]
     position_ids: list[int]
+    length: int | None = None  # real tokens; the rest is tail padding. None: all of them
+
+    @property
+    def n_real(self) -> int:
+        return len(self.input_ids) if self.length is None else self.length
 
 
 def pack(samples: list[Sample], seq_len: int, pad_id: int) -> list[Row]:
@@ -58,7 +63,7 @@ def pack(samples: list[Sample], seq_len: int, pad_id: int) -> list[Row]:
             labels += s.labels
             pos += range(len(s.input_ids))
         pad = seq_len - len(ids)
-        rows.append(Row(ids + [pad_id] * pad, labels + [IGNORE] * pad, pos + list(range(pad))))
+        rows.append(Row(ids + [pad_id] * pad, labels + [IGNORE] * pad, pos + list(range(pad)), len(ids)))
     return rows
 
 

@@ -98,12 +98,13 @@ def check_vocab(resolved: str, tokenizer) -> None:
 
 
 def validation_loss(model, rows, batch_size: int, pad_id: int) -> float:
+    from tunesmith.data.packing import collate
     from tunesmith.train.distributed import Dist
     from tunesmith.train.loop import evaluate
     from tunesmith.train.loss import LossModule
 
     device = next(model.parameters()).device
-    return evaluate(LossModule(model), rows, batch_size, pad_id, device, Dist(), nullcontext)
+    return evaluate(LossModule(model), rows, batch_size, lambda r: collate(r, pad_id), device, Dist(), nullcontext)
 
 
 def sample_text(model, tokenizer, tokens, block_size: int, first_block: int, n_new: int = 60, seed: int = 0) -> dict:

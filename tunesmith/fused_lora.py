@@ -1,0 +1,81 @@
+"""PEFT's LoRA linear layer with a fused forward and backward for the training case that matters.
+
+Contract: `FusedLoraLinear` is `peft.tuners.lora.layer.Linear` (same parameters, state-dict keys,
+adapter files, merge and unload) whose `forward`, when exactly one plain LoRA adapter is active on
+an unmerged `nn.Linear` with no dropout and no autocast, computes
+
+    y = x Wᵀ + b + s · (x Aᵀ) Bᵀ
+
+in one autograd node (`LoraLinearFn`): the scaled low-rank product is accumulated into the base
+output by the GEMM itself (`addmm_`, alpha = s) and, in backward, `∂x = ∂y W + s (∂y B) A` is
+one GEMM plus one accumulating GEMM. Every other case (DoRA, dropout, several adapters, disabled
+or merged adapters, a compressed base such as qlora's NF4, autocast) is PEFT's own forward.
+`apply_method` registers it through PEFT's custom-module hook (`LoraConfig._register_custom_module`).
+
+Why: PEFT's forward is `base(x) + lora_B(lora_A(dropout(x))) * scaling` — per layer an extra
+[tokens × out] multiply and add in forward, and their mirror images plus a [tokens × in] gradient
+sum in backward, across the ~200 LoRA layers of a small model. On a 2-core CPU those memory-bound
+passes cost as much as a fifth of a step; here they ride along inside the matmuls.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.lora.layer import Linear as PeftLoraLinear
+
+
+class LoraLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float):
+        rank = lora_a.shape[0]
+        xa = F.linear(x, lora_a)
+        y = F.linear(x, weight, bias)
+        y.view(-1, y.shape[-1]).addmm_(xa.view(-1, rank), lora_b.t(), alpha=scaling)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, xa)
+        ctx.scaling = scaling
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, lora_a, lora_b, xa = ctx.saved_tensors
+        s = ctx.scaling
+        g = grad_y.reshape(-1, grad_y.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        g_xa = torch.mm(g, lora_b).mul_(s)  # [tokens, rank]
+        grad_x = grad_w = grad_bias = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(g, weight).addmm_(g_xa, lora_a).view(x.shape)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.mm(g.t(), x2)
+        if ctx.needs_input_grad[2]:
+            grad_bias = g.sum(0)
+        if ctx.needs_input_grad[3]:
+            grad_a = torch.mm(g_xa.t(), x2)
+        if ctx.needs_input_grad[4]:
+            grad_b = torch.mm(g.t(), xa.reshape(-1, xa.shape[-1])).mul_(s)
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, None
+
+
+class FusedLoraLinear(PeftLoraLinear):
+    def _fused_adapter(self, x: torch.Tensor, args, kwargs) -> str | None:
+        if args or kwargs or self.disable_adapters or self.merged or len(self.active_adapters) != 1:
+            return None
+        name = self.active_adapters[0]
+        if name not in self.lora_A or name in self.lora_variant or self.use_dora.get(name, False):
+            return None
+        if not isinstance(self.lora_dropout[name], torch.nn.Identity) or torch.is_autocast_enabled(x.device.type):
+            return None
+        base = self.base_layer
+        if type(base) is not torch.nn.Linear or self.fan_in_fan_out:
+            return None
+        dtypes = {x.dtype, base.weight.dtype, self.lora_A[name].weight.dtype, self.lora_B[name].weight.dtype}
+        return name if len(dtypes) == 1 else None
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        name = self._fused_adapter(x, args, kwargs)
+        if name is None:
+            return super().forward(x, *args, **kwargs)
+        base = self.base_layer
+        return LoraLinearFn.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                                  self.scaling[name])

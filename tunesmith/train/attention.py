@@ -1,0 +1,121 @@
+"""Padding-free training: a micro-batch runs as one row of its samples' real tokens, and attention
+is computed sample by sample with SDPA's plain causal kernel.
+
+Contract:
+- `flatten(rows)` → the collated batch `{input_ids, labels, position_ids}` of shape [1, N], N the
+  rows' real tokens (tail padding dropped). Positions restart at 0 at every sample (as `pack`
+  made them, and at every row); each row's first label becomes -100, so no token is predicted
+  from the row before it — exactly the targets the padded [B, T] layout has.
+- `use_varlen(model)` switches a transformers model (PEFT wrappers included) to the attention
+  function `varlen_attention`, registered under `VARLEN`; it returns the implementation it
+  replaced, for `restore(model, previous)`, or None when the model cannot take it (an architecture
+  that does not dispatch through `AttentionInterface`, sliding-window or soft-capped attention):
+  then train with padded batches.
+- `varlen_attention` splits every row at its position restarts and runs causal SDPA on each
+  segment; with an attention mask, a KV cache or queries shorter than keys it is exactly
+  transformers' SDPA attention (which generation needs).
+
+Why: padding to the longest sample wastes a quarter of the compute on typical SFT batches, and
+transformers' own answer for packed rows (a block-diagonal mask derived from position restarts)
+sends SDPA down its masked path, which materialises [heads × T × T] scores per layer — the reason
+TRL's padding-free packing is slower and 2.5× bigger on CPU. Per-sample calls keep the fused causal
+kernel; on CPU their overhead (one call per sample and layer) is small next to the matmuls.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tunesmith.data.packing import IGNORE, Row
+
+VARLEN = "tunesmith_varlen"
+_BOUNDS: tuple = (None, None)  # (position_ids, segments): every layer of a forward shares them
+
+
+def flatten(rows: list[Row]) -> dict[str, torch.Tensor]:
+    ids, labels, pos = [], [], []
+    for r in rows:
+        n = r.n_real
+        ids += r.input_ids[:n]
+        labels += [IGNORE] + r.labels[1:n]
+        pos += r.position_ids[:n]
+    return {
+        "input_ids": torch.tensor([ids], dtype=torch.long),
+        "labels": torch.tensor([labels], dtype=torch.long),
+        "position_ids": torch.tensor([pos], dtype=torch.long),
+    }
+
+
+def _segments(position_ids: torch.Tensor, batch: int) -> list[list[tuple[int, int]]]:
+    global _BOUNDS
+    if _BOUNDS[0] is position_ids:
+        return _BOUNDS[1]
+    out = []
+    for row in position_ids.expand(batch, -1):
+        starts = (row == 0).nonzero().flatten().tolist()
+        if not starts or starts[0] != 0:
+            starts = [0] + starts
+        ends = starts[1:] + [row.numel()]
+        out.append(list(zip(starts, ends)))
+    _BOUNDS = (position_ids, out)
+    return out
+
+
+def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    position_ids = kwargs.get("position_ids")
+    plain = attention_mask is not None or query.shape[2] != key.shape[2] or query.shape[2] == 1
+    if not plain and (position_ids is None or position_ids.shape[-1] != query.shape[2]):
+        # plain causal SDPA over a flattened row would let samples attend to each other
+        raise RuntimeError(f"{type(module).__name__} does not pass position_ids to its attention function; "
+                           "train with train.padding_free=false")
+    if plain:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    gqa = query.shape[1] != key.shape[1]
+    outs = []
+    for b, segments in enumerate(_segments(position_ids, query.shape[0])):
+        if len(segments) == 1:
+            outs.append(F.scaled_dot_product_attention(
+                query[b : b + 1], key[b : b + 1], value[b : b + 1], dropout_p=dropout, is_causal=True,
+                scale=scaling, enable_gqa=gqa))
+            continue
+        parts = [
+            F.scaled_dot_product_attention(
+                query[b : b + 1, :, s:e], key[b : b + 1, :, s:e], value[b : b + 1, :, s:e], dropout_p=dropout,
+                is_causal=True, scale=scaling, enable_gqa=gqa)
+            for s, e in segments
+        ]
+        outs.append(torch.cat(parts, dim=2))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _inner(model):
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+def use_varlen(model) -> str | None:
+    from transformers import AttentionInterface
+
+    inner = _inner(model)
+    cfg = inner.config.get_text_config() if hasattr(inner.config, "get_text_config") else inner.config
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+        return None
+    if getattr(cfg, "attn_logit_softcapping", None):
+        return None
+    if not getattr(inner, "_supports_attention_backend", False):
+        return None
+    AttentionInterface.register(VARLEN, varlen_attention)
+    previous = inner.config._attn_implementation
+    inner.set_attn_implementation(VARLEN)
+    return previous
+
+
+def restore(model, previous: str | None) -> None:
+    if previous is not None:
+        _inner(model).set_attn_implementation(previous)

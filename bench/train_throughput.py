@@ -1,0 +1,203 @@
+"""Training throughput against the anchor: tunesmith vs TRL's SFTTrainer (+PEFT), side by side.
+
+    .venv/bin/pip install -e ".[bench]"           # TRL, the anchor
+    .venv/bin/python bench/train_throughput.py    # [--rounds 2] [--steps 20] [--methods lora full]
+
+SmolLM2-135M-Instruct (the bundled model as fp32 safetensors), 400 chat samples of 60–170 tokens
+(`throughput_data`), batch 4, max length 512, LoRA r=16 on all linear layers, the same learning
+rate, schedule and sample order for both tools. Every run is a fresh process
+(`throughput_worker.py`), and each round runs, per method, every TRL setting and then tunesmith,
+in alternating order from round to round, so drift on a shared machine hits both tools alike.
+
+TRL settings: no packing (padding to the longest sample in the batch) and packing (its
+padding-free packing into 512-token rows, `--packing-steps` steps), both in fp32 without gradient checkpointing — TRL's own defaults
+(bf16 autocast, gradient checkpointing) are slower on a CPU without bf16 matmul units, see
+`--trl-defaults`. "TRL best" is the faster setting, per method.
+
+Reported per run: tokens/s = the median over steps of (real tokens in the step ÷ step time),
+first `--warmup` steps excluded; peak RSS of the process; validation loss after training (same
+function for both tools, held-out conversations). Per configuration the medians over rounds;
+then ratios against TRL best, and MFU = tokens/s × FLOPs per token ÷ the fp32 matmul peak
+measured in this run (2048³ matmuls, median, before and after; the higher one), with FLOPs per
+token = 4 × parameters for LoRA (forward + input gradients) and 6 × parameters for full
+fine-tuning, as the issue defines them. Writes everything to --json.
+Run it alone: two heavy jobs on 2 cores wreck every timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+LR = {"lora": 2e-4, "full": 2e-5}
+FLOPS_PER_PARAM = {"lora": 4, "full": 6}
+
+
+def matmul_peak(threads: int, n: int = 2048, reps: int = 10) -> float:
+    """Median GFLOP/s of an fp32 n×n×n matmul, in a fresh process with the runs' thread count."""
+    code = (
+        "import torch,time,statistics as s,sys;n,r,t=map(int,sys.argv[1:4]);"
+        "t and torch.set_num_threads(t);a=torch.randn(n,n);b=torch.randn(n,n);[a@b for _ in range(3)];ts=[]\n"
+        "for _ in range(r):\n t0=time.perf_counter();a@b;ts.append(time.perf_counter()-t0)\n"
+        "print(2*n**3/s.median(ts)/1e9)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(n), str(reps), str(threads)], capture_output=True,
+                         text=True, check=True)
+    return float(out.stdout.strip())
+
+
+def parameter_count(model_dir: str) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for f in Path(model_dir).glob("*.safetensors"):
+        with safe_open(str(f), "pt") as fh:
+            for k in fh.keys():
+                n = 1
+                for d in fh.get_slice(k).get_shape():
+                    n *= d
+                total += n
+    return total
+
+
+def run_one(spec: dict, args, data_dir: Path, model_dir: str) -> dict:
+    cmd = [sys.executable, str(ROOT / "bench" / "throughput_worker.py"), "--tool", spec["tool"], "--method",
+           spec["method"], "--data", str(data_dir), "--model", model_dir, "--steps", str(spec.get("steps") or args.steps),
+           "--batch", str(args.batch), "--lr", str(LR[spec["method"]]), "--threads", str(args.threads),
+           *spec["flags"]]
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{spec['name']} failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    rates = [n / s for n, s in zip(result["step_tokens"], result["step_s"])][args.warmup :]
+    result.update(name=spec["name"], tok_s=statistics.median(rates), run_wall_s=time.perf_counter() - started,
+                  tok_s_aggregate=sum(result["step_tokens"][args.warmup :]) / sum(result["step_s"][args.warmup :]))
+    print(f"  {spec['name']:<28} {result['tok_s']:7.1f} tok/s  RSS {result['peak_rss_mib'] / 1024:5.2f} GiB  "
+          f"val {result['val_loss']:.4f}  ({result['run_wall_s']:.0f} s)", flush=True)
+    return result
+
+
+def specs(methods, trl_defaults: bool, packing_steps: int) -> list[dict]:
+    out = []
+    for m in methods:
+        out.append({"name": f"trl {m}", "tool": "trl", "method": m, "flags": []})
+        out.append({"name": f"trl {m} packing", "tool": "trl", "method": m, "flags": ["--packing"],
+                    "steps": packing_steps})
+        if trl_defaults:
+            out.append({"name": f"trl {m} defaults(bf16,gc)", "tool": "trl", "method": m, "flags": ["--bf16", "--gc"],
+                        "steps": packing_steps})
+        out.append({"name": f"tunesmith {m}", "tool": "tunesmith", "method": m, "flags": []})
+    return out
+
+
+def summarise(results: list[dict], peak: float, params: int, methods) -> dict:
+    by_name: dict[str, list[dict]] = {}
+    for r in results:
+        by_name.setdefault(r["name"], []).append(r)
+    rows = {}
+    for name, rs in by_name.items():
+        m = rs[0]["method"]
+        tok_s = statistics.median(r["tok_s"] for r in rs)
+        rows[name] = {
+            "tool": rs[0]["tool"], "method": m, "tok_s": tok_s, "tok_s_runs": [round(r["tok_s"], 1) for r in rs],
+            "peak_rss_gib": statistics.median(r["peak_rss_mib"] for r in rs) / 1024,
+            "val_loss": statistics.median(r["val_loss"] for r in rs),
+            "mfu": tok_s * FLOPS_PER_PARAM[m] * params / (peak * 1e9),
+        }
+    ratios = {}
+    for m in methods:
+        trl = {k: v for k, v in rows.items() if v["tool"] == "trl" and v["method"] == m}
+        ours = rows.get(f"tunesmith {m}")
+        if not trl or not ours:
+            continue
+        best_name, best = max(trl.items(), key=lambda kv: kv[1]["tok_s"])
+        same_samples = rows.get(f"trl {m}")  # no packing: the very same samples, step for step
+        ratios[m] = {
+            "trl_best": best_name, "speed_vs_trl_best": ours["tok_s"] / best["tok_s"],
+            "rss_vs_trl_best": ours["peak_rss_gib"] / best["peak_rss_gib"],
+            "val_loss_vs_trl_same_samples": ours["val_loss"] / same_samples["val_loss"] if same_samples else None,
+        }
+    return {"rows": rows, "ratios": ratios}
+
+
+def print_table(summary: dict, peak: float) -> None:
+    print(f"\nfp32 matmul peak: {peak:.0f} GFLOP/s")
+    print(f"{'run':<30} {'tok/s':>7} {'peak RSS GiB':>13} {'val loss':>9} {'MFU':>6}")
+    for name, r in summary["rows"].items():
+        print(f"{name:<30} {r['tok_s']:7.1f} {r['peak_rss_gib']:13.2f} {r['val_loss']:9.4f} {r['mfu']:6.1%}")
+    for m, q in summary["ratios"].items():
+        vl = q["val_loss_vs_trl_same_samples"]
+        print(f"{m}: {q['speed_vs_trl_best']:.2f}× the tokens/s of {q['trl_best']}, "
+              f"{q['rss_vs_trl_best']:.2f}× its peak RSS; validation loss "
+              + (f"{vl:.3f}× TRL's on the same samples" if vl else "n/a"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=2, help="first steps left out of the medians")
+    ap.add_argument("--packing-steps", type=int, default=8,
+                    help="steps of TRL's packing (and defaults) runs: 4×512-token rows make each step ~4× longer; "
+                         "their speed needs fewer steps, and their validation loss (more tokens) is not compared")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
+    ap.add_argument("--methods", nargs="+", default=["lora", "full"], choices=["lora", "full"])
+    ap.add_argument("--packing-rounds", type=int, default=1,
+                    help="rounds that include the packing (and defaults) runs: they are slower than TRL's best "
+                         "setting by a wide margin and take ~4 min each")
+    ap.add_argument("--trl-defaults", action="store_true", help="also TRL's defaults: bf16 autocast + checkpointing")
+    ap.add_argument("--only", choices=["trl", "tunesmith"], help="run one tool (no ratios)")
+    ap.add_argument("--json", default=str(ROOT / "out" / "bench" / "train_throughput.json"))
+    args = ap.parse_args()
+
+    from throughput_data import build
+    from tunesmith.models import load_tokenizer, resolve_model
+
+    model_dir = resolve_model("smollm2-135m-instruct")
+    data_dir = Path(args.json).parent / "train_throughput_data"
+    data = build(data_dir, load_tokenizer(model_dir))
+    params = parameter_count(model_dir)
+    print(f"data: {data['mean_len']:.0f} tokens per sample on average ({data['min_len']}–{data['max_len']}); "
+          f"model: {params / 1e6:.1f}M parameters; {os.cpu_count()} CPUs", flush=True)
+    peaks = [matmul_peak(args.threads)]
+    print(f"fp32 matmul peak before: {peaks[0]:.0f} GFLOP/s", flush=True)
+    plan = [s for s in specs(args.methods, args.trl_defaults, args.packing_steps) if not args.only or s["tool"] == args.only]
+    results = []
+    for rnd in range(args.rounds):
+        print(f"round {rnd + 1}/{args.rounds}", flush=True)
+        for spec in plan if rnd % 2 == 0 else plan[::-1]:
+            if spec.get("steps") and rnd >= args.packing_rounds:
+                continue
+            results.append(run_one(spec, args, data_dir, model_dir))
+    peaks.append(matmul_peak(args.threads))
+    peak = max(peaks)
+    summary = summarise(results, peak, params, args.methods)
+    print_table(summary, peak)
+    out = {
+        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                    "torch": torch.__version__, "threads": args.threads or torch.get_num_threads(),
+                    "load_avg_at_end": os.getloadavg()},
+        "settings": vars(args), "data": data, "params": params, "matmul_peak_gflops": peaks, **summary,
+        "runs": results,
+    }
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(out, indent=2), encoding="utf-8")
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,8 +1,8 @@
 """QLoRA on CPU: memory of the frozen base, step time and validation loss against LoRA, and a
 360M-class model that trains with qlora under a RAM budget where full fine-tuning does not.
 
-    .venv/bin/python bench/qlora_memory.py                  # all three parts
-    .venv/bin/python bench/qlora_memory.py --parts weights  # weights · train · budget
+    .venv/bin/python bench/qlora_memory.py                  # weights, train and budget
+    .venv/bin/python bench/qlora_memory.py --parts weights  # weights · train · budget · rounding
 
 Parts (each training run is its own `tunesmith train` process, so peak RSS is per run):
 - weights: bytes of the frozen base weights (`nf4.storage_bytes`, exact) for fp32, bf16 and the
@@ -11,6 +11,13 @@ Parts (each training run is its own `tunesmith train` process, so peak RSS is pe
   Models: the bundled SmolLM2-135M and a random-weight Llama with SmolLM2-360M's dimensions.
 - train: LoRA vs QLoRA on the quickstart data (10% of it held out for validation loss), same
   config otherwise: median seconds per step, final validation loss, peak RSS.
+- rounding (not in the default parts): what NF4 rounding alone costs the untrained SmolLM2 —
+  validation loss on the train part's held-out 10% with every base linear replaced by its NF4
+  round trip: absmax scales as `tunesmith.nf4` makes them (blocks 64 and 32; scales in fp32
+  unless marked double quant), and two per-block scale searches tried for issue 6 and not
+  adopted (`search_scales`: least squared error; llama.cpp-style x²-weighted least squares);
+  relative weight error and seconds to quantize the linears (one thread). Pass `--json` with
+  another path, or it replaces the default report.
 - budget: the 360M-class model, 2 steps of `full` and of `qlora`, each killed the moment its
   RSS passes `--budget-gib` (an OOM killer's view of a RAM budget); `tunesmith.fit.estimate`'s
   prediction for both, for comparison.
@@ -235,6 +242,118 @@ def part_budget(work: Path, budget_gib: float, env: dict) -> dict:
     return {"budget_gib": budget_gib, "runs": results}
 
 
+# ---------------------------------------------------------------- rounding
+
+
+def search_scales(block, factors, weighted: bool, refit: bool):
+    """Per row of `block` (one NF4 block each) the scale among absmax × `factors` whose rounding
+    has the least squared error — weighted by x² when `weighted` (llama.cpp's make_qx_quants) —
+    each candidate's scale refitted by (weighted) least squares for its codes when `refit`."""
+    import torch
+
+    from tunesmith.nf4 import _MIDPOINTS, NF4_LEVELS
+
+    tiny = torch.finfo(torch.float32).tiny
+    absmax = block.abs().amax(1).clamp_min(tiny)
+    y = block / absmax[:, None]
+    wt = y.square() if weighted else torch.ones_like(y)
+    best_r = best_err = None
+    for f in factors:
+        q = NF4_LEVELS[torch.bucketize(y, _MIDPOINTS * f)]
+        num, den = (wt * y * q).sum(1), (wt * q * q).sum(1)
+        r = torch.where(den > 0, num / den.clamp_min(tiny), f) if refit else torch.full_like(num, f)
+        err = r * r * den - 2 * r * num  # Σ wt (r q − y)², less the constant Σ wt y²
+        if best_err is None:
+            best_r, best_err = r, err
+        else:
+            better = err < best_err
+            best_r, best_err = torch.where(better, r, best_r), torch.where(better, err, best_err)
+    return absmax * best_r
+
+
+def round_trip(weight, block_size: int, double_quant: bool, search: dict | None):
+    """NF4 quantize → dequantize: `tunesmith.nf4` itself without `search`, else codes rounded to
+    the nearest level at the searched scales, kept in fp32 (same codes and dequantization)."""
+    import torch
+
+    from tunesmith.nf4 import _MIDPOINTS, NF4_LEVELS, quantize
+
+    if search is None:
+        return quantize(weight, block_size, double_quant).dequantize()
+    blocks = weight.reshape(-1, block_size).float()  # every SmolLM2 linear fills whole blocks
+    out = torch.empty_like(blocks)
+    step = max(1, (1 << 20) // block_size)
+    for start in range(0, blocks.shape[0], step):
+        block = blocks[start : start + step]
+        scale = search_scales(block, **search)[:, None].clamp_min(torch.finfo(torch.float32).tiny)
+        out[start : start + step] = NF4_LEVELS[torch.bucketize(block / scale, _MIDPOINTS)] * scale
+    return out.view(weight.shape)
+
+
+ROUNDING = {  # name → (block size, double quant, scale search or None for absmax)
+    "absmax, block 64, double quant (default)": (64, True, None),
+    "absmax, block 64": (64, False, None),
+    "absmax, block 32": (32, False, None),
+    "block 64, least-squares scale search": (64, False, dict(factors=(1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.82),
+                                                       weighted=False, refit=False)),
+    "block 64, x²-weighted search + refit": (64, False, dict(factors=(1.0, 1.03, 1.06), weighted=True, refit=True)),
+}
+
+
+def part_rounding(work: Path) -> dict:
+    import torch
+
+    from tunesmith.config import load_config
+    from tunesmith.data.packing import collate, pack, unpacked
+    from tunesmith.data.sft import build_datasets, ensure_chat_template
+    from tunesmith.models import load_model, load_tokenizer, tunesmith_home
+    from tunesmith.train.loss import LossModule
+
+    torch.set_num_threads(THREADS)
+    model_dir = smollm2_dir()
+    cfg = load_config(write_config(work / "rounding.yaml", model_dir, work / "rounding-out", {"method": "lora"},
+                                   {}, {"val_fraction": 0.1}))
+    tokenizer = load_tokenizer(model_dir)
+    ensure_chat_template(tokenizer, cfg.data.chat_template)
+    _, val, _ = build_datasets(cfg.data, tokenizer, cfg.train.seed, tunesmith_home() / "data-cache")
+    pad = tokenizer.pad_token_id
+    rows = pack(val, cfg.data.max_length, pad) if cfg.data.packing else unpacked(val, pad)
+    model = load_model(model_dir, dtype=torch.float32)
+    model.requires_grad_(False)
+    head = model.get_output_embeddings()
+    linears = {n: m for n, m in model.named_modules() if type(m) is torch.nn.Linear and m is not head}
+    original = {n: m.weight.detach().clone() for n, m in linears.items()}
+
+    def val_loss() -> float:
+        loss_module, total, count = LossModule(model).eval(), 0.0, 0
+        with torch.no_grad():
+            for i in range(0, len(rows), cfg.train.batch_size):
+                loss_sum, n = loss_module(**collate(rows[i : i + cfg.train.batch_size], pad))
+                total, count = total + float(loss_sum), count + n
+        return total / count
+
+    results = {"fp32": {"val_loss": val_loss(), "rel_weight_err": 0.0, "quantize_s": 0.0}}
+    for name, (block_size, double_quant, search) in ROUNDING.items():
+        started, sq_err, sq_norm = time.perf_counter(), 0.0, 0.0
+        for n, module in linears.items():
+            module.weight.data = round_trip(original[n], block_size, double_quant, search)
+        seconds = time.perf_counter() - started
+        for n, module in linears.items():
+            sq_err += float((module.weight - original[n]).double().square().sum())
+            sq_norm += float(original[n].double().square().sum())
+        results[name] = {"val_loss": val_loss(), "rel_weight_err": round((sq_err / sq_norm) ** 0.5, 5),
+                         "quantize_s": round(seconds, 1), "block_size": block_size}
+        print(f"  {name}: {results[name]}", flush=True)
+    fp32 = results["fp32"]["val_loss"]
+    print(f"\nuntrained SmolLM2-135M, base linears NF4-rounded, {len(rows)} held-out rows")
+    print(f"  {'rounding':40s} {'val loss':>9s} {'vs fp32':>8s} {'weight err':>11s} {'quantize s':>11s}")
+    for name, r in results.items():
+        r["val_loss_vs_fp32"] = round(r["val_loss"] / fp32, 4)
+        print(f"  {name:40s} {r['val_loss']:9.4f} {r['val_loss_vs_fp32']:8.3f} {r['rel_weight_err']:11.4f}"
+              f" {r['quantize_s']:11.1f}")
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="weights,train,budget")
@@ -255,6 +374,8 @@ def main() -> None:
         report["train"] = part_train(work, args.steps, env)
     if "budget" in parts:
         report["budget"] = part_budget(work, args.budget_gib, env)
+    if "rounding" in parts:
+        report["rounding"] = part_rounding(work)
     report["load_avg_end"] = os.getloadavg()
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2))

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 from safetensors.torch import load_file
@@ -61,16 +62,32 @@ def torchrun(cfg_path: Path, tmp_path: Path, *overrides: str, env: dict | None =
 
 
 def _run_group(cmd: list[str], env: dict, timeout: int) -> subprocess.CompletedProcess:
-    """Run torchrun in its own process group, so a timeout kills its workers too."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
+    """Run torchrun in its own process group; on a timeout kill it and every worker it started.
+    Workers may sit in sessions of their own (outside the group), so they are found by a marker
+    in their environment; a surviving worker would hold the output pipes open forever."""
+    marker = uuid.uuid4().hex
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**env, "TUNESMITH_TEST_LAUNCH": marker}, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
+        _kill_marked(marker)
+        out, err = proc.communicate(timeout=60)
         raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _kill_marked(marker: str) -> None:
+    needle = f"TUNESMITH_TEST_LAUNCH={marker}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                os.kill(int(entry.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
 
 
 def losses(out: Path, key: str = "loss") -> list[tuple[int, float]]:

@@ -181,6 +181,10 @@ def barrier(dist: Dist) -> None:
 
 def cleanup(dist: Dist) -> None:
     if dist.enabled and torch_dist.is_initialized():
+        # Tear down together: rank 0 saves and plots after the last collective while the others
+        # reach this point at once, and a gloo group destroyed with a peer still busy was seen to
+        # leave a rank hanging at exit.
+        torch_dist.barrier()
         torch_dist.destroy_process_group()
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 

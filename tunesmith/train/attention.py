@@ -77,18 +77,13 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     gqa = query.shape[1] != key.shape[1]
     outs = []
     for b, segments in enumerate(_segments(position_ids, query.shape[0])):
-        if len(segments) == 1:
-            outs.append(F.scaled_dot_product_attention(
-                query[b : b + 1], key[b : b + 1], value[b : b + 1], dropout_p=dropout, is_causal=True,
-                scale=scaling, enable_gqa=gqa))
-            continue
         parts = [
             F.scaled_dot_product_attention(
                 query[b : b + 1, :, s:e], key[b : b + 1, :, s:e], value[b : b + 1, :, s:e], dropout_p=dropout,
                 is_causal=True, scale=scaling, enable_gqa=gqa)
             for s, e in segments
         ]
-        outs.append(torch.cat(parts, dim=2))
+        outs.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
     return out.transpose(1, 2).contiguous(), None
 

@@ -88,6 +88,7 @@ class TrainConfig:
     epochs: float = 1.0
     batch_size: int = 4  # rows per micro-batch (per process)
     grad_accum: int = 1
+    forward_tokens: int = 0  # split a micro-batch into forwards of at most this many real tokens; 0 = one forward
     lr: float = 2e-4
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -102,6 +103,7 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     gradient_checkpointing: bool = False
     padding_free: bool = True  # a micro-batch runs as one row of real tokens, attention per sample
+    fused_mlp: bool = True  # SwiGLU + down projection as one node that saves 2 of 4 intermediates
     frozen_dtype: str = "fp32"  # storage of weights that do not train (lora, dora, qlora): fp32 · bf16
     log_every: int = 1
     eval_every: int = 0  # steps between validation passes; 0 = only at the end
@@ -346,6 +348,7 @@ def validate(cfg: Config) -> None:
     _positive("train.epochs", t.epochs)
     _positive("train.batch_size", t.batch_size)
     _positive("train.grad_accum", t.grad_accum)
+    _positive("train.forward_tokens", t.forward_tokens, allow_zero=True)
     _positive("train.lr", t.lr)
     _positive("train.weight_decay", t.weight_decay, allow_zero=True)
     if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):

@@ -181,6 +181,7 @@ def _measure(cfg: Config, hf_cfg, n_layers: int, batch: int, row_lens, label_fra
     from tunesmith.adapters import apply_method, count_parameters
     from tunesmith.nf4 import storage_bytes, stored_parameters
     from tunesmith.train.attention import use_varlen
+    from tunesmith.train.fused_mlp import use_fused_mlp
     from tunesmith.train.loss import LossModule, can_embed_into_grad
 
     torch.manual_seed(0)
@@ -200,6 +201,8 @@ def _measure(cfg: Config, hf_cfg, n_layers: int, batch: int, row_lens, label_fra
     param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
     # the run's batch layout: padding-free rows with per-sample attention when the model takes it
     flat = cfg.train.padding_free and use_varlen(model) is not None
+    if cfg.train.fused_mlp:
+        use_fused_mlp(model)
     step = LossModule(model, embed_into_grad=can_embed_into_grad(model))
     vocab = model.get_input_embeddings().weight.shape[0]
     result = {"trainable": trainable, "total": total, "weights": weight_bytes, "stored": stored_parameters(model),
@@ -327,17 +330,26 @@ def estimate(cfg: Config, probe: bool = True, ram_gib: float | None = None, _cac
     outside = max(0.0, saved(lo, peak_len) - l1 * layer_act)  # embeddings, final norm, head, loss
     from tunesmith.train.loss import CHUNK
 
-    # the head's logits live for at most CHUNK labelled tokens at a time (chunked, checkpointed)
+    # a split micro-batch (train.forward_tokens) keeps one forward's activations at a time
     tokens_micro = b * peak_len
+    if t.forward_tokens:
+        per_forward = min(tokens_micro, max(t.forward_tokens, peak_len))
+        layer_act, outside = layer_act * per_forward / tokens_micro, outside * per_forward / tokens_micro
+        tokens_micro = per_forward
     labelled = tokens_micro * label_frac
-    outside *= min(labelled, CHUNK) / max(labelled, 1e-9)
+    # the head's logits exist for one chunk of CHUNK labelled tokens at a time, at the end of the
+    # forward (the loss computes its gradients there); ∂hidden stays until the backward
+    vocab = getattr(text, "vocab_size", 0) or 0
+    loss_chunk = min(labelled, CHUNK) * vocab * 4.0 * 2
+    if method == "qlora" and cfg.adapter.quantize_embeddings:  # NF4 head: its logits are saved (probed)
+        loss_chunk = 0.0
     hidden = getattr(text, "hidden_size", 0) or 0
     if t.gradient_checkpointing:
         # each layer keeps only its input; one layer's activations are rebuilt at a time
         act = n_layers * tokens_micro * hidden * 4.0 + layer_act * (1 + TRANSIENT_LAYERS)
     else:
         act = layer_act * (n_layers + TRANSIENT_LAYERS)
-    act += outside
+    act += outside + loss_chunk
     data = n_tokens * DATA_BYTES_PER_TOKEN
     parts = {
         "baseline": baseline, "weights": weights, "gradients": grads, "optimizer": optimizer,

@@ -9,6 +9,8 @@ from tunesmith import fit
 from tunesmith.adapters import apply_method, count_parameters
 from tunesmith.config import load_config
 from tunesmith.errors import UserError
+from tunesmith.train.attention import use_varlen
+from tunesmith.train.fused_mlp import use_fused_mlp
 from tunesmith.train.loss import LossModule
 
 
@@ -73,6 +75,10 @@ def saved_bytes(model, batch, length, segment):
     positions = (torch.arange(length) % segment).expand(batch, length)
     labels = ids.clone()
     labels[positions < segment // 2] = -100
+    # as the loop runs it: padding-free rows, per-sample attention, the fused MLP
+    use_varlen(model)
+    use_fused_mlp(model)
+    ids, labels, positions = (t.reshape(1, -1) for t in (ids, labels, positions))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         LossModule(model)(ids, labels, positions)
     return sum(seen.values())

@@ -182,13 +182,16 @@ def test_config_accepts_qlora_and_checks_its_keys():
 def test_chunked_loss_matches_full_logits_and_bounds_head_rows(method, monkeypatch):
     import tunesmith.train.loss as loss_mod
 
-    monkeypatch.setattr(loss_mod, "CHUNK", 8)  # 28 labelled tokens → chunks of 8
+    monkeypatch.setattr(loss_mod, "MODULE_CHUNK", 8)  # 28 labelled tokens → chunks of 8
+    monkeypatch.setattr(loss_mod, "CHUNK", 8)
     torch.manual_seed(0)
     model = apply_method(make_tiny_model(400), _lora_cfg(method, quantize_embeddings=True, quant_block_size=32))
     ids, labels = _batch()
     head = model.get_output_embeddings()
     rows = []
-    handle = head.register_forward_hook(lambda m, inp, out: rows.append(inp[0].shape[0]))
+    handle = head.register_forward_hook(lambda m, inp, out: rows.append(inp[0].shape[0]))  # NF4 head
+    plain_logits = loss_mod._logits
+    monkeypatch.setattr(loss_mod, "_logits", lambda h, w: rows.append(h.shape[0]) or plain_logits(h, w))
     loss, n = token_loss(model, ids, labels)
     loss.backward()
     handle.remove()

@@ -42,6 +42,7 @@ from tunesmith.train.distributed import (
     Dist, all_reduce_sum, barrier, cleanup, clip_grad_norm, full_state_dict, inject_fault, no_sync, same_on_all_ranks,
     setup, wrap,
 )
+from tunesmith.train.fused_mlp import restore_mlp, use_fused_mlp
 from tunesmith.train.loss import LossModule, can_embed_into_grad
 from tunesmith.train.records import Records, require_tensorboard
 
@@ -51,9 +52,9 @@ RESUMABLE_CHANGES = (
     "train.save_every", "train.eval_every", "train.max_steps", "train.epochs", "train.device",
     "train.threads", "data.cache_dir", "compare", "pipeline",
     # a different split of the same global batch (checked on resume): processes, strategy
-    "train.batch_size", "train.grad_accum", "train.strategy", "train.dist_timeout_s",
+    "train.batch_size", "train.grad_accum", "train.strategy", "train.dist_timeout_s", "train.forward_tokens",
     # the same rows and targets, laid out without padding: equal up to fp32 rounding
-    "train.padding_free", "adapter.fused",
+    "train.padding_free", "adapter.fused", "train.fused_mlp",
 )
 CHECKPOINTS = "checkpoints"
 
@@ -148,6 +149,22 @@ class RowStream:
 
     def rows_per_epoch(self) -> int:
         return len(self._order)
+
+
+def split_rows(rows: list, budget: int) -> list[list]:
+    """Consecutive groups of `rows` of at most `budget` real tokens each (a longer row goes alone);
+    `budget` 0 keeps them together. The loss is normalised by the tokens of the whole step, so the
+    split changes memory (activations live for one group), not the gradient."""
+    if budget <= 0:
+        return [rows]
+    groups, current, n = [], [], 0
+    for row in rows:
+        if current and n + row.n_real > budget:
+            groups.append(current)
+            current, n = [], 0
+        current.append(row)
+        n += row.n_real
+    return groups + [current]
 
 
 def evaluate(model, rows, batch_size: int, make_batch, device, dist: Dist, autocast) -> float | None:
@@ -250,6 +267,7 @@ def run_training(cfg: Config, rows=None) -> TrainResult:
         model.config.use_cache = False
     model = apply_method(model, cfg.adapter, t.frozen_dtype)
     previous_attention = use_varlen(model) if t.padding_free else None
+    fused_mlps = use_fused_mlp(model) if t.fused_mlp else []
     if previous_attention is None:
         make_batch = lambda rows: collate(rows, pad_id)  # noqa: E731
     else:
@@ -269,6 +287,8 @@ def run_training(cfg: Config, rows=None) -> TrainResult:
         [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=t.lr, betas=tuple(t.betas), fused=fused or None,
     )
+    # FSDP's forwards all-gather layer by layer, so every rank must run as many: one per micro-batch
+    forward_tokens = 0 if dist.enabled and dist.strategy == "fsdp" else t.forward_tokens
     stream = RowStream(len(train_rows), t.batch_size, t.seed, dist)
     global_batch = t.batch_size * t.grad_accum * dist.world
     steps_per_epoch = max(1, math.ceil(stream.rows_per_epoch() / global_batch))
@@ -317,7 +337,7 @@ def run_training(cfg: Config, rows=None) -> TrainResult:
     while step < total_steps:
         inject_fault(dist, step + 1)
         micro = [[train_rows[i] for i in ids] for ids in stream.next_step(t.grad_accum)]
-        batches = [make_batch(rows) for rows in micro]
+        batches = [make_batch(group) for rows in micro for group in split_rows(rows, forward_tokens)]
         step_start = time.perf_counter()
         loss_total, global_tokens = accumulate_gradients(trainer, batches, dist, device, autocast, scaler)
         if scaler:
@@ -371,6 +391,7 @@ def run_training(cfg: Config, rows=None) -> TrainResult:
             records.log({"step": step, "val_loss": round(val_loss, 6), "val_ppl": round(math.exp(val_loss), 4)})
     wall = elapsed_before + time.perf_counter() - started
     restore(model, previous_attention)  # generation (chat, compare) needs masks and the KV cache
+    restore_mlp(fused_mlps)
     summary = {}
     gathered = full_state_dict(model) if dist.enabled and dist.strategy == "fsdp" else None  # collective
     if dist.main:

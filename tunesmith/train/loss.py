@@ -11,6 +11,12 @@ the labelled hidden states, and apply the head to those alone, in checkpointed c
 the fp32 logits never exist for the whole batch at once. Models whose head does more than
 a matmul (logit soft-capping, scaling) take the plain full-logits path.
 
+With a plain `nn.Linear` head, `LinearCrossEntropy` does the head, the loss and their gradients
+in one pass over chunks of `CHUNK` rows: each chunk's logits turn into softmax − one-hot in place,
+which gives ∂hidden (and ∂W when the head trains) right away, so the backward only scales what
+the forward left. No logits outlive their chunk and nothing is recomputed. Other heads (qlora's
+NF4-quantized embeddings) go through `checkpoint`ed chunks of `MODULE_CHUNK` rows of the module.
+
 Each sample's first label must be -100 (the packer guarantees it): in a packed row the
 position before a sample's first token belongs to the previous sample.
 
@@ -29,7 +35,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 IGNORE = -100
-CHUNK = 2048
+CHUNK = 256  # rows of logits at a time: 256 × 49,152 fp32 is 48 MiB on SmolLM2
+MODULE_CHUNK = 2048  # other heads: checkpointed chunks (recomputed in backward), so fewer and bigger
 
 
 class LossModule(torch.nn.Module):
@@ -47,13 +54,21 @@ class LossModule(torch.nn.Module):
 
 class EmbedIntoGrad(torch.autograd.Function):
     """`F.embedding(ids, weight)` whose backward index-adds into `weight.grad` (created if None)
-    instead of returning a dense gradient; must run outside DDP/FSDP (see the module doc)."""
+    instead of returning a dense gradient; must run outside DDP/FSDP (see the module doc).
+
+    The weight comes in a tuple, so autograd draws no edge from this node to it: with tied
+    embeddings the head's gradient then lands in `weight.grad` at the start of the backward (as
+    the buffer itself, no copy), and the rows read here are added into it later. With an edge,
+    the weight's gradient would wait for this node: a zeroed vocab × hidden buffer here, the head's
+    own buffer beside it, and a sum of the two. `anchor` (a scalar that requires grad) keeps the
+    node in the graph."""
 
     @staticmethod
-    def forward(ctx, ids, weight, padding_idx):
+    def forward(ctx, ids, anchor, boxed_weight, padding_idx):
+        (weight,) = boxed_weight
         ctx.save_for_backward(ids)
         ctx.weight, ctx.padding_idx = weight, padding_idx
-        return F.embedding(ids, weight, padding_idx)
+        return F.embedding(ids, weight.detach(), padding_idx)
 
     @staticmethod
     def backward(ctx, grad):
@@ -66,7 +81,12 @@ class EmbedIntoGrad(torch.autograd.Function):
             keep = ids != ctx.padding_idx
             ids, grad = ids[keep], grad[keep]
         weight.grad.index_add_(0, ids, grad)
-        return None, None, None
+        return None, None, None, None
+
+
+def lookup_into_grad(ids, embedding):
+    anchor = torch.zeros((), device=ids.device, requires_grad=True)
+    return EmbedIntoGrad.apply(ids, anchor, (embedding.weight,), embedding.padding_idx)
 
 
 def can_embed_into_grad(model) -> bool:
@@ -94,6 +114,48 @@ def _ce_sum(head, hidden, targets):
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+def _logits(hidden, weight):
+    return F.linear(hidden, weight).float()
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """`cross_entropy(hidden @ weightᵀ, targets, reduction="sum")`, chunked, with its gradients
+    computed during the forward (see the module doc). ∂W is summed over chunks into one buffer."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets):
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], CHUNK):
+            h, t = hidden[start : start + CHUNK], targets[start : start + CHUNK]
+            logits = _logits(h, weight)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if not (want_h or want_w):
+                continue
+            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+            probs[torch.arange(len(t), device=t.device), t] -= 1.0  # ∂loss/∂logits
+            probs = probs.to(weight.dtype)
+            if want_h:
+                torch.mm(probs, weight, out=grad_h[start : start + CHUNK])
+            if want_w:
+                grad_w = torch.mm(probs.t(), h) if grad_w is None else grad_w.addmm_(probs.t(), h)
+        ctx.grads = (grad_h, grad_w)  # intermediates, not inputs or outputs: kept on ctx
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.grads is None:
+            raise RuntimeError("LinearCrossEntropy: its gradients were computed for one backward pass only")
+        grad_h, grad_w = ctx.grads
+        ctx.grads = None  # scaled in place and handed over: no second copy of ∂W
+        scale = grad.to(grad_h.dtype if grad_h is not None else grad_w.dtype)
+        return (grad_h.mul_(scale) if grad_h is not None else None,
+                grad_w.mul_(scale) if grad_w is not None else None, None)
+
+
 def token_loss(model, input_ids, labels, position_ids=None, embed_into_grad: bool = False):
     targets = labels[:, 1:]
     keep = targets != IGNORE
@@ -101,8 +163,7 @@ def token_loss(model, input_ids, labels, position_ids=None, embed_into_grad: boo
     inner = unwrap(model)
     inputs = {"input_ids": input_ids}
     if embed_into_grad and torch.is_grad_enabled():
-        emb = inner.get_input_embeddings()
-        inputs = {"inputs_embeds": EmbedIntoGrad.apply(input_ids, emb.weight, emb.padding_idx)}
+        inputs = {"inputs_embeds": lookup_into_grad(input_ids, inner.get_input_embeddings())}
     if not _plain_head(inner) or not hasattr(inner, "get_decoder"):
         out = model(**inputs, position_ids=position_ids, use_cache=False)
         logits = out.logits[:, :-1][keep].float()
@@ -113,10 +174,12 @@ def token_loss(model, input_ids, labels, position_ids=None, embed_into_grad: boo
     head = inner.get_output_embeddings()
     if n_tokens == 0:
         return hidden.sum() * 0.0, 0
-    if n_tokens <= CHUNK or not torch.is_grad_enabled():
+    if type(head) is torch.nn.Linear and head.bias is None:
+        return LinearCrossEntropy.apply(hidden, head.weight, targets), n_tokens
+    if n_tokens <= MODULE_CHUNK or not torch.is_grad_enabled():
         return _ce_sum(head, hidden, targets), n_tokens
     total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, n_tokens, CHUNK):
-        end = start + CHUNK
+    for start in range(0, n_tokens, MODULE_CHUNK):
+        end = start + MODULE_CHUNK
         total = total + checkpoint(_ce_sum, head, hidden[start:end], targets[start:end], use_reentrant=False)
     return total, n_tokens

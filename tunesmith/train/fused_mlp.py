@@ -1,0 +1,102 @@
+"""SwiGLU MLP whose backward keeps two of its four intermediates: a memory saver for training.
+
+Contract: `use_fused_mlp(model)` switches every Llama-family MLP of a transformers model (PEFT
+wrappers included) — `down(silu(gate(x)) · up(x))` — to `fused_forward`, and returns the modules
+it switched, for `restore_mlp(modules)`. In `fused_forward`, `silu(g) · u` and the down projection
+are one autograd node (`SwiGLUDownFn`) when `down_proj` is a plain `nn.Linear` (full fine-tuning,
+or a frozen one) or a fusable LoRA layer (`tunesmith.fused_lora`); the node saves only `g` and `u`
+and recomputes `silu(g) · u` in backward. Anything else (DoRA, dropout, qlora's NF4 base,
+autocast) runs the module's own forward.
+
+Why: autograd keeps `g`, `silu(g)`, `u` and `silu(g)·u` — four [tokens × intermediate] tensors per
+layer, the largest share of a step's saved activations (4 × 1,536 of ~10,700 floats per token and
+layer on SmolLM2). Keeping two cuts a LoRA step's activation memory by about 30% for two cheap
+elementwise passes in backward.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+
+MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
+
+
+class SwiGLUDownFn(torch.autograd.Function):
+    """`y = h Wᵀ + b + s · (h Aᵀ) Bᵀ` with `h = silu(gate) · up`; `lora_a`/`lora_b` may be None."""
+
+    @staticmethod
+    def forward(ctx, gate, up, weight, bias, lora_a, lora_b, scaling: float):
+        h = F.silu(gate).mul_(up)
+        y = F.linear(h, weight, bias)
+        ha = None
+        if lora_a is not None:
+            ha = F.linear(h, lora_a)
+            y.view(-1, y.shape[-1]).addmm_(ha.view(-1, ha.shape[-1]), lora_b.t(), alpha=scaling)
+        ctx.save_for_backward(gate, up, weight, lora_a, lora_b, ha)
+        ctx.scaling = scaling
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        gate, up, weight, lora_a, lora_b, ha = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        s = ctx.scaling
+        g = grad_y.reshape(-1, grad_y.shape[-1])
+        gate2, up2 = gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1])
+        silu = F.silu(gate2)
+        h = silu * up2 if (need[2] or need[4]) else None
+        grad_gate = grad_up = grad_w = grad_bias = grad_a = grad_b = None
+        grad_h = torch.mm(g, weight)
+        if lora_a is not None:
+            g_ha = torch.mm(g, lora_b).mul_(s)
+            grad_h.addmm_(g_ha, lora_a)
+            if need[4]:
+                grad_a = torch.mm(g_ha.t(), h)
+            if need[5]:
+                grad_b = torch.mm(g.t(), ha.reshape(-1, ha.shape[-1])).mul_(s)
+        if need[2]:
+            grad_w = torch.mm(g.t(), h)
+        if need[3]:
+            grad_bias = g.sum(0)
+        if need[1]:
+            grad_up = (grad_h * silu).view(up.shape)
+        if need[0]:
+            grad_gate = torch.ops.aten.silu_backward(grad_h.mul_(up2), gate2).view(gate.shape)
+        return grad_gate, grad_up, grad_w, grad_bias, grad_a, grad_b, None
+
+
+def fused_forward(self, x):
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    down = self.down_proj
+    if not torch.is_autocast_enabled(gate.device.type):
+        if type(down) is torch.nn.Linear and gate.dtype == down.weight.dtype:
+            return SwiGLUDownFn.apply(gate, up, down.weight, down.bias, None, None, 0.0)
+        fused_adapter = getattr(down, "_fused_adapter", None)
+        name = fused_adapter(gate, (), {}) if fused_adapter is not None else None
+        if name is not None:
+            base = down.base_layer
+            return SwiGLUDownFn.apply(gate, up, base.weight, base.bias, down.lora_A[name].weight,
+                                      down.lora_B[name].weight, down.scaling[name])
+    return down(self.act_fn(gate) * up)
+
+
+def _is_silu(act) -> bool:
+    return isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
+
+
+def use_fused_mlp(model) -> list:
+    switched = []
+    for module in model.modules():
+        if type(module).__name__ in MLP_CLASSES and _is_silu(getattr(module, "act_fn", None)):
+            module.forward = types.MethodType(fused_forward, module)
+            switched.append(module)
+    return switched
+
+
+def restore_mlp(modules: list) -> None:
+    for module in modules:
+        if "forward" in vars(module):
+            del module.forward

@@ -9,7 +9,7 @@ Parts (each training run is its own `tunesmith train` process, so peak RSS is pe
   qlora variants; ratios vs bf16. (RSS deltas after loading mislead: safetensors weights are
   mmapped and touched lazily; the peak RSS of the training runs below is the resident figure.)
   Models: the bundled SmolLM2-135M and a random-weight Llama with SmolLM2-360M's dimensions.
-- train: LoRA vs QLoRA on the quickstart data (10% of it held out for validation loss), same
+- train: LoRA vs QLoRA (NF4; and int4 in blocks of 32, GGUF Q4_1's layout) on the quickstart data (10% of it held out for validation loss), same
   config otherwise: median seconds per step, final validation loss, peak RSS.
 - rounding (not in the default parts): what NF4 rounding alone costs the untrained SmolLM2 —
   validation loss on the train part's held-out 10% with every base linear replaced by its NF4
@@ -57,6 +57,9 @@ VARIANTS = {
     "qlora+bf16": ({"method": "qlora"}, "bf16"),
     "qlora+nf4-embeddings": ({"method": "qlora", "quantize_embeddings": True}, "fp32"),
     "qlora+nf4-embeddings,no-double-quant": ({"method": "qlora", "quantize_embeddings": True, "double_quant": False}, "fp32"),
+    "qlora int4/32": ({"method": "qlora", "quant_type": "int4", "quant_block_size": 32}, "fp32"),
+    "qlora int4/32+int4-embeddings": ({"method": "qlora", "quant_type": "int4", "quant_block_size": 32,
+                                       "quantize_embeddings": True}, "fp32"),
 }
 
 
@@ -186,6 +189,8 @@ def part_train(work: Path, steps: int, env: dict) -> dict:
         "lora": ({"method": "lora"}, "fp32"),
         "qlora": ({"method": "qlora"}, "fp32"),
         "qlora+nf4-embeddings": ({"method": "qlora", "quantize_embeddings": True}, "fp32"),
+        # asymmetric 4-bit in GGUF Q4_1's blocks of 32: the bundled weights' own grid
+        "qlora int4/32": ({"method": "qlora", "quant_type": "int4", "quant_block_size": 32}, "fp32"),
     }
     results = {}
     for name, (adapter, frozen) in runs.items():

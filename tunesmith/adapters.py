@@ -72,15 +72,15 @@ def apply_method(model, cfg: AdapterConfig, frozen_dtype: str = "fp32"):
 
 
 def compress_base(model, cfg: AdapterConfig, frozen_dtype: str = "fp32"):
-    """Store the frozen base compactly before PEFT wraps it: NF4 linears for qlora (embeddings
+    """Store the frozen base compactly before PEFT wraps it: 4-bit (`quant_type`) linears for qlora (embeddings
     too with `quantize_embeddings`), bf16 for whatever else `frozen_dtype` says."""
     import torch
 
     from tunesmith.nf4 import compress_frozen
 
     bf16 = "bf16" if frozen_dtype == "bf16" else None
-    linear = "nf4" if cfg.method == "qlora" else bf16
-    embeddings = "nf4" if cfg.method == "qlora" and cfg.quantize_embeddings else bf16
+    linear = cfg.quant_type if cfg.method == "qlora" else bf16
+    embeddings = cfg.quant_type if cfg.method == "qlora" and cfg.quantize_embeddings else bf16
     if linear or embeddings:
         compress_frozen(model, linear, embeddings, cfg.quant_block_size, cfg.double_quant)
     # A base loaded in bf16 (frozen_dtype=bf16) keeps its stored weights as buffers; what is

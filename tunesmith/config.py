@@ -25,6 +25,7 @@ from tunesmith.errors import UserError
 
 DATA_FORMATS = ("auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text")
 METHODS = ("full", "lora", "dora", "qlora")
+QUANT_TYPES = ("nf4", "int4")
 FROZEN_DTYPES = ("fp32", "bf16")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -73,7 +74,8 @@ class AdapterConfig:
     alpha: float = 32.0
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
-    quant_block_size: int = 64  # qlora: weights sharing one NF4 scale
+    quant_type: str = "nf4"  # qlora: nf4 (QLoRA's NormalFloat) · int4 (asymmetric, as GGUF Q4_1)
+    quant_block_size: int = 64  # qlora: weights sharing one scale (int4: 32 matches GGUF Q4_1)
     double_quant: bool = True  # qlora: store the NF4 scales in 8 bits too
     quantize_embeddings: bool = False  # qlora: NF4 for the input embeddings and output head too
     fused: bool = True  # lora: fused LoRA forward/backward (tunesmith.fused_lora); false = PEFT's own
@@ -329,6 +331,7 @@ def validate(cfg: Config) -> None:
     _choice("data.overlong", d.overlong, OVERLONG)
     _choice("adapter.method", a.method, METHODS)
     _choice("train.frozen_dtype", t.frozen_dtype, FROZEN_DTYPES)
+    _choice("adapter.quant_type", a.quant_type, QUANT_TYPES)
     if a.quant_block_size < 2 or a.quant_block_size % 2 or a.quant_block_size > 4096:
         raise UserError(f"config key adapter.quant_block_size: expected an even integer from 2 to 4096, got {a.quant_block_size}")
     _choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)

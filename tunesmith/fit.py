@@ -417,9 +417,12 @@ def _methods_allowed() -> tuple[str, ...]:
 
 
 def _candidates(cfg: Config):
-    """Overrides in order of least harm: same result slower, then fewer trainable weights, then
-    shorter rows (which changes what the model sees)."""
+    """Overrides in order of least harm: same result slower (forwards of fewer tokens, then
+    recomputed activations), then fewer trainable weights, then shorter rows (which changes what
+    the model sees)."""
     t = cfg.train
+    if t.batch_size > 1 and not (t.forward_tokens and t.forward_tokens <= cfg.data.max_length):
+        yield [f"train.forward_tokens={cfg.data.max_length}"]  # one row's worth per forward
     if not t.gradient_checkpointing:
         yield ["train.gradient_checkpointing=true"]
     bs = t.batch_size

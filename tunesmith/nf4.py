@@ -9,13 +9,17 @@ Contract:
   quantization): 4.5 → ~4.13 bits a weight at block 64. `storage.dequantize(dtype)` returns the
   weight in its original shape; the error is at most half the widest gap between NF4 levels
   (-1 → -0.696: 0.152) times the block's absmax (plus the scale's own rounding with double_quant).
+- `quantize_int4(weight, block_size=32)` → `Int4Storage`: asymmetric 4-bit, as GGUF's Q4_1 —
+  every block keeps its minimum and step (fp16 each) and a weight becomes `min + step · q`, q in
+  0..15: 5 bits a weight at block 32. A weight that already sits on such a grid (the bundled
+  SmolLM2 comes from a Q4_1 GGUF, block 32) is stored exactly; NF4 would round it again.
 - `FrozenLinear` (an `nn.Linear`, so PEFT wraps it with an ordinary LoRA layer and saves an
   ordinary LoRA adapter) and `FrozenEmbedding` hold a storage instead of a weight Parameter. The
   linear's autograd saves only its input: backward dequantizes again rather than keeping a
   full-precision copy of every layer alive between forward and backward.
 - `compress_frozen(model, linear, embeddings, block_size, double_quant)` swaps the model's
   plain `nn.Linear` layers (not the output head) and its input embeddings + output head for
-  frozen versions; `linear` and `embeddings` are each "nf4", "bf16" or None (leave as is). A tied
+  frozen versions; `linear` and `embeddings` are each "nf4", "int4", "bf16" or None (leave as is). A tied
   head shares the embedding's storage. Call it before PEFT wraps the model.
 - `storage_bytes(model)` counts the bytes of frozen weights (storage + frozen parameters).
 bitsandbytes 0.50 also runs NF4 on CPU, but is a 125 MB wheel of GPU libraries, needs
@@ -89,6 +93,63 @@ class NF4Storage(torch.nn.Module):
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
+
+
+_INT_PAIR_LUT = torch.stack([torch.arange(16.0).repeat_interleave(16), torch.arange(16.0).repeat(16)], dim=1)
+
+
+class Int4Storage(torch.nn.Module):
+    """Packed 4-bit codes + per-block fp16 minimum and step of one weight matrix."""
+
+    def __init__(self, codes, step, minimum, shape, block_size, dtype):
+        super().__init__()
+        self.register_buffer("codes", codes, persistent=False)
+        self.register_buffer("step", step, persistent=False)
+        self.register_buffer("minimum", minimum, persistent=False)
+        self.shape, self.block_size, self.dtype = tuple(shape), block_size, dtype
+
+    def _decode(self, codes, step, minimum, dtype) -> torch.Tensor:
+        q = F.embedding(codes.int(), _INT_PAIR_LUT.to(codes.device)).view(-1, self.block_size)
+        return torch.addcmul(minimum.float().reshape(-1, 1), q, step.float().reshape(-1, 1)).to(dtype)
+
+    def dequantize(self, dtype=None) -> torch.Tensor:
+        flat = self._decode(self.codes, self.step, self.minimum, dtype or self.dtype).view(-1)
+        return flat[: math.prod(self.shape)].view(self.shape)
+
+    def rows(self, ids: torch.Tensor, dtype=None) -> torch.Tensor:
+        n_rows, width = self.shape
+        if width % self.block_size:
+            return F.embedding(ids, self.dequantize(dtype))
+        codes = self.codes[: n_rows * width // 2].view(n_rows, width // 2)[ids]
+        per_row = width // self.block_size
+        step, minimum = (t[: n_rows * per_row].view(n_rows, per_row)[ids] for t in (self.step, self.minimum))
+        out = self._decode(codes.reshape(-1), step.reshape(-1), minimum.reshape(-1), dtype or self.dtype)
+        return out.view(*ids.shape, width)
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+
+def quantize_int4(weight: torch.Tensor, block_size: int = 32) -> Int4Storage:
+    if block_size < 2 or block_size % 2:
+        raise ValueError(f"block_size must be an even number >= 2, got {block_size}")
+    flat = weight.detach().reshape(-1)
+    numel = flat.numel()
+    n_blocks = max(1, math.ceil(numel / block_size))
+    pad = n_blocks * block_size - numel
+    padded = (F.pad(flat, (0, pad), value=float(flat[-1])) if pad else flat).view(n_blocks, block_size)
+    minimum = padded.amin(dim=1).half()
+    step = ((padded.amax(dim=1).float() - minimum.float()) / 15.0).half()
+    codes = torch.empty(n_blocks * block_size // 2, dtype=torch.uint8, device=weight.device)
+    rows_per_chunk = max(1, _CHUNK // block_size)
+    half = block_size // 2
+    for start in range(0, n_blocks, rows_per_chunk):
+        block = padded[start : start + rows_per_chunk].float()
+        lo = minimum[start : start + rows_per_chunk, None].float()
+        d = step[start : start + rows_per_chunk, None].float().clamp_min(torch.finfo(torch.float32).tiny)
+        idx = torch.round((block - lo) / d).clamp_(0, 15).to(torch.uint8).view(-1, 2)
+        codes[start * half : start * half + idx.shape[0]] = (idx[:, 0] << 4) | idx[:, 1]
+    return Int4Storage(codes, step, minimum, weight.shape, block_size, weight.dtype)
 
 
 class BF16Storage(torch.nn.Module):
@@ -207,6 +268,8 @@ class FrozenEmbedding(torch.nn.Embedding):
 def _store(weight: torch.Tensor, kind: str, block_size: int, double_quant: bool):
     if kind == "nf4":
         return quantize(weight, block_size, double_quant)
+    if kind == "int4":
+        return quantize_int4(weight, block_size)
     return BF16Storage(weight)
 
 
@@ -242,7 +305,7 @@ def compress_frozen(model, linear: str | None, embeddings: str | None, block_siz
 def _storages(model):
     seen = set()
     for module in model.modules():
-        if isinstance(module, (NF4Storage, BF16Storage)) and id(module) not in seen:
+        if isinstance(module, (NF4Storage, Int4Storage, BF16Storage)) and id(module) not in seen:
             seen.add(id(module))
             yield module
 

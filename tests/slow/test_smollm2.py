@@ -58,3 +58,21 @@ def test_quickstart_learns_the_knowledge_base(quickstart_run, slow_home):
                          capture_output=True, text=True, env=env, timeout=600)
     assert gen.returncode == 0, gen.stderr
     assert gen.stdout.strip() == q["after"]
+
+
+def test_int4_block_32_stores_the_bundled_linears_exactly():
+    """The bundled SmolLM2 comes from a Q4_1 GGUF: its linear weights sit on a 4-bit affine grid of
+    32-weight blocks, so qlora's `quant_type: int4` at block 32 stores them without error (NF4 adds
+    its own rounding on top of the GGUF's)."""
+    from tunesmith.nf4 import quantize, quantize_int4
+
+    model = load_model(resolve_model("smollm2-135m-instruct"))
+    head = model.get_output_embeddings()
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m is not head]
+    assert len(linears) == 210
+    for layer in linears:
+        w = layer.weight.detach()
+        err = (quantize_int4(w, 32).dequantize() - w).abs().max()
+        assert err <= 1e-6 * w.abs().max(), float(err)
+    w = linears[0].weight.detach()
+    assert (quantize(w, 64).dequantize() - w).abs().max() > 1e-3 * w.abs().max()

@@ -206,3 +206,54 @@ def test_chunked_loss_matches_full_logits_and_bounds_head_rows(method, monkeypat
     for k, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(grads[k], p.grad, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------- int4 (asymmetric, GGUF Q4_1's layout)
+
+
+def _q4_1_grid(rows=48, width=64, block=32, seed=0):
+    """A weight as a Q4_1 GGUF dequantizes it: per block of 32, fp16 minimum + fp16 step × q, q in 0..15
+    (the quantizer maps the block's min to 0 and its max to 15, so both occur)."""
+    g = torch.Generator().manual_seed(seed)
+    n_blocks = rows * width // block
+    q = torch.randint(0, 16, (n_blocks, block), generator=g).float()
+    q[:, 0], q[:, 1] = 0, 15
+    step = (torch.rand(n_blocks, 1, generator=g) * 0.01 + 1e-3).half().float()
+    low = (-torch.rand(n_blocks, 1, generator=g) * 0.08).half().float()
+    return (low + step * q).view(rows, width)
+
+
+def test_int4_stores_a_q4_1_grid_exactly_and_nf4_does_not():
+    from tunesmith.nf4 import quantize_int4
+
+    w = _q4_1_grid()
+    assert torch.equal(quantize_int4(w, 32).dequantize(), w)
+    assert (quantize(w, 32, double_quant=False).dequantize() - w).abs().max() > 1e-3  # NF4 rounds it again
+
+
+def test_int4_error_bound_size_and_rows():
+    from tunesmith.nf4 import quantize_int4
+
+    w = _weight((96, 128))
+    q = quantize_int4(w, 32)
+    back = q.dequantize()
+    blocks, err = w.view(-1, 32), (back - w).view(-1, 32).abs()
+    step = (blocks.amax(1, keepdim=True) - blocks.amin(1, keepdim=True)) / 15
+    assert (err <= step * 0.501 + 2e-3 * blocks.abs().amax(1, keepdim=True)).all()  # half a step (+ fp16 rounding)
+    assert q.nbytes() * 8 / w.numel() == 5.0  # 4 bits + fp16 minimum and step per 32
+    ids = torch.tensor([[3, 0], [95, 3]])
+    assert torch.equal(q.rows(ids), back[ids])
+    odd = _weight((7, 9))  # pads the last block
+    assert (quantize_int4(odd, 32).dequantize() - odd).abs().max() < 0.01
+
+
+def test_qlora_with_int4_trains_and_saves_a_plain_adapter(tmp_path):
+    torch.manual_seed(0)
+    model = apply_method(make_tiny_model(400), _lora_cfg("qlora", quant_type="int4", quant_block_size=32))
+    assert any(type(m).__name__ == "Int4Storage" for m in model.modules())
+    loss, _ = token_loss(model, *_batch())
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    with pytest.raises(UserError, match="adapter.quant_type"):
+        load_config(None, ["adapter.quant_type=fp4"])

@@ -47,22 +47,24 @@ class SwiGLUDownFn(torch.autograd.Function):
         g = grad_y.reshape(-1, grad_y.shape[-1])
         gate2, up2 = gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1])
         silu = F.silu(gate2)
-        h = silu * up2 if (need[2] or need[4]) else None
         grad_gate = grad_up = grad_w = grad_bias = grad_a = grad_b = None
         grad_h = torch.mm(g, weight)
+        g_ha = None
         if lora_a is not None:
             g_ha = torch.mm(g, lora_b).mul_(s)
             grad_h.addmm_(g_ha, lora_a)
-            if need[4]:
-                grad_a = torch.mm(g_ha.t(), h)
-            if need[5]:
-                grad_b = torch.mm(g.t(), ha.reshape(-1, ha.shape[-1])).mul_(s)
-        if need[2]:
-            grad_w = torch.mm(g.t(), h)
-        if need[3]:
-            grad_bias = g.sum(0)
         if need[1]:
             grad_up = (grad_h * silu).view(up.shape)
+        if need[2] or need[4]:
+            h = silu.mul_(up2)  # silu(g)·u, recomputed in the buffer silu(g) no longer needs
+            if need[2]:
+                grad_w = torch.mm(g.t(), h)
+            if need[4]:
+                grad_a = torch.mm(g_ha.t(), h)
+        if need[5]:
+            grad_b = torch.mm(g.t(), ha.reshape(-1, ha.shape[-1])).mul_(s)
+        if need[3]:
+            grad_bias = g.sum(0)
         if need[0]:
             grad_gate = torch.ops.aten.silu_backward(grad_h.mul_(up2), gate2).view(gate.shape)
         return grad_gate, grad_up, grad_w, grad_bias, grad_a, grad_b, None

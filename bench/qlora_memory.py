@@ -57,8 +57,8 @@ VARIANTS = {
     "qlora+bf16": ({"method": "qlora"}, "bf16"),
     "qlora+nf4-embeddings": ({"method": "qlora", "quantize_embeddings": True}, "fp32"),
     "qlora+nf4-embeddings,no-double-quant": ({"method": "qlora", "quantize_embeddings": True, "double_quant": False}, "fp32"),
-    "qlora int4/32": ({"method": "qlora", "quant_type": "int4", "quant_block_size": 32}, "fp32"),
-    "qlora int4/32+int4-embeddings": ({"method": "qlora", "quant_type": "int4", "quant_block_size": 32,
+    "qlora-int4-b32": ({"method": "qlora", "quant_type": "int4", "quant_block_size": 32}, "fp32"),
+    "qlora-int4-b32+int4-embeddings": ({"method": "qlora", "quant_type": "int4", "quant_block_size": 32,
                                        "quantize_embeddings": True}, "fp32"),
 }
 
@@ -183,15 +183,16 @@ def run_summary(out: Path) -> dict:
             "peak_rss_mib": summary["peak_rss_mib"], "steps": summary["steps"]}
 
 
-def part_train(work: Path, steps: int, env: dict) -> dict:
+def part_train(work: Path, steps: int, env: dict, only: list[str] | None = None) -> dict:
     model = smollm2_dir()
     runs = {
         "lora": ({"method": "lora"}, "fp32"),
         "qlora": ({"method": "qlora"}, "fp32"),
         "qlora+nf4-embeddings": ({"method": "qlora", "quantize_embeddings": True}, "fp32"),
         # asymmetric 4-bit in GGUF Q4_1's blocks of 32: the bundled weights' own grid
-        "qlora int4/32": ({"method": "qlora", "quant_type": "int4", "quant_block_size": 32}, "fp32"),
+        "qlora-int4-b32": ({"method": "qlora", "quant_type": "int4", "quant_block_size": 32}, "fp32"),
     }
+    runs = {k: v for k, v in runs.items() if not only or k in only or k == "lora"}
     results = {}
     for name, (adapter, frozen) in runs.items():
         out = work / f"train-{name}"
@@ -363,6 +364,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="weights,train,budget")
     parser.add_argument("--steps", type=int, default=90, help="optimizer steps per training run (train part)")
+    parser.add_argument("--train-runs", nargs="*", help="train part: only these runs (lora always runs, as the reference)")
     parser.add_argument("--budget-gib", type=float, default=3.0)
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "tunesmith-bench-qlora"))
     parser.add_argument("--json", default=str(ROOT / "out" / "bench" / "qlora_memory.json"))
@@ -376,7 +378,7 @@ def main() -> None:
         report["weights"] = part_weights({"SmolLM2-135M": smollm2_dir(),
                                           "360M-class": str(make_360m_dir(work / "smol-360m-random"))})
     if "train" in parts:
-        report["train"] = part_train(work, args.steps, env)
+        report["train"] = part_train(work, args.steps, env, args.train_runs)
     if "budget" in parts:
         report["budget"] = part_budget(work, args.budget_gib, env)
     if "rounding" in parts:

@@ -5,11 +5,11 @@ Contract:
   (bytes, with its parts), seconds per optimizer step, checkpoint + final-model disk bytes,
   the RAM and disk budgets of this machine, and `fits`. With `probe`, it times and measures a
   real forward/backward/AdamW step on 1- and 3-layer copies of the model (random weights,
-  the real widths, the run's rows and micro-batch, capped at PROBE_TOKENS) and extrapolates
-  linearly in layers; with `probe=False` the same copies run one untimed step (memory only, s/step None).
+  the real widths, the run's rows and micro-batch, capped at PROBE_TOKENS; timed TIME_ROUNDS
+  times, depths alternating) and extrapolates linearly in layers; with `probe=False` the same copies run one untimed step (memory only, s/step None).
   It reads the model's `config.json` and the tokenised data (cached by `build_datasets`), never
   the weights, and writes nothing into the output dir.
-- `suggest(cfg, est)` re-estimates a few concrete overrides (gradient checkpointing, smaller
+- `suggest(cfg, est)` re-estimates a few concrete overrides (split forwards, gradient checkpointing, smaller
   micro-batches with more accumulation, lora/qlora, shorter rows) and returns the first set
   that fits, as `key=value` strings with its estimate, or None.
 - `ram_budget()` is MemAvailable + this process's RSS (the run reuses this process, or this one

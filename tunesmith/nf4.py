@@ -130,14 +130,21 @@ class Int4Storage(torch.nn.Module):
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
 
-def quantize_int4(weight: torch.Tensor, block_size: int = 32) -> Int4Storage:
+def _blocks(weight: torch.Tensor, block_size: int, pad_with_last: bool = False) -> torch.Tensor:
+    """The weight, row-major, as [blocks × block_size], the last block padded (zeros, or its last value)."""
     if block_size < 2 or block_size % 2:
         raise ValueError(f"block_size must be an even number >= 2, got {block_size}")
     flat = weight.detach().reshape(-1)
-    numel = flat.numel()
-    n_blocks = max(1, math.ceil(numel / block_size))
-    pad = n_blocks * block_size - numel
-    padded = (F.pad(flat, (0, pad), value=float(flat[-1])) if pad else flat).view(n_blocks, block_size)
+    n_blocks = max(1, math.ceil(flat.numel() / block_size))
+    pad = n_blocks * block_size - flat.numel()
+    if not pad:  # no copy when the weight fills whole blocks (the usual case; an embedding is 100+ MB)
+        return flat.view(n_blocks, block_size)
+    return F.pad(flat, (0, pad), value=float(flat[-1]) if pad_with_last else 0.0).view(n_blocks, block_size)
+
+
+def quantize_int4(weight: torch.Tensor, block_size: int = 32) -> Int4Storage:
+    padded = _blocks(weight, block_size, pad_with_last=True)  # padding must not widen a block's range
+    n_blocks = padded.shape[0]
     minimum = padded.amin(dim=1).half()
     step = ((padded.amax(dim=1).float() - minimum.float()) / 15.0).half()
     codes = torch.empty(n_blocks * block_size // 2, dtype=torch.uint8, device=weight.device)
@@ -171,14 +178,8 @@ class BF16Storage(torch.nn.Module):
 
 
 def quantize(weight: torch.Tensor, block_size: int = 64, double_quant: bool = True) -> NF4Storage:
-    if block_size < 2 or block_size % 2:
-        raise ValueError(f"block_size must be an even number >= 2, got {block_size}")
-    flat = weight.detach().reshape(-1)
-    numel = flat.numel()
-    n_blocks = max(1, math.ceil(numel / block_size))
-    pad = n_blocks * block_size - numel
-    # no copy when the weight fills whole blocks (the usual case; an embedding is 100+ MB)
-    padded = (F.pad(flat, (0, pad)) if pad else flat).view(n_blocks, block_size)
+    padded = _blocks(weight, block_size)
+    n_blocks = padded.shape[0]
     absmax = padded.abs().amax(dim=1).float()
     codes = torch.empty(n_blocks * block_size // 2, dtype=torch.uint8, device=weight.device)
     mids = _MIDPOINTS.to(weight.device)

@@ -50,8 +50,31 @@ SCALE_BLOCK = 256  # absmax values per fp32 scale under double quantization
 _CHUNK = 1 << 22  # weights normalised per step while quantizing: bounds the temporary memory
 
 
-class NF4Storage(torch.nn.Module):
-    """Packed NF4 codes + block scales of one weight matrix (buffers, so `.to(device)` moves them)."""
+class _BlockStorage(torch.nn.Module):
+    """Packed 4-bit codes (two a byte, row-major) and per-block parameters of one weight matrix, as
+    buffers so `.to(device)` moves them. Subclasses give `_per_block()` (tensors with one value a
+    block) and `_decode(codes, *per_block, dtype)` → [blocks × block_size] values."""
+
+    def dequantize(self, dtype=None) -> torch.Tensor:
+        flat = self._decode(self.codes, *self._per_block(), dtype or self.dtype).view(-1)
+        return flat[: math.prod(self.shape)].view(self.shape)
+
+    def rows(self, ids: torch.Tensor, dtype=None) -> torch.Tensor:
+        """Rows `ids` of a 2-D weight, decoding only those rows when rows align with blocks."""
+        n_rows, width = self.shape
+        if width % self.block_size:
+            return F.embedding(ids, self.dequantize(dtype))
+        codes = self.codes[: n_rows * width // 2].view(n_rows, width // 2)[ids].reshape(-1)
+        per_row = width // self.block_size
+        params = [t[: n_rows * per_row].view(n_rows, per_row)[ids].reshape(-1) for t in self._per_block()]
+        return self._decode(codes, *params, dtype or self.dtype).view(*ids.shape, width)
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+
+class NF4Storage(_BlockStorage):
+    """NF4 codes + block absmax scales (optionally double-quantized)."""
 
     def __init__(self, codes, absmax, scale_codes, scale_scales, scale_mean, shape, block_size, dtype):
         super().__init__()
@@ -72,34 +95,20 @@ class NF4Storage(torch.nn.Module):
         values = (codes * self.scale_scales[:, None]).view(-1)[:n] + self.scale_mean
         return values.clamp_min(0.0)
 
+    def _per_block(self):
+        return (self.scales(),)
+
     def _decode(self, codes: torch.Tensor, scales: torch.Tensor, dtype) -> torch.Tensor:
         lut = _PAIR_LUT.to(codes.device)
         values = F.embedding(codes.int(), lut).view(-1, self.block_size) * scales.reshape(-1, 1)
         return values.to(dtype)
 
-    def dequantize(self, dtype=None) -> torch.Tensor:
-        numel = math.prod(self.shape)
-        flat = self._decode(self.codes, self.scales(), dtype or self.dtype).view(-1)
-        return flat[:numel].view(self.shape)
-
-    def rows(self, ids: torch.Tensor, dtype=None) -> torch.Tensor:
-        """Rows `ids` of a 2-D weight, decoding only those rows when rows align with blocks."""
-        n_rows, width = self.shape
-        if width % self.block_size:
-            return F.embedding(ids, self.dequantize(dtype))
-        codes = self.codes[: n_rows * width // 2].view(n_rows, width // 2)[ids]
-        scales = self.scales()[: n_rows * width // self.block_size].view(n_rows, -1)[ids]
-        return self._decode(codes.reshape(-1), scales.reshape(-1), dtype or self.dtype).view(*ids.shape, width)
-
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
-
 
 _INT_PAIR_LUT = torch.stack([torch.arange(16.0).repeat_interleave(16), torch.arange(16.0).repeat(16)], dim=1)
 
 
-class Int4Storage(torch.nn.Module):
-    """Packed 4-bit codes + per-block fp16 minimum and step of one weight matrix."""
+class Int4Storage(_BlockStorage):
+    """4-bit codes + per-block fp16 minimum and step: a weight is `minimum + step · q`."""
 
     def __init__(self, codes, step, minimum, shape, block_size, dtype):
         super().__init__()
@@ -108,26 +117,12 @@ class Int4Storage(torch.nn.Module):
         self.register_buffer("minimum", minimum, persistent=False)
         self.shape, self.block_size, self.dtype = tuple(shape), block_size, dtype
 
+    def _per_block(self):
+        return self.step, self.minimum
+
     def _decode(self, codes, step, minimum, dtype) -> torch.Tensor:
         q = F.embedding(codes.int(), _INT_PAIR_LUT.to(codes.device)).view(-1, self.block_size)
         return torch.addcmul(minimum.float().reshape(-1, 1), q, step.float().reshape(-1, 1)).to(dtype)
-
-    def dequantize(self, dtype=None) -> torch.Tensor:
-        flat = self._decode(self.codes, self.step, self.minimum, dtype or self.dtype).view(-1)
-        return flat[: math.prod(self.shape)].view(self.shape)
-
-    def rows(self, ids: torch.Tensor, dtype=None) -> torch.Tensor:
-        n_rows, width = self.shape
-        if width % self.block_size:
-            return F.embedding(ids, self.dequantize(dtype))
-        codes = self.codes[: n_rows * width // 2].view(n_rows, width // 2)[ids]
-        per_row = width // self.block_size
-        step, minimum = (t[: n_rows * per_row].view(n_rows, per_row)[ids] for t in (self.step, self.minimum))
-        out = self._decode(codes.reshape(-1), step.reshape(-1), minimum.reshape(-1), dtype or self.dtype)
-        return out.view(*ids.shape, width)
-
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
 
 
 def _blocks(weight: torch.Tensor, block_size: int, pad_with_last: bool = False) -> torch.Tensor:
@@ -306,7 +301,7 @@ def compress_frozen(model, linear: str | None, embeddings: str | None, block_siz
 def _storages(model):
     seen = set()
     for module in model.modules():
-        if isinstance(module, (NF4Storage, Int4Storage, BF16Storage)) and id(module) not in seen:
+        if isinstance(module, (_BlockStorage, BF16Storage)) and id(module) not in seen:
             seen.add(id(module))
             yield module
 

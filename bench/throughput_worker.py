@@ -114,7 +114,7 @@ def run_tunesmith(args) -> dict:
             f"train.lr={args.lr}", "train.lr_schedule=linear", "train.min_lr_ratio=0", "train.warmup_steps=0",
             "train.warmup_ratio=0", "train.weight_decay=0", "train.max_grad_norm=1.0", "train.seed=0",
             "train.progress=false", f"train.gradient_checkpointing={str(args.gc).lower()}",
-            f"train.precision={'bf16' if args.bf16 else 'fp32'}", *args.set,
+            f"train.precision={'bf16' if args.bf16 else 'auto'}", *args.set,
         ]
         result = run_training(load_config(None, overrides))
         metrics = [json.loads(x) for x in Path(tmp, "run", "metrics.jsonl").read_text().splitlines()]

@@ -1,4 +1,7 @@
-"""Shared fixtures: a tiny HF model dir built once per session, and an isolated TUNESMITH_HOME."""
+"""Shared fixtures: a tiny HF model dir built once per session, and an isolated TUNESMITH_HOME.
+
+`train.precision=auto` is pinned to fp32 (`TUNESMITH_BF16_UNITS=0`) so the fp32 tolerances of the
+suite hold on machines with and without bf16 matmul units; tests of the bf16 path set it to 1."""
 
 import pytest
 
@@ -20,3 +23,4 @@ def _isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("TUNESMITH_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setenv("TUNESMITH_BF16_UNITS", "0")

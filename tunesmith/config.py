@@ -26,9 +26,9 @@ from tunesmith.errors import UserError
 DATA_FORMATS = ("auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text")
 METHODS = ("full", "lora", "dora", "qlora")
 QUANT_TYPES = ("nf4", "int4")
-FROZEN_DTYPES = ("fp32", "bf16")
+FROZEN_DTYPES = ("auto", "fp32", "bf16")
 LR_SCHEDULES = ("cosine", "linear", "constant")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 STRATEGIES = ("ddp", "fsdp")  # under torchrun; one process ignores it
 OVERLONG = ("truncate", "drop")
 COMPARE_ARMS = ("base", "prompt", "rag", "finetuned", "finetuned_rag")
@@ -100,13 +100,13 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # floor of the schedule, as a fraction of lr
     max_grad_norm: float = 1.0  # 0 disables clipping
     seed: int = 42
-    precision: str = "fp32"
+    precision: str = "auto"  # auto (bf16 where the hardware has bf16 matmul units, else fp32) · fp32 · bf16 · fp16
     device: str = "auto"  # auto · cpu · cuda · cuda:N
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     gradient_checkpointing: bool = False
     padding_free: bool = True  # a micro-batch runs as one row of real tokens, attention per sample
     fused_mlp: bool = True  # SwiGLU + down projection as one node that saves 2 of 4 intermediates
-    frozen_dtype: str = "fp32"  # storage of weights that do not train (lora, dora, qlora): fp32 · bf16
+    frozen_dtype: str = "auto"  # storage of weights that do not train (lora, dora, qlora): auto (bf16 when computing in bf16) · fp32 · bf16
     log_every: int = 1
     eval_every: int = 0  # steps between validation passes; 0 = only at the end
     save_every: int = 0  # steps between checkpoints; 0 = only at the end

@@ -24,6 +24,7 @@ the intercept captures the embeddings, the LM head and the loss.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -173,6 +174,16 @@ def _shallow(hf_cfg, n_layers: int):
     return shallow
 
 
+def _precision(cfg: Config) -> tuple[str, str]:
+    """The run's compute precision and frozen-weight dtype, `auto` settled as `train` settles it
+    (the probe runs on the CPU, as the estimate is for a CPU run)."""
+    import torch
+
+    from tunesmith.compute import resolve_precision
+
+    return resolve_precision(cfg.train, cfg.adapter.method, torch.device("cpu"))
+
+
 def _measure(cfg: Config, hf_cfg, n_layers: int, batch: int, row_lens, label_frac: float, segment: int | None,
              timed: bool) -> dict:
     """Build an n-layer random copy, run AdamW steps at each row length; bytes and seconds."""
@@ -193,7 +204,8 @@ def _measure(cfg: Config, hf_cfg, n_layers: int, batch: int, row_lens, label_fra
     # no gradient checkpointing here even when the run has it: its own saved-tensor hooks would
     # hide the layers from ours; its effect is arithmetic on the per-layer numbers (see estimate)
     # the run's own method, qlora's NF4 and frozen_dtype included: their storage is what it is
-    model = apply_method(model, cfg.adapter, cfg.train.frozen_dtype)
+    precision, frozen_dtype = _precision(cfg)
+    model = apply_method(model, cfg.adapter, frozen_dtype)
     model.train()
     trainable, total = count_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -205,6 +217,7 @@ def _measure(cfg: Config, hf_cfg, n_layers: int, batch: int, row_lens, label_fra
     if cfg.train.fused_mlp:
         use_fused_mlp(model)
     step = LossModule(model, embed_into_grad=can_embed_into_grad(model))
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
     vocab = model.get_input_embeddings().weight.shape[0]
     result = {"trainable": trainable, "total": total, "weights": weight_bytes, "stored": stored_parameters(model),
               "saved": {}, "seconds": {}, "opt_s": None}
@@ -234,7 +247,7 @@ def _measure(cfg: Config, hf_cfg, n_layers: int, batch: int, row_lens, label_fra
         for rep in range(reps):
             seen.clear()
             start = time.perf_counter()
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast():
                 loss, n = step(ids, labels, positions if segment or flat else None)
             (loss / max(n, 1)).backward()
             if rep > 0 or reps == 1:
@@ -302,7 +315,8 @@ def estimate(cfg: Config, probe: bool = True, ram_gib: float | None = None, _cac
     lens = (peak_len,)
     b_probe = max(1, min(b, PROBE_TOKENS // peak_len))
     segment = min(mean_sample, peak_len) if cfg.data.packing and mean_sample < peak_len else None
-    key = ("probe", repr(cfg.adapter), t.frozen_dtype, b_probe, lens, segment, probe)
+    precision, frozen_dtype = _precision(cfg)
+    key = ("probe", repr(cfg.adapter), precision, frozen_dtype, b_probe, lens, segment, probe)
     if key not in _cache:
         runs = [_measure(cfg, hf_cfg, n, b_probe, lens, label_frac, segment, probe) for n in PROBE_LAYERS]
         # the per-layer time is a difference of two short timings, multiplied by the depth: on a
@@ -373,9 +387,9 @@ def estimate(cfg: Config, probe: bool = True, ram_gib: float | None = None, _cac
     # once to quantize, and the weights that stay fp32 (embeddings, norms) keep the mapping, so
     # those pages stay resident (measured on SmolLM2: qlora's peak RSS above lora's)
     stored, _ = at_depth(lo["stored"], hi["stored"])
-    if method == "qlora" and t.frozen_dtype != "bf16":
+    if method == "qlora" and frozen_dtype != "bf16":
         parts["fp32 file pages"] = stored * 4.0
-    elif method != "full" and t.frozen_dtype == "bf16":  # loaded as bf16, then the load is freed
+    elif method != "full" and frozen_dtype == "bf16":  # loaded as bf16, then the load is freed
         over = total * 2.0 - optimizer - together
         if over > 0:
             parts["loading (before step 1)"] = over

@@ -2,14 +2,18 @@
 
 Contract: `FusedLoraLinear` is `peft.tuners.lora.layer.Linear` (same parameters, state-dict keys,
 adapter files, merge and unload) whose `forward`, when exactly one plain LoRA adapter is active on
-an unmerged `nn.Linear` with no dropout and no autocast, computes
+an unmerged `nn.Linear` (or a frozen bf16-stored one, `tunesmith.nf4.BF16Storage`) with no
+dropout, computes
 
     y = x Wᵀ + b + s · (x Aᵀ) Bᵀ
 
 in one autograd node (`LoraLinearFn`): the scaled low-rank product is accumulated into the base
 output by the GEMM itself (`addmm_`, alpha = s) and, in backward, `∂x = ∂y W + s (∂y B) A` is
-one GEMM plus one accumulating GEMM. Every other case (DoRA, dropout, several adapters, disabled
-or merged adapters, a compressed base such as qlora's NF4, autocast) is PEFT's own forward.
+one GEMM plus one accumulating GEMM. Under bf16 autocast (`train.precision=bf16`) the node runs
+wholly in bf16 — input, base weight and adapter cast once, as autocast would cast them — so the
+GEMMs hit the CPU's bf16 units (AMX) with no fp32 round trips; the adapter's gradients come back
+to its fp32 weights through the casts. Every other case (DoRA, dropout, several adapters, disabled
+or merged adapters, a 4-bit base such as qlora's NF4, fp16 autocast) is PEFT's own forward.
 `apply_method` registers it through PEFT's custom-module hook (`LoraConfig._register_custom_module`).
 
 Why: PEFT's forward is `base(x) + lora_B(lora_A(dropout(x))) * scaling` — per layer an extra
@@ -23,6 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
+
+from tunesmith.compute import autocast_bf16, compute_weight
 
 
 class LoraLinearFn(torch.autograd.Function):
@@ -40,7 +46,7 @@ class LoraLinearFn(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight, lora_a, lora_b, xa = ctx.saved_tensors
         s = ctx.scaling
-        g = grad_y.reshape(-1, grad_y.shape[-1])
+        g = grad_y.reshape(-1, grad_y.shape[-1]).to(x.dtype)
         x2 = x.reshape(-1, x.shape[-1])
         g_xa = torch.mm(g, lora_b).mul_(s)  # [tokens, rank]
         grad_x = grad_w = grad_bias = grad_a = grad_b = None
@@ -64,18 +70,29 @@ class FusedLoraLinear(PeftLoraLinear):
         name = self.active_adapters[0]
         if name not in self.lora_A or name in self.lora_variant or self.use_dora.get(name, False):
             return None
-        if not isinstance(self.lora_dropout[name], torch.nn.Identity) or torch.is_autocast_enabled(x.device.type):
+        if not isinstance(self.lora_dropout[name], torch.nn.Identity) or self.fan_in_fan_out:
             return None
         base = self.base_layer
-        if type(base) is not torch.nn.Linear or self.fan_in_fan_out:
+        if torch.is_autocast_enabled(x.device.type):
+            return name if autocast_bf16(x) and compute_weight(base, torch.bfloat16) is not None else None
+        if type(base) is not torch.nn.Linear:
             return None
         dtypes = {x.dtype, base.weight.dtype, self.lora_A[name].weight.dtype, self.lora_B[name].weight.dtype}
         return name if len(dtypes) == 1 else None
+
+    def fused_operands(self, name: str, x: torch.Tensor) -> tuple:
+        """(x, weight, bias, lora_a, lora_b) in the dtype the fused node computes in."""
+        base, a, b = self.base_layer, self.lora_A[name].weight, self.lora_B[name].weight
+        if not torch.is_autocast_enabled(x.device.type):
+            return x, base.weight, base.bias, a, b
+        dt = torch.bfloat16
+        bias = None if base.bias is None else base.bias.to(dt)
+        return x.to(dt), compute_weight(base, dt), bias, a.to(dt), b.to(dt)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         name = self._fused_adapter(x, args, kwargs)
         if name is None:
             return super().forward(x, *args, **kwargs)
-        base = self.base_layer
-        return LoraLinearFn.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                                  self.scaling[name])
+        operands = self.fused_operands(name, x)  # reads the autocast state: before leaving it
+        with torch.autocast(x.device.type, enabled=False):
+            return LoraLinearFn.apply(*operands, self.scaling[name])

@@ -13,7 +13,9 @@ Contract:
   then train with padded batches.
 - `varlen_attention` splits every row at its position restarts and runs causal SDPA on each
   segment; with an attention mask, a KV cache or queries shorter than keys it is exactly
-  transformers' SDPA attention (which generation needs).
+  transformers' SDPA attention (which generation needs). On CPU, bf16 segments (autocast) run
+  the kernel in fp32 and come back in bf16: PyTorch's CPU flash backward is about twice as slow in
+  bf16 as in fp32 at these lengths, and fp32 is the more exact of the two.
 
 Why: padding to the longest sample wastes a quarter of the compute on typical SFT batches, and
 transformers' own answer for packed rows (a block-diagonal mask derived from position restarts)
@@ -75,6 +77,9 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     gqa = query.shape[1] != key.shape[1]
+    dtype = query.dtype
+    if query.device.type == "cpu" and dtype == torch.bfloat16:
+        query, key, value = query.float(), key.float(), value.float()
     outs = []
     for b, segments in enumerate(_segments(position_ids, query.shape[0])):
         parts = [
@@ -85,7 +90,7 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         ]
         outs.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).to(dtype, memory_format=torch.contiguous_format), None
 
 
 def _inner(model):

@@ -5,8 +5,9 @@ wrappers included) — `down(silu(gate(x)) · up(x))` — to `fused_forward`, an
 it switched, for `restore_mlp(modules)`. In `fused_forward`, `silu(g) · u` and the down projection
 are one autograd node (`SwiGLUDownFn`) when `down_proj` is a plain `nn.Linear` (full fine-tuning,
 or a frozen one) or a fusable LoRA layer (`tunesmith.fused_lora`); the node saves only `g` and `u`
-and recomputes `silu(g) · u` in backward. Anything else (DoRA, dropout, qlora's NF4 base,
-autocast) runs the module's own forward.
+and recomputes `silu(g) · u` in backward. Under bf16 autocast the node computes in bf16 (weights
+cast as autocast would cast them; a frozen bf16-stored down projection is used as stored).
+Anything else (DoRA, dropout, qlora's 4-bit base, fp16 autocast) runs the module's own forward.
 
 Why: autograd keeps `g`, `silu(g)`, `u` and `silu(g)·u` — four [tokens × intermediate] tensors per
 layer, the largest share of a step's saved activations (4 × 1,536 of ~10,700 floats per token and
@@ -20,6 +21,8 @@ import types
 
 import torch
 import torch.nn.functional as F
+
+from tunesmith.compute import autocast_bf16, compute_weight
 
 MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
 
@@ -44,7 +47,7 @@ class SwiGLUDownFn(torch.autograd.Function):
         gate, up, weight, lora_a, lora_b, ha = ctx.saved_tensors
         need = ctx.needs_input_grad
         s = ctx.scaling
-        g = grad_y.reshape(-1, grad_y.shape[-1])
+        g = grad_y.reshape(-1, grad_y.shape[-1]).to(gate.dtype)
         gate2, up2 = gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1])
         silu = F.silu(gate2)
         grad_gate = grad_up = grad_w = grad_bias = grad_a = grad_b = None
@@ -70,19 +73,38 @@ class SwiGLUDownFn(torch.autograd.Function):
         return grad_gate, grad_up, grad_w, grad_bias, grad_a, grad_b, None
 
 
+def _operands(down, gate: torch.Tensor) -> tuple | None:
+    """(weight, bias, lora_a, lora_b, scaling) for `SwiGLUDownFn` in the dtype it computes in, or None."""
+    autocast = torch.is_autocast_enabled(gate.device.type)
+    if autocast and not autocast_bf16(gate):
+        return None
+    fused_adapter = getattr(down, "_fused_adapter", None)
+    if fused_adapter is not None:
+        name = fused_adapter(gate, (), {})
+        if name is None:
+            return None
+        _, weight, bias, lora_a, lora_b = down.fused_operands(name, gate)
+        return weight, bias, lora_a, lora_b, down.scaling[name]
+    if not autocast:
+        if type(down) is torch.nn.Linear and gate.dtype == down.weight.dtype:
+            return down.weight, down.bias, None, None, 0.0
+        return None
+    weight = compute_weight(down, torch.bfloat16)
+    if weight is None:
+        return None
+    return weight, None if down.bias is None else down.bias.to(torch.bfloat16), None, None, 0.0
+
+
 def fused_forward(self, x):
     gate, up = self.gate_proj(x), self.up_proj(x)
     down = self.down_proj
-    if not torch.is_autocast_enabled(gate.device.type):
-        if type(down) is torch.nn.Linear and gate.dtype == down.weight.dtype:
-            return SwiGLUDownFn.apply(gate, up, down.weight, down.bias, None, None, 0.0)
-        fused_adapter = getattr(down, "_fused_adapter", None)
-        name = fused_adapter(gate, (), {}) if fused_adapter is not None else None
-        if name is not None:
-            base = down.base_layer
-            return SwiGLUDownFn.apply(gate, up, base.weight, base.bias, down.lora_A[name].weight,
-                                      down.lora_B[name].weight, down.scaling[name])
-    return down(self.act_fn(gate) * up)
+    operands = _operands(down, gate)
+    if operands is None:
+        return down(self.act_fn(gate) * up)
+    if torch.is_autocast_enabled(gate.device.type):
+        gate, up = gate.to(torch.bfloat16), up.to(torch.bfloat16)
+    with torch.autocast(gate.device.type, enabled=False):
+        return SwiGLUDownFn.apply(gate, up, *operands)
 
 
 def _is_silu(act) -> bool:

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from tunesmith.adapters import RUN_CONFIG, apply_method, count_parameters
+from tunesmith.compute import resolve_precision
 from tunesmith.config import Config, config_hash, load_config, save_config
 from tunesmith.data.packing import collate, pack, unpacked
 from tunesmith.data.sft import build_datasets, ensure_chat_template
@@ -256,8 +257,9 @@ def run_training(cfg: Config, rows=None) -> TrainResult:
     if len(train_rows) < dist.world:
         raise UserError(f"data: {len(train_rows)} training rows cannot be shared by {dist.world} processes")
 
+    precision, frozen_dtype = resolve_precision(t, cfg.adapter.method, device)
     # frozen_dtype=bf16 loads in bf16: no fp32 copy of the frozen base is ever made
-    bf16_base = t.frozen_dtype == "bf16" and cfg.adapter.method != "full"
+    bf16_base = frozen_dtype == "bf16" and cfg.adapter.method != "full"
     model = load_model(
         resolved, dtype=torch.bfloat16 if bf16_base else torch.float32, trust_remote_code=cfg.model.trust_remote_code,
         revision=cfg.model.revision, attn_implementation=cfg.model.attn_implementation,
@@ -265,7 +267,7 @@ def run_training(cfg: Config, rows=None) -> TrainResult:
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    model = apply_method(model, cfg.adapter, t.frozen_dtype)
+    model = apply_method(model, cfg.adapter, frozen_dtype)
     previous_attention = use_varlen(model) if t.padding_free else None
     fused_mlps = use_fused_mlp(model) if t.fused_mlp else []
     if previous_attention is None:
@@ -314,7 +316,7 @@ def run_training(cfg: Config, rows=None) -> TrainResult:
         save_config(cfg, out / RUN_CONFIG)
     barrier(dist)
 
-    amp_dtype = None if t.precision == "fp32" else torch_dtype(t.precision)
+    amp_dtype = None if precision == "fp32" else torch_dtype(precision)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
     scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
     records = Records(out, t.tensorboard, step) if dist.main else None
@@ -327,7 +329,7 @@ def run_training(cfg: Config, rows=None) -> TrainResult:
         print(
             f"tunesmith: {cfg.adapter.method} on {cfg.model.name}: {trainable:,} of {total_params:,} parameters "
             f"trainable; {stats.n_examples} examples ({stats.n_truncated} truncated, {stats.n_dropped} dropped) "
-            f"→ {len(train_rows)} rows of ≤{cfg.data.max_length} tokens; {total_steps} steps"
+            f"→ {len(train_rows)} rows of ≤{cfg.data.max_length} tokens; {total_steps} steps; {precision} compute"
             + (f"; resuming at step {step}" if resume_from is not None else ""),
             flush=True,
         )
@@ -405,7 +407,7 @@ def run_training(cfg: Config, rows=None) -> TrainResult:
             "final_train_loss": last_loss, "final_val_loss": val_loss,
             "trainable_params": trainable, "total_params": total_params,
             "train_rows": len(train_rows), "val_rows": len(val_rows), "device": str(device),
-            "world_size": dist.world, "data": stats.__dict__,
+            "world_size": dist.world, "precision": precision, "frozen_dtype": frozen_dtype, "data": stats.__dict__,
         }
         (out / "run.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
         print(

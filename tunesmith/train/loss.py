@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from tunesmith.compute import autocast_bf16, head_weight
+
 IGNORE = -100
 CHUNK = 256  # rows of logits at a time: 256 × 49,152 fp32 is 48 MiB on SmolLM2
 MODULE_CHUNK = 2048  # other heads: checkpointed chunks (recomputed in backward), so fewer and bigger
@@ -123,25 +125,35 @@ class LinearCrossEntropy(torch.autograd.Function):
     computed during the forward (see the module doc). ∂W is summed over chunks into one buffer."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets):
+    def forward(ctx, hidden, weight, targets, dtype=None):
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        cdt = dtype or hidden.dtype  # the GEMMs' dtype; logits, softmax and the loss are fp32
+        w = weight.detach().to(cdt)  # one cast for every chunk (none when the dtypes agree)
         grad_h = torch.empty_like(hidden) if want_h else None
         grad_w = None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], CHUNK):
-            h, t = hidden[start : start + CHUNK], targets[start : start + CHUNK]
-            logits = _logits(h, weight)
+            h, t = hidden[start : start + CHUNK].to(cdt), targets[start : start + CHUNK]
+            logits = _logits(h, w)
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
             if not (want_h or want_w):
                 continue
             probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
             probs[torch.arange(len(t), device=t.device), t] -= 1.0  # ∂loss/∂logits
-            probs = probs.to(weight.dtype)
+            probs = probs.to(cdt)
             if want_h:
-                torch.mm(probs, weight, out=grad_h[start : start + CHUNK])
+                if cdt == grad_h.dtype:
+                    torch.mm(probs, w, out=grad_h[start : start + CHUNK])
+                else:
+                    grad_h[start : start + CHUNK] = torch.mm(probs, w)
             if want_w:
-                grad_w = torch.mm(probs.t(), h) if grad_w is None else grad_w.addmm_(probs.t(), h)
+                if grad_w is None:
+                    grad_w = torch.mm(probs.t(), h).to(weight.dtype)
+                elif cdt == grad_w.dtype:
+                    grad_w.addmm_(probs.t(), h)
+                else:
+                    grad_w.add_(torch.mm(probs.t(), h))
         ctx.grads = (grad_h, grad_w)  # intermediates, not inputs or outputs: kept on ctx
         return total
 
@@ -153,7 +165,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         ctx.grads = None  # scaled in place and handed over: no second copy of ∂W
         scale = grad.to(grad_h.dtype if grad_h is not None else grad_w.dtype)
         return (grad_h.mul_(scale) if grad_h is not None else None,
-                grad_w.mul_(scale) if grad_w is not None else None, None)
+                grad_w.mul_(scale) if grad_w is not None else None, None, None)
 
 
 def token_loss(model, input_ids, labels, position_ids=None, embed_into_grad: bool = False):
@@ -174,8 +186,11 @@ def token_loss(model, input_ids, labels, position_ids=None, embed_into_grad: boo
     head = inner.get_output_embeddings()
     if n_tokens == 0:
         return hidden.sum() * 0.0, 0
-    if type(head) is torch.nn.Linear and head.bias is None:
-        return LinearCrossEntropy.apply(hidden, head.weight, targets), n_tokens
+    weight = head_weight(head)
+    if weight is not None:
+        dtype = torch.bfloat16 if autocast_bf16(hidden) else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            return LinearCrossEntropy.apply(hidden, weight, targets, dtype), n_tokens
     if n_tokens <= MODULE_CHUNK or not torch.is_grad_enabled():
         return _ce_sum(head, hidden, targets), n_tokens
     total = hidden.new_zeros((), dtype=torch.float32)

@@ -1,0 +1,74 @@
+"""Which dtype a training matmul computes in, and the weights it computes with.
+
+Contract:
+- `autocast_bf16(x)`: whether `x`'s device is under bf16 autocast — the one autocast the fused
+  training nodes (`fused_lora`, `train.fused_mlp`, `train.loss`) run in themselves, wholly in bf16.
+- `compute_weight(linear, dtype)`: a plain `nn.Linear`'s weight cast to `dtype` (differentiable,
+  so a training weight gets its gradient back in fp32), a frozen bf16-stored layer's weight as
+  stored (`nf4.BF16Storage`, no copy when `dtype` is bf16), or None for any other layer.
+- `head_weight(head)`: the weight of a bias-free linear output head, plain or bf16-stored, else None.
+- `bf16_matmul_units(device)`: whether bf16 matmuls beat fp32 there — CUDA with bf16 support, or
+  a CPU with AMX tiles (`train.precision=auto` picks bf16 then). `TUNESMITH_BF16_UNITS=0|1`
+  overrides the detection (the test suite pins 0, so its fp32 tolerances hold on any machine).
+- `resolve_precision(train_cfg, method, device)` → `(precision, frozen_dtype)` with `auto` settled:
+  precision bf16 where `bf16_matmul_units`, else fp32; frozen weights in bf16 when the run computes
+  in bf16 (autocast would cast them to bf16 for every matmul anyway), else fp32.
+
+Why: autocast casts each operand per op and keeps elementwise work in the input dtypes; the fused
+nodes instead cast their operands once and stay in bf16 end to end, which is what makes bf16 pay
+on a CPU with AMX (bf16 GEMMs ~3× fp32 there) rather than drown in casts.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def autocast_bf16(x: torch.Tensor) -> bool:
+    return torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) == torch.bfloat16
+
+
+def compute_weight(linear, dtype: torch.dtype) -> torch.Tensor | None:
+    from tunesmith.nf4 import BF16Storage, FrozenLinear
+
+    if type(linear) is torch.nn.Linear:
+        return linear.weight.to(dtype)
+    if type(linear) is FrozenLinear and type(linear.storage) is BF16Storage:
+        return linear.storage.data.to(dtype)
+    return None
+
+
+def head_weight(head) -> torch.Tensor | None:
+    from tunesmith.nf4 import BF16Storage, FrozenLinear
+
+    if head is None or head.bias is not None:
+        return None
+    if type(head) is torch.nn.Linear:
+        return head.weight
+    if type(head) is FrozenLinear and type(head.storage) is BF16Storage:
+        return head.storage.data
+    return None
+
+
+def bf16_matmul_units(device: torch.device) -> bool:
+    forced = os.environ.get("TUNESMITH_BF16_UNITS")
+    if forced in ("0", "1"):
+        return forced == "1"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+        return bool(probe and probe())
+    return False
+
+
+def resolve_precision(train_cfg, method: str, device: torch.device) -> tuple[str, str]:
+    precision = train_cfg.precision
+    if precision == "auto":
+        precision = "bf16" if bf16_matmul_units(device) else "fp32"
+    frozen = train_cfg.frozen_dtype
+    if frozen == "auto":
+        frozen = "bf16" if precision == "bf16" and method != "full" else "fp32"
+    return precision, frozen

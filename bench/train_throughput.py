@@ -10,9 +10,12 @@ rate, schedule and sample order for both tools. Every run is a fresh process
 in alternating order from round to round, so drift on a shared machine hits both tools alike.
 
 TRL settings: no packing (padding to the longest sample in the batch) and packing (its
-padding-free packing into 512-token rows, `--packing-steps` steps), both in fp32 without gradient checkpointing — TRL's own defaults
-(bf16 autocast, gradient checkpointing) are slower on a CPU without bf16 matmul units, see
-`--trl-defaults`. "TRL best" is the faster setting, per method.
+padding-free packing into 512-token rows, `--packing-steps` steps), both in fp32 without gradient
+checkpointing; on a CPU with bf16 matmul units (AMX) also bf16 autocast without checkpointing. TRL's
+own defaults (bf16 autocast, gradient checkpointing) are slower, see `--trl-defaults`. "TRL best" is
+the fastest setting, per method. tunesmith runs at its defaults (`train.precision=auto`: bf16 where
+bf16 matmul units exist), plus a `forward_tokens=256` row (the memory setting) and, where auto means
+bf16, an fp32 row.
 
 Reported per run: tokens/s = the median over steps of (real tokens in the step ÷ step time),
 first `--warmup` steps excluded; peak RSS of the process; validation loss after training (same
@@ -45,15 +48,15 @@ LR = {"lora": 2e-4, "full": 2e-5}
 FLOPS_PER_PARAM = {"lora": 4, "full": 6}
 
 
-def matmul_peak(threads: int, n: int = 2048, reps: int = 10) -> float:
-    """Median GFLOP/s of an fp32 n×n×n matmul, in a fresh process with the runs' thread count."""
+def matmul_peak(threads: int, n: int = 2048, reps: int = 10, dtype: str = "float32") -> float:
+    """Median GFLOP/s of an n×n×n matmul in `dtype`, in a fresh process with the runs' thread count."""
     code = (
-        "import torch,time,statistics as s,sys;n,r,t=map(int,sys.argv[1:4]);"
-        "t and torch.set_num_threads(t);a=torch.randn(n,n);b=torch.randn(n,n);[a@b for _ in range(3)];ts=[]\n"
+        "import torch,time,statistics as s,sys;n,r,t=map(int,sys.argv[1:4]);d=getattr(torch,sys.argv[4]);"
+        "t and torch.set_num_threads(t);a=torch.randn(n,n).to(d);b=torch.randn(n,n).to(d);[a@b for _ in range(3)];ts=[]\n"
         "for _ in range(r):\n t0=time.perf_counter();a@b;ts.append(time.perf_counter()-t0)\n"
         "print(2*n**3/s.median(ts)/1e9)"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(n), str(reps), str(threads)], capture_output=True,
+    out = subprocess.run([sys.executable, "-c", code, str(n), str(reps), str(threads), dtype], capture_output=True,
                          text=True, check=True)
     return float(out.stdout.strip())
 
@@ -90,19 +93,24 @@ def run_one(spec: dict, args, data_dir: Path, model_dir: str) -> dict:
     return result
 
 
-def specs(methods, trl_defaults: bool, packing_steps: int) -> list[dict]:
+def specs(methods, trl_defaults: bool, packing_steps: int, bf16_units: bool) -> list[dict]:
     out = []
     for m in methods:
         out.append({"name": f"trl {m}", "tool": "trl", "method": m, "flags": []})
+        if bf16_units:  # TRL's bf16 autocast without checkpointing: a candidate for its best setting here
+            out.append({"name": f"trl {m} bf16", "tool": "trl", "method": m, "flags": ["--bf16"]})
         out.append({"name": f"trl {m} packing", "tool": "trl", "method": m, "flags": ["--packing"],
                     "steps": packing_steps})
         if trl_defaults:
             out.append({"name": f"trl {m} defaults(bf16,gc)", "tool": "trl", "method": m, "flags": ["--bf16", "--gc"],
                         "steps": packing_steps})
         out.append({"name": f"tunesmith {m}", "tool": "tunesmith", "method": m, "flags": []})
-        if m == "lora":  # the memory setting: forwards of ≤256 real tokens (about two samples)
+        if m == "lora" or bf16_units:  # the memory setting: forwards of ≤256 real tokens (about two samples)
             out.append({"name": f"tunesmith {m} forward_tokens=256", "tool": "tunesmith", "method": m,
                         "flags": ["--set", "train.forward_tokens=256"]})
+        if bf16_units:  # what precision=auto (bf16 here) gains over fp32
+            out.append({"name": f"tunesmith {m} fp32", "tool": "tunesmith", "method": m,
+                        "flags": ["--set", "train.precision=fp32"]})
     return out
 
 
@@ -180,7 +188,15 @@ def main() -> None:
           f"model: {params / 1e6:.1f}M parameters; {os.cpu_count()} CPUs", flush=True)
     peaks = [matmul_peak(args.threads)]
     print(f"fp32 matmul peak before: {peaks[0]:.0f} GFLOP/s", flush=True)
-    plan = [s for s in specs(args.methods, args.trl_defaults, args.packing_steps) if not args.only or s["tool"] == args.only]
+    from tunesmith.compute import bf16_matmul_units
+
+    bf16_units = bf16_matmul_units(torch.device("cpu"))
+    if bf16_units:
+        bf16_peak = matmul_peak(args.threads, dtype="bfloat16")
+        print(f"bf16 matmul peak before: {bf16_peak:.0f} GFLOP/s (bf16 matmul units: tunesmith's auto precision is bf16)",
+              flush=True)
+    plan = [s for s in specs(args.methods, args.trl_defaults, args.packing_steps, bf16_units)
+            if not args.only or s["tool"] == args.only]
     results = []
     for rnd in range(args.rounds):
         print(f"round {rnd + 1}/{args.rounds}", flush=True)
@@ -190,13 +206,18 @@ def main() -> None:
             results.append(run_one(spec, args, data_dir, model_dir))
     peaks.append(matmul_peak(args.threads))
     peak = max(peaks)
+    bf16_peaks = [bf16_peak, matmul_peak(args.threads, dtype="bfloat16")] if bf16_units else []
     summary = summarise(results, peak, params, args.methods)
     print_table(summary, peak)
+    if bf16_units:
+        print(f"bf16 matmul peak: {max(bf16_peaks):.0f} GFLOP/s (MFU above is against the fp32 peak, as the issue "
+              "defines it)")
     out = {
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "torch": torch.__version__, "threads": args.threads or torch.get_num_threads(),
                     "load_avg_at_end": os.getloadavg()},
-        "settings": vars(args), "data": data, "params": params, "matmul_peak_gflops": peaks, **summary,
+        "settings": vars(args), "data": data, "params": params, "matmul_peak_gflops": peaks,
+        "bf16_matmul_peak_gflops": bf16_peaks, **summary,
         "runs": results,
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -8,8 +8,11 @@ Contract:
   stored (`nf4.BF16Storage`, no copy when `dtype` is bf16), or None for any other layer.
 - `head_weight(head)`: the weight of a bias-free linear output head, plain or bf16-stored, else None.
 - `bf16_matmul_units(device)`: whether bf16 matmuls beat fp32 there — CUDA with bf16 support, or
-  a CPU with AMX tiles (`train.precision=auto` picks bf16 then). `TUNESMITH_BF16_UNITS=0|1`
-  overrides the detection (the test suite pins 0, so its fp32 tolerances hold on any machine).
+  a CPU whose AMX tiles are advertised, granted to the process, and measured: a bf16 GEMM must run
+  at least 1.5× an fp32 one (~40 ms, once per process; some sandboxes advertise AMX and trap it,
+  and bf16 without AMX runs at about half fp32's speed). `train.precision=auto` picks bf16 then.
+  `TUNESMITH_BF16_UNITS=0|1` overrides the detection (the test suite pins 0, so its fp32
+  tolerances hold on any machine).
 - `resolve_precision(train_cfg, method, device)` → `(precision, frozen_dtype)` with `auto` settled:
   precision bf16 where `bf16_matmul_units`, else fp32; frozen weights in bf16 when the run computes
   in bf16 (autocast would cast them to bf16 for every matmul anyway), else fp32.
@@ -21,7 +24,10 @@ on a CPU with AMX (bf16 GEMMs ~3× fp32 there) rather than drown in casts.
 
 from __future__ import annotations
 
+import functools
+import math
 import os
+import time
 
 import torch
 
@@ -59,9 +65,25 @@ def bf16_matmul_units(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-        return bool(probe and probe())
+        return _cpu_bf16_pays()
     return False
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_bf16_pays() -> bool:
+    advertised = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    grant = getattr(torch.cpu, "_init_amx", None)  # asks the kernel for the AMX tile state
+    if not (advertised and advertised() and grant and grant()):
+        return False
+    a, b = torch.randn(512, 1024), torch.randn(1024, 1024)
+    fastest = {}
+    for _ in range(5):  # interleaved, fastest of each: a busy machine only ever adds time
+        for dtype in (torch.float32, torch.bfloat16):
+            x, y = a.to(dtype), b.to(dtype)
+            start = time.perf_counter()
+            torch.mm(x, y)
+            fastest[dtype] = min(fastest.get(dtype, math.inf), time.perf_counter() - start)
+    return fastest[torch.float32] >= 1.5 * fastest[torch.bfloat16]
 
 
 def resolve_precision(train_cfg, method: str, device: torch.device) -> tuple[str, str]:

@@ -64,6 +64,47 @@ def _segments(position_ids: torch.Tensor, batch: int) -> list[list[tuple[int, in
     return out
 
 
+_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+class SegmentFlashFn(torch.autograd.Function):
+    """Causal attention per segment of one flattened row on the CPU, as one autograd node: the
+    flash kernel's forward and backward per segment, reading and writing whole-row buffers, so
+    nothing is concatenated in forward and no per-segment slice gradient (a zeroed row-sized
+    tensor each) is built and summed in backward. q [1, H, N, D], k/v [1, KV, N, D] (GQA: the kernel
+    shares each k/v head among H/KV query heads) → [1, N, H, D] contiguous, in q's dtype; bf16
+    runs the kernel in fp32 (its bf16 backward is ~2× slower at these lengths)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, segments, scale):
+        dtype = query.dtype
+        work = torch.float32 if dtype == torch.bfloat16 else dtype
+        q, k, v = query.to(work), key.to(work), value.to(work)
+        n_tokens, heads, dim = q.shape[2], q.shape[1], q.shape[3]
+        out = q.new_empty((1, n_tokens, heads, dim))
+        lses = []
+        for s, e in segments:
+            o, lse = _FLASH(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], 0.0, True, scale=scale)
+            out[:, s:e] = o.transpose(1, 2)
+            lses.append(lse)
+        ctx.save_for_backward(q, k, v, out)
+        ctx.lses, ctx.segments, ctx.scale, ctx.dtype = lses, segments, scale, dtype
+        return out if out.dtype == dtype else out.to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out = ctx.saved_tensors
+        grad = grad.to(q.dtype)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        for (s, e), lse in zip(ctx.segments, ctx.lses):
+            gq, gk, gv = _FLASH_BACKWARD(grad[:, s:e].transpose(1, 2), q[:, :, s:e], k[:, :, s:e], v[:, :, s:e],
+                                         out[:, s:e].transpose(1, 2), lse, 0.0, True, scale=ctx.scale)
+            dq[:, :, s:e], dk[:, :, s:e], dv[:, :, s:e] = gq, gk, gv
+        dt = ctx.dtype
+        return dq.to(dt), dk.to(dt), dv.to(dt), None, None
+
+
 def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -76,6 +117,10 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     if plain:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
+    if query.device.type == "cpu" and query.shape[0] == 1 and not dropout:
+        segments = _segments(position_ids, 1)[0]
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return SegmentFlashFn.apply(query, key, value, segments, scale), None
     gqa = query.shape[1] != key.shape[1]
     dtype = query.dtype
     if query.device.type == "cpu" and dtype == torch.bfloat16:

@@ -438,7 +438,7 @@ def _candidates(cfg: Config):
     fp32 = []
     if _precision(cfg)[0] == "bf16" and t.precision == "auto":
         # bf16 compute keeps bf16 copies beside the fp32 weights and more small tensors in the heap:
-        # on SmolLM2 its peak RSS was 0.4 (LoRA) to 0.7 GiB (full) above fp32's, and split forwards
+        # on SmolLM2 its peak RSS was 0.1 (LoRA) to 0.5 GiB (full) above fp32's, and split forwards
         # in bf16 cost speed and added memory (bench/NOTES.md #13, README Speed)
         fp32 = ["train.precision=fp32"]
         yield fp32

@@ -3,6 +3,7 @@
 Contract:
 - `autocast_bf16(x)`: whether `x`'s device is under bf16 autocast — the one autocast the fused
   training nodes (`fused_lora`, `train.fused_mlp`, `train.loss`) run in themselves, wholly in bf16.
+- `stored_weight(linear)`: that weight as held, for checks that must not cast it.
 - `compute_weight(linear, dtype)`: a plain `nn.Linear`'s weight cast to `dtype` (differentiable,
   so a training weight gets its gradient back in fp32), a frozen bf16-stored layer's weight as
   stored (`nf4.BF16Storage`, no copy when `dtype` is bf16), or None for any other layer.
@@ -36,26 +37,24 @@ def autocast_bf16(x: torch.Tensor) -> bool:
     return torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) == torch.bfloat16
 
 
-def compute_weight(linear, dtype: torch.dtype) -> torch.Tensor | None:
+def stored_weight(linear) -> torch.Tensor | None:
+    """The weight a plain `nn.Linear` or a frozen bf16-stored layer holds, as held (no cast), else None."""
     from tunesmith.nf4 import BF16Storage, FrozenLinear
 
     if type(linear) is torch.nn.Linear:
-        return linear.weight.to(dtype)
+        return linear.weight
     if type(linear) is FrozenLinear and type(linear.storage) is BF16Storage:
-        return linear.storage.data.to(dtype)
+        return linear.storage.data
     return None
+
+
+def compute_weight(linear, dtype: torch.dtype) -> torch.Tensor | None:
+    weight = stored_weight(linear)
+    return None if weight is None else weight.to(dtype)
 
 
 def head_weight(head) -> torch.Tensor | None:
-    from tunesmith.nf4 import BF16Storage, FrozenLinear
-
-    if head is None or head.bias is not None:
-        return None
-    if type(head) is torch.nn.Linear:
-        return head.weight
-    if type(head) is FrozenLinear and type(head.storage) is BF16Storage:
-        return head.storage.data
-    return None
+    return None if head is None or head.bias is not None else stored_weight(head)
 
 
 def bf16_matmul_units(device: torch.device) -> bool:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
-from tunesmith.compute import autocast_bf16, compute_weight
+from tunesmith.compute import autocast_bf16, compute_weight, stored_weight
 
 
 class LoraLinearFn(torch.autograd.Function):
@@ -74,7 +74,7 @@ class FusedLoraLinear(PeftLoraLinear):
             return None
         base = self.base_layer
         if torch.is_autocast_enabled(x.device.type):
-            return name if autocast_bf16(x) and compute_weight(base, torch.bfloat16) is not None else None
+            return name if autocast_bf16(x) and stored_weight(base) is not None else None
         if type(base) is not torch.nn.Linear:
             return None
         dtypes = {x.dtype, base.weight.dtype, self.lora_A[name].weight.dtype, self.lora_B[name].weight.dtype}

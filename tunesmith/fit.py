@@ -193,7 +193,9 @@ def _measure(cfg: Config, hf_cfg, n_layers: int, batch: int, row_lens, label_fra
     from tunesmith.adapters import apply_method, count_parameters
     from tunesmith.nf4 import storage_bytes, stored_parameters
     from tunesmith.train.attention import use_varlen
+    from tunesmith.train.fused_groups import use_fused_groups
     from tunesmith.train.fused_mlp import use_fused_mlp
+    from tunesmith.train.fused_norm import use_fused_norm
     from tunesmith.train.loss import LossModule, can_embed_into_grad
 
     torch.manual_seed(0)
@@ -211,11 +213,17 @@ def _measure(cfg: Config, hf_cfg, n_layers: int, batch: int, row_lens, label_fra
     params = [p for p in model.parameters() if p.requires_grad]
     weight_bytes = storage_bytes(model) + sum(p.numel() * p.element_size() for p in params)
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)  # as the loop runs it on one process
-    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
     # the run's batch layout: padding-free rows with per-sample attention when the model takes it
     flat = cfg.train.padding_free and use_varlen(model) is not None
     if cfg.train.fused_mlp:
         use_fused_mlp(model)
+    if cfg.train.fused_norm:
+        use_fused_norm(model)
+    if cfg.train.fused_groups:
+        use_fused_groups(model)
+    # after grouping: grouped layers' weights are views of a new buffer, which is weights, not activations
+    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    param_ptrs |= {b.untyped_storage().data_ptr() for b in model.buffers()}
     step = LossModule(model, embed_into_grad=can_embed_into_grad(model))
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
     vocab = model.get_input_embeddings().weight.shape[0]

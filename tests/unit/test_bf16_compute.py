@@ -19,6 +19,7 @@ from tunesmith.fused_lora import LoraLinearFn
 from tunesmith.nf4 import BF16Storage, FrozenLinear
 from tunesmith.train.attention import flatten, use_varlen, varlen_attention
 from tunesmith.train.fused_mlp import SwiGLUDownFn, use_fused_mlp
+from tunesmith.train.fused_norm import use_fused_norm
 from tunesmith.train.loss import LinearCrossEntropy
 
 
@@ -42,6 +43,7 @@ def _model(tok, method, frozen, fused):
     use_varlen(model)
     if fused:
         use_fused_mlp(model)
+        use_fused_norm(model)
     model.train()
     return model
 
@@ -92,6 +94,27 @@ def test_linear_cross_entropy_in_bf16(stored):
     if not stored:
         assert grads[1].dtype == torch.float32
         _close_in_bf16(grads[1], want_w, "weight")
+
+
+def test_linear_cross_entropy_pads_bf16_rows_without_changing_anything(monkeypatch):
+    """On a CPU, bf16 head chunks are padded to 32 rows (7 → 32, 300 → 256 + 64): the loss and both
+    gradients are those of the unpadded rows."""
+    import tunesmith.train.loss as loss_mod
+
+    torch.manual_seed(0)
+    for rows in (7, 300):
+        hidden = torch.randn(rows, 16, requires_grad=True)
+        weight = torch.randn(50, 16, requires_grad=True)
+        targets = torch.randint(0, 50, (rows,))
+        padded = LinearCrossEntropy.apply(hidden, weight, targets, torch.bfloat16)
+        got = (padded, *torch.autograd.grad(padded, (hidden, weight)))
+        monkeypatch.setattr(loss_mod, "gemm_rows_multiple", lambda dtype, device: 1)
+        plain = LinearCrossEntropy.apply(hidden, weight, targets, torch.bfloat16)
+        want = (plain, *torch.autograd.grad(plain, (hidden, weight)))
+        monkeypatch.undo()
+        assert got[1].shape == hidden.shape
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=1e-3, rtol=1e-3)
 
 
 def test_varlen_attention_takes_bf16_and_gives_bf16():

@@ -10,7 +10,9 @@ from tunesmith.adapters import apply_method, count_parameters
 from tunesmith.config import load_config
 from tunesmith.errors import UserError
 from tunesmith.train.attention import use_varlen
+from tunesmith.train.fused_groups import use_fused_groups
 from tunesmith.train.fused_mlp import use_fused_mlp
+from tunesmith.train.fused_norm import use_fused_norm
 from tunesmith.train.loss import LossModule
 
 
@@ -62,6 +64,11 @@ def test_counts_match_the_real_model(tmp_path, wide_model_dir, probed, method):
 
 def saved_bytes(model, batch, length, segment):
     """Bytes autograd keeps for backward in one real training forward of the whole model."""
+    # as the loop runs it: padding-free rows, per-sample attention, the fused MLP, norms and groups
+    use_varlen(model)
+    use_fused_mlp(model)
+    use_fused_norm(model)
+    use_fused_groups(model)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen = {}
 
@@ -75,9 +82,6 @@ def saved_bytes(model, batch, length, segment):
     positions = (torch.arange(length) % segment).expand(batch, length)
     labels = ids.clone()
     labels[positions < segment // 2] = -100
-    # as the loop runs it: padding-free rows, per-sample attention, the fused MLP
-    use_varlen(model)
-    use_fused_mlp(model)
     ids, labels, positions = (t.reshape(1, -1) for t in (ids, labels, positions))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         LossModule(model)(ids, labels, positions)

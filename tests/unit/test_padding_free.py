@@ -32,7 +32,17 @@ def _lora(model):
     return get_peft_model(model, cfg)
 
 
-@pytest.mark.parametrize("variant", ["full", "lora", "checkpointing", "packed"])
+def test_flatten_pads_to_a_multiple_with_a_segment_of_its_own():
+    rows = pack([fake(5, 10), fake(2, 20), fake(4, 30)], seq_len=6, pad_id=PAD)  # 11 real tokens
+    batch = flatten(rows, multiple=8, pad_id=PAD)
+    assert batch["input_ids"].shape == (1, 16)
+    assert batch["input_ids"][0, 11:].tolist() == [PAD] * 5
+    assert batch["position_ids"][0, 9:].tolist() == [0, 1, 0, 1, 2, 3, 4]  # restarts: attends to nothing real
+    assert batch["labels"][0, 11:].tolist() == [IGNORE] * 5
+    assert flatten(rows, multiple=11)["input_ids"].shape == (1, 11)
+
+
+@pytest.mark.parametrize("variant", ["full", "lora", "checkpointing", "packed", "padded"])
 def test_padding_free_equals_samples_one_by_one(tiny_tokenizer, variant, monkeypatch):
     model = make_tiny_model(len(tiny_tokenizer))
     if variant == "checkpointing":
@@ -47,8 +57,9 @@ def test_padding_free_equals_samples_one_by_one(tiny_tokenizer, variant, monkeyp
 
     previous = use_varlen(model)
     assert previous == "sdpa"
+    padding = {"multiple": 32, "pad_id": PAD} if variant == "padded" else {}
     try:
-        fast = loss_and_grads(model, [flatten(rows)])
+        fast = loss_and_grads(model, [flatten(rows, **padding)])
     finally:
         restore(model, previous)
     assert_same(fast, alone)

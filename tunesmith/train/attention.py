@@ -35,13 +35,18 @@ VARLEN = "tunesmith_varlen"
 _BOUNDS: tuple = (None, None)  # (position_ids, segments): every layer of a forward shares them
 
 
-def flatten(rows: list[Row]) -> dict[str, torch.Tensor]:
+def flatten(rows: list[Row], multiple: int = 1, pad_id: int = 0) -> dict[str, torch.Tensor]:
     ids, labels, pos = [], [], []
     for r in rows:
         n = r.n_real
         ids += r.input_ids[:n]
         labels += [IGNORE] + r.labels[1:n]
         pos += r.position_ids[:n]
+    pad = -len(ids) % multiple
+    if pad:  # a segment of its own, with no labels: nothing real attends to it or learns from it
+        ids += [pad_id] * pad
+        labels += [IGNORE] * pad
+        pos += range(pad)
     return {
         "input_ids": torch.tensor([ids], dtype=torch.long),
         "labels": torch.tensor([labels], dtype=torch.long),

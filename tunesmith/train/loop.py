@@ -17,6 +17,7 @@ Data order is a pure function of (seed, epoch): epoch e visits rows in
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 
 from tunesmith.adapters import RUN_CONFIG, apply_method, count_parameters
-from tunesmith.compute import resolve_precision
+from tunesmith.compute import gemm_rows_multiple, resolve_precision
 from tunesmith.config import Config, config_hash, load_config, save_config
 from tunesmith.data.packing import collate, pack, unpacked
 from tunesmith.data.sft import build_datasets, ensure_chat_template
@@ -43,7 +44,9 @@ from tunesmith.train.distributed import (
     Dist, all_reduce_sum, barrier, cleanup, clip_grad_norm, full_state_dict, inject_fault, no_sync, same_on_all_ranks,
     setup, wrap,
 )
+from tunesmith.train.fused_groups import restore_groups, use_fused_groups
 from tunesmith.train.fused_mlp import restore_mlp, use_fused_mlp
+from tunesmith.train.fused_norm import restore_norm, use_fused_norm
 from tunesmith.train.loss import LossModule, can_embed_into_grad
 from tunesmith.train.records import Records, require_tensorboard
 
@@ -55,7 +58,8 @@ RESUMABLE_CHANGES = (
     # a different split of the same global batch (checked on resume): processes, strategy
     "train.batch_size", "train.grad_accum", "train.strategy", "train.dist_timeout_s", "train.forward_tokens",
     # the same rows and targets, laid out without padding: equal up to fp32 rounding
-    "train.padding_free", "adapter.fused", "train.fused_mlp",
+    "train.padding_free", "adapter.fused", "train.fused_mlp", "train.fused_norm",
+    "train.fused_groups",
 )
 CHECKPOINTS = "checkpoints"
 
@@ -270,11 +274,15 @@ def run_training(cfg: Config, rows=None) -> TrainResult:
     model = apply_method(model, cfg.adapter, frozen_dtype)
     previous_attention = use_varlen(model) if t.padding_free else None
     fused_mlps = use_fused_mlp(model) if t.fused_mlp else []
+    fused_norms = use_fused_norm(model) if t.fused_norm else []
     if previous_attention is None:
         make_batch = lambda rows: collate(rows, pad_id)  # noqa: E731
     else:
-        make_batch = flatten
+        multiple = gemm_rows_multiple(torch_dtype(precision), device)
+        make_batch = functools.partial(flatten, multiple=multiple, pad_id=pad_id)
     model.to(device)
+    # after the move: a group's layers are views of one buffer, which .to() would split
+    fused_groups = use_fused_groups(model) if t.fused_groups and not dist.enabled else []
     model.train()
     trainable, total_params = count_parameters(model)
     embed_into_grad = not dist.enabled and can_embed_into_grad(model)
@@ -394,6 +402,8 @@ def run_training(cfg: Config, rows=None) -> TrainResult:
     wall = elapsed_before + time.perf_counter() - started
     restore(model, previous_attention)  # generation (chat, compare) needs masks and the KV cache
     restore_mlp(fused_mlps)
+    restore_norm(fused_norms)
+    restore_groups(fused_groups)
     summary = {}
     gathered = full_state_dict(model) if dist.enabled and dist.strategy == "fsdp" else None  # collective
     if dist.main:

@@ -14,7 +14,9 @@ a matmul (logit soft-capping, scaling) take the plain full-logits path.
 With a plain `nn.Linear` head, `LinearCrossEntropy` does the head, the loss and their gradients
 in one pass over chunks of `CHUNK` rows: each chunk's logits turn into softmax − one-hot in place,
 which gives ∂hidden (and ∂W when the head trains) right away, so the backward only scales what
-the forward left. No logits outlive their chunk and nothing is recomputed. Other heads (qlora's
+the forward left. No logits outlive their chunk and nothing is recomputed. In bf16 on a CPU the
+rows are padded with zero rows to `compute.gemm_rows_multiple` (their loss and gradient rows are
+dropped), so the head's GEMMs keep one fast shape. Other heads (qlora's
 NF4-quantized embeddings) go through `checkpoint`ed chunks of `MODULE_CHUNK` rows of the module.
 
 Each sample's first label must be -100 (the packer guarantees it): in a packed row the
@@ -34,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from tunesmith.compute import autocast_bf16, head_weight
+from tunesmith.compute import autocast_bf16, gemm_rows_multiple, head_weight
 
 IGNORE = -100
 CHUNK = 256  # rows of logits at a time: 256 × 49,152 fp32 is 48 MiB on SmolLM2
@@ -129,24 +131,31 @@ class LinearCrossEntropy(torch.autograd.Function):
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         cdt = dtype or hidden.dtype  # the GEMMs' dtype; logits, softmax and the loss are fp32
         w = weight.detach().to(cdt)  # one cast for every chunk (none when the dtypes agree)
-        grad_h = torch.empty_like(hidden) if want_h else None
+        rows, in_dtype = hidden.shape[0], hidden.dtype
+        pad = -rows % gemm_rows_multiple(cdt, hidden.device)  # zero rows that take no part in anything
+        if pad:
+            hidden = torch.cat([hidden.detach().to(cdt), hidden.new_zeros((pad, hidden.shape[1]), dtype=cdt)])
+            targets = torch.cat([targets, targets.new_zeros(pad)])
+        grad_h = torch.empty((rows, hidden.shape[1]), dtype=in_dtype, device=hidden.device) if want_h else None
         grad_w = None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], CHUNK):
             h, t = hidden[start : start + CHUNK].to(cdt), targets[start : start + CHUNK]
+            real = min(len(t), rows - start)
             logits = _logits(h, w)
             lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1))[:real].sum()
             if not (want_h or want_w):
                 continue
             probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
             probs[torch.arange(len(t), device=t.device), t] -= 1.0  # ∂loss/∂logits
+            probs[real:] = 0.0
             probs = probs.to(cdt)
             if want_h:
-                if cdt == grad_h.dtype:
+                if cdt == grad_h.dtype and real == len(t):
                     torch.mm(probs, w, out=grad_h[start : start + CHUNK])
                 else:
-                    grad_h[start : start + CHUNK] = torch.mm(probs, w)
+                    grad_h[start : start + real] = torch.mm(probs, w)[:real]
             if want_w:
                 if grad_w is None:
                     grad_w = torch.mm(probs.t(), h).to(weight.dtype)

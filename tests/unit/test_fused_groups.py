@@ -1,0 +1,91 @@
+"""Grouped LoRA projections (`train.fused_groups`): q/k/v and gate/up over a frozen base run as one
+node per group, train exactly like the layers one by one (fp32; bf16 within its rounding), hold no
+extra copy of the weights, and are separate layers again after `restore_groups`."""
+
+import pytest
+import torch
+
+from tests.tiny import make_tiny_model
+from tests.unit.test_bf16_compute import _close_in_bf16
+from tests.unit.test_packing import PAD, assert_same, loss_and_grads, samples_for
+from tunesmith.adapters import apply_method
+from tunesmith.config import AdapterConfig
+from tunesmith.data.packing import unpacked
+from tunesmith.train.attention import flatten, use_varlen
+from tunesmith.train.fused_groups import GroupLoraFn, restore_groups, use_fused_groups
+from tunesmith.train.fused_mlp import use_fused_mlp
+
+
+def _lora(tok, frozen="fp32", method="lora", **adapter):
+    torch.manual_seed(0)
+    model = apply_method(make_tiny_model(len(tok)), AdapterConfig(method=method, rank=4, alpha=8, **adapter), frozen)
+    torch.manual_seed(1)  # random B: every gradient path non-trivial
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    use_varlen(model)
+    use_fused_mlp(model)
+    return model.train()
+
+
+def _counting(monkeypatch):
+    calls = []
+    original = GroupLoraFn.apply
+    monkeypatch.setattr(GroupLoraFn, "apply", lambda *a: calls.append(a[-1]) or original(*a))
+    return calls
+
+
+def test_groups_train_like_layers_one_by_one(tiny_tokenizer, monkeypatch):
+    model = _lora(tiny_tokenizer)
+    batches = [flatten(unpacked(samples_for(tiny_tokenizer, False), PAD))]
+    plain = loss_and_grads(model, batches)
+    q = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
+    before = q.detach().clone()
+    groups = use_fused_groups(model)
+    assert len(groups) == 2 * model.config.num_hidden_layers  # attention and MLP of each layer
+    assert q.untyped_storage().data_ptr() == groups[0].weight.untyped_storage().data_ptr()  # a view, no copy
+    calls = _counting(monkeypatch)
+    grouped = loss_and_grads(model, batches)
+    assert len(calls) == len(groups) and {len(sizes) for sizes in calls} == {2, 3}
+    assert_same(grouped, plain)
+    restore_groups(groups)
+    q = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
+    assert torch.equal(q, before) and q.untyped_storage().nbytes() == q.numel() * q.element_size()
+    calls.clear()
+    assert_same(loss_and_grads(model, batches), plain)
+    assert not calls
+
+
+def test_bf16_groups_over_a_bf16_base(tiny_tokenizer):
+    model = _lora(tiny_tokenizer, frozen="bf16")
+    batches = [flatten(unpacked(samples_for(tiny_tokenizer, False), PAD))]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = loss_and_grads(model, batches)
+        assert use_fused_groups(model)
+        grouped = loss_and_grads(model, batches)
+    assert grouped[0] == pytest.approx(plain[0], rel=1e-2)
+    for name, grad in grouped[1].items():
+        assert grad.dtype == torch.float32
+        _close_in_bf16(grad, plain[1][name], name)
+
+
+def test_a_sibling_called_on_another_input_runs_alone(tiny_tokenizer, monkeypatch):
+    model = _lora(tiny_tokenizer)
+    attn = model.get_base_model().model.layers[0].self_attn
+    use_fused_groups(model)
+    calls = _counting(monkeypatch)
+    x, other = torch.randn(1, 5, attn.q_proj.in_features), torch.randn(1, 5, attn.q_proj.in_features)
+    q, k = attn.q_proj(x), attn.k_proj(other)
+    assert len(calls) == 1
+    torch.testing.assert_close(k, type(attn.k_proj).forward(attn.k_proj, other))
+    torch.testing.assert_close(q, type(attn.q_proj).forward(attn.q_proj, x))
+
+
+@pytest.mark.parametrize("method,adapter", [("dora", {}), ("lora", {"dropout": 0.1}), ("lora", {"fused": False})])
+def test_layers_the_fused_path_cannot_take_are_not_grouped(tiny_tokenizer, method, adapter, monkeypatch):
+    model = _lora(tiny_tokenizer, method=method, **adapter)
+    groups = use_fused_groups(model)
+    calls = _counting(monkeypatch)
+    loss_and_grads(model, [flatten(unpacked(samples_for(tiny_tokenizer, False), PAD))])
+    assert not calls
+    restore_groups(groups)

@@ -89,3 +89,49 @@ def test_layers_the_fused_path_cannot_take_are_not_grouped(tiny_tokenizer, metho
     loss_and_grads(model, [flatten(unpacked(samples_for(tiny_tokenizer, False), PAD))])
     assert not calls
     restore_groups(groups)
+
+
+def _saved_bytes(model, fn):
+    """Bytes autograd keeps for backward during `fn()`, weights excluded."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+def test_full_finetuning_groups_in_bf16_without_keeping_cast_weights(tiny_tokenizer, monkeypatch):
+    from tunesmith.train.fused_groups import GroupLinearFn
+    from tunesmith.train.fused_norm import use_fused_norm
+
+    model = make_tiny_model(len(tiny_tokenizer))
+    use_varlen(model)
+    use_fused_mlp(model)
+    use_fused_norm(model)
+    model.train()
+    batches = [flatten(unpacked(samples_for(tiny_tokenizer, False), PAD))]
+    fp32 = loss_and_grads(model, batches)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain, plain_bytes = _saved_bytes(model, lambda: loss_and_grads(model, batches))
+        groups = use_fused_groups(model)
+        calls = []
+        original = GroupLinearFn.apply
+        monkeypatch.setattr(GroupLinearFn, "apply", lambda *a: calls.append(len(a) - 3) or original(*a))
+        grouped, grouped_bytes = _saved_bytes(model, lambda: loss_and_grads(model, batches))
+    assert len(groups) == 4 and sorted(calls) == [2, 2, 3, 3]
+    # autocast keeps a bf16 copy of each weight from forward to backward; the grouped node keeps none
+    cast_copies = sum(layer.weight.numel() * 2 for group in groups for layer in group.layers)
+    assert plain_bytes - grouped_bytes == cast_copies
+    assert grouped[0] == pytest.approx(plain[0], rel=1e-3)
+    for name, grad in grouped[1].items():
+        assert grad.dtype == torch.float32
+        _close_in_bf16(grad, plain[1][name], name)
+    calls.clear()
+    assert_same(loss_and_grads(model, batches), fp32)  # fp32: the layers one by one
+    assert not calls

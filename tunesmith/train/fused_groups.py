@@ -1,26 +1,32 @@
-"""Sibling LoRA projections that read the same input — an attention layer's q/k/v, a SwiGLU MLP's
-gate/up — run as one GEMM with one low-rank pass: a training fast path for frozen bases.
+"""Sibling projections that read the same input — an attention layer's q/k/v, a SwiGLU MLP's
+gate/up — run as one GEMM: for LoRA over a frozen base with one low-rank pass, and for full
+fine-tuning in bf16 without keeping cast weights.
 
 Contract: `use_fused_groups(model)` finds the Llama-family attention (`q_proj`, `k_proj`,
-`v_proj`) and MLP (`gate_proj`, `up_proj`) modules whose projections are all fusable LoRA layers
-(`tunesmith.fused_lora`) over frozen plain or bf16-stored weights of one dtype, moves those weights
-into one concatenated buffer per group (each layer's weight becomes a view of it: no extra
-memory), and returns the groups, for `restore_groups(groups)` (which gives every layer its own
-weight again and the layers their own forwards). While switched, the first projection's call
-computes the whole group in one autograd node (`GroupLoraFn`) and hands each sibling its output
-when the sibling is called with the very same input tensor; a call with any other input, or one
-the fused LoRA path cannot take (several adapters, dropout, DoRA, …), is the layer's own forward.
-The node computes, with `W` the stacked weights, `A` the stacked adapters' A and `B` the
-block-diagonal matrix of each adapter's `s·B`,
+`v_proj`) and MLP (`gate_proj`, `up_proj`) modules whose projections are either all fusable LoRA
+layers (`tunesmith.fused_lora`) over frozen plain or bf16-stored weights of one dtype, or all
+plain `nn.Linear`s (full fine-tuning), and returns the groups, for `restore_groups(groups)`.
+LoRA groups move their frozen weights into one concatenated buffer (each layer's weight becomes a
+view of it: no extra memory; `restore_groups` gives every layer its own weight again). While
+switched, the first projection's call computes the whole group in one autograd node and hands each
+sibling its output when the sibling is called with the very same input tensor; a call with any
+other input, or one the group cannot take, is the layer's own forward.
 
-    Y = x Wᵀ + b + (x Aᵀ) Bᵀ,     ∂x = ∂Y W + (∂Y B) A,     ∂A = (∂Y B)ᵀ x,     ∂B = ∂Yᵀ (x Aᵀ)
-
-and returns each projection's output as a column view of `Y`.
+- LoRA (`GroupLoraFn`), with `W` the stacked weights, `A` the stacked adapters' A and `B` the
+  block-diagonal matrix of each adapter's `s·B`:
+  `Y = x Wᵀ + b + (x Aᵀ) Bᵀ`, `∂x = ∂Y W + (∂Y B) A`, `∂A = (∂Y B)ᵀ x`, `∂B = ∂Yᵀ (x Aᵀ)`.
+  Not taken: several adapters, dropout, DoRA, merged or disabled adapters (the fused LoRA rules).
+- Full fine-tuning (`GroupLinearFn`), under bf16 compute only: `Y = x [W₁; W₂; …]ᵀ + b` with the
+  fp32 weights cast inside the node, in forward and again in backward; `∂Wᵢ` come out of one GEMM.
+  In fp32 the layers run one by one.
+Each projection's output is a column view of `Y`.
 
 Why: per LoRA layer the fused node already makes 2 large and 6 rank-r GEMMs per step; the rank-r
 ones are memory-bound and, on a CPU, each call costs ~0.1 ms of fixed overhead — on SmolLM2 in bf16
 the ~1,250 rank-16 calls per step took half as long as the large GEMMs. A group of n projections
-makes the same 2 large GEMMs (wider, so faster) and 6 rank-r ones instead of 2n and 6n.
+makes the same 2 large GEMMs (wider, so faster) and 6 rank-r ones instead of 2n and 6n. In full
+fine-tuning, autocast keeps a bf16 copy of every weight it casts from the forward to the end of the
+backward (~0.14 GiB for SmolLM2's q/k/v/gate/up); recasting costs one more pass over the weights.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import types
 
 import torch
 
-from tunesmith.compute import stored_weight
+from tunesmith.compute import autocast_bf16, stored_weight
 from tunesmith.fused_lora import FusedLoraLinear
 from tunesmith.nf4 import BF16Storage, FrozenLinear
 
@@ -75,21 +81,62 @@ class GroupLoraFn(torch.autograd.Function):
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None
 
 
+class GroupLinearFn(torch.autograd.Function):
+    """`Y = x [W₁; W₂; …]ᵀ + b` for trainable weights, computed in `dtype` (bf16): each weight is cast
+    inside the node, in forward and again in backward, so no cast copy is kept between the two —
+    autocast would keep one bf16 copy of every weight from the forward to the end of the backward."""
+
+    @staticmethod
+    def forward(ctx, x, bias, dtype, *weights):
+        x2 = x.reshape(-1, x.shape[-1])
+        w = torch.cat([wi.to(dtype) for wi in weights])
+        y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
+        ctx.save_for_backward(x, *weights)
+        ctx.dtype, ctx.sizes, ctx.has_bias = dtype, tuple(wi.shape[0] for wi in weights), bias is not None
+        lead = x.shape[:-1]
+        return tuple(part.view(*lead, part.shape[-1]) for part in y.split(ctx.sizes, dim=1))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, *weights = ctx.saved_tensors
+        x2 = x.reshape(-1, x.shape[-1])
+        rows = x2.shape[0]
+        g = torch.cat([torch.zeros(rows, n, dtype=x.dtype, device=x.device) if gi is None
+                       else gi.reshape(rows, n).to(x.dtype) for gi, n in zip(grads, ctx.sizes)], dim=1)
+        need = ctx.needs_input_grad
+        grad_x = grad_bias = None
+        if need[0]:
+            grad_x = torch.mm(g, torch.cat([wi.to(ctx.dtype) for wi in weights])).view(x.shape)
+        if need[1]:
+            grad_bias = g.sum(0)
+        grad_ws = [None] * len(weights)
+        if any(need[3:]):
+            parts = torch.mm(g.t(), x2).split(ctx.sizes, dim=0)
+            grad_ws = [p.to(wi.dtype) if n else None for p, wi, n in zip(parts, weights, need[3:])]
+        return (grad_x, grad_bias, None, *grad_ws)
+
+
 class ProjectionGroup:
-    """Projections sharing an input; `weight` holds their frozen weights stacked (theirs are views)."""
+    """Projections sharing an input. LoRA layers: `weight` holds their frozen weights stacked (theirs
+    are views of it). Plain trainable linears (full fine-tuning): `weight` is None; they group under
+    bf16 compute only, where the node's own casts replace autocast's kept copies."""
 
     def __init__(self, layers: list):
         self.layers = layers
-        bases = [layer.base_layer for layer in layers]
-        self.weight = torch.cat([stored_weight(b) for b in bases])
+        self.lora = type(layers[0]) is FusedLoraLinear
+        bases = [layer.base_layer if self.lora else layer for layer in layers]
         self.sizes = tuple(b.out_features for b in bases)
+        self.weight = torch.cat([stored_weight(b) for b in bases]) if self.lora else None
         start = 0
         for base, n in zip(bases, self.sizes):
-            _set_stored(base, self.weight[start : start + n])
+            if self.lora:
+                _set_stored(base, self.weight[start : start + n])
             start += n
         self.stash = None  # (input, outputs) between the first projection's call and its siblings'
 
     def run(self, x: torch.Tensor) -> tuple | None:
+        if not self.lora:
+            return self._run_linear(x)
         names = [layer._fused_adapter(x, (), {}) for layer in self.layers]
         if None in names:
             return None
@@ -105,6 +152,19 @@ class ProjectionGroup:
                               for b, n in zip(biases, self.sizes)]).to(dtype)
         with torch.autocast(x.device.type, enabled=False):
             return GroupLoraFn.apply(x.to(dtype), self.weight.to(dtype), bias, lora_a, lora_b, self.sizes)
+
+
+    def _run_linear(self, x: torch.Tensor) -> tuple | None:
+        if not autocast_bf16(x):
+            return None
+        biases = [layer.bias for layer in self.layers]
+        bias = None
+        if any(b is not None for b in biases):
+            bias = torch.cat([b if b is not None else x.new_zeros(n, dtype=torch.float32)
+                              for b, n in zip(biases, self.sizes)])
+        with torch.autocast(x.device.type, enabled=False):
+            return GroupLinearFn.apply(x.to(torch.bfloat16), bias, torch.bfloat16,
+                                       *[layer.weight for layer in self.layers])
 
 
 def _set_stored(base, weight: torch.Tensor) -> None:
@@ -131,6 +191,8 @@ def grouped_forward(self, x, *args, **kwargs):
 
 
 def _groupable(layers: list) -> bool:
+    if all(type(layer) is torch.nn.Linear for layer in layers):  # full fine-tuning
+        return len({(layer.weight.dtype, layer.weight.device, layer.in_features) for layer in layers}) == 1
     if not all(type(layer) is FusedLoraLinear for layer in layers):
         return False
     bases = [layer.base_layer for layer in layers]
@@ -166,5 +228,6 @@ def restore_groups(groups: list) -> None:
         for layer in group.layers:
             vars(layer).pop("forward", None)
             vars(layer).pop("_tunesmith_group", None)
-            _set_stored(layer.base_layer, stored_weight(layer.base_layer).clone())
+            if group.lora:
+                _set_stored(layer.base_layer, stored_weight(layer.base_layer).clone())
         group.weight, group.stash = None, None

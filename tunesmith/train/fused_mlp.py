@@ -5,8 +5,9 @@ wrappers included) — `down(silu(gate(x)) · up(x))` — to `fused_forward`, an
 it switched, for `restore_mlp(modules)`. In `fused_forward`, `silu(g) · u` and the down projection
 are one autograd node (`SwiGLUDownFn`) when `down_proj` is a plain `nn.Linear` (full fine-tuning,
 or a frozen one) or a fusable LoRA layer (`tunesmith.fused_lora`); the node saves only `g` and `u`
-and recomputes `silu(g) · u` in backward. Under bf16 autocast the node computes in bf16 (weights
-cast as autocast would cast them; a frozen bf16-stored down projection is used as stored).
+and recomputes `silu(g) · u` in backward. Under bf16 autocast the node computes in bf16 (a trainable
+fp32 weight is cast inside the node in forward and again in backward, so no bf16 copy of it is
+kept in between; a frozen bf16-stored down projection is used as stored).
 Anything else (DoRA, dropout, qlora's 4-bit base, fp16 autocast) runs the module's own forward.
 
 Why: autograd keeps `g`, `silu(g)`, `u` and `silu(g)·u` — four [tokens × intermediate] tensors per
@@ -33,7 +34,7 @@ class SwiGLUDownFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up, weight, bias, lora_a, lora_b, scaling: float):
         h = F.silu(gate).mul_(up)
-        y = F.linear(h, weight, bias)
+        y = F.linear(h, weight.to(h.dtype), bias)  # a trainable fp32 weight is cast here, and again in backward
         ha = None
         if lora_a is not None:
             ha = F.linear(h, lora_a)
@@ -51,7 +52,7 @@ class SwiGLUDownFn(torch.autograd.Function):
         gate2, up2 = gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1])
         silu = F.silu(gate2)
         grad_gate = grad_up = grad_w = grad_bias = grad_a = grad_b = None
-        grad_h = torch.mm(g, weight)
+        grad_h = torch.mm(g, weight.to(g.dtype))
         g_ha = None
         if lora_a is not None:
             g_ha = torch.mm(g, lora_b).mul_(s)
@@ -61,7 +62,7 @@ class SwiGLUDownFn(torch.autograd.Function):
         if need[2] or need[4]:
             h = silu.mul_(up2)  # silu(g)·u, recomputed in the buffer silu(g) no longer needs
             if need[2]:
-                grad_w = torch.mm(g.t(), h)
+                grad_w = torch.mm(g.t(), h).to(weight.dtype)
             if need[4]:
                 grad_a = torch.mm(g_ha.t(), h)
         if need[5]:
@@ -89,7 +90,10 @@ def _operands(down, gate: torch.Tensor) -> tuple | None:
         if type(down) is torch.nn.Linear and gate.dtype == down.weight.dtype:
             return down.weight, down.bias, None, None, 0.0
         return None
-    weight = compute_weight(down, torch.bfloat16)
+    if type(down) is torch.nn.Linear and down.weight.requires_grad:
+        weight = down.weight  # cast inside the node: no bf16 copy kept from forward to backward
+    else:
+        weight = compute_weight(down, torch.bfloat16)
     if weight is None:
         return None
     return weight, None if down.bias is None else down.bias.to(torch.bfloat16), None, None, 0.0

@@ -135,3 +135,28 @@ def test_full_finetuning_groups_in_bf16_without_keeping_cast_weights(tiny_tokeni
     calls.clear()
     assert_same(loss_and_grads(model, batches), fp32)  # fp32: the layers one by one
     assert not calls
+
+
+def test_grouping_a_file_mapped_base_lets_go_of_the_file(tiny_model_dir):
+    """transformers maps an fp32 safetensors file and hands out views of it: the weights stacked
+    into groups must not leave the file's pages resident beside the stack."""
+    import gc
+    import sys
+    from pathlib import Path
+
+    from tunesmith.models import load_model
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc/self/maps")
+    path = str(next(Path(tiny_model_dir).glob("*.safetensors")).resolve())
+
+    def mapped():
+        with open("/proc/self/maps") as fh:
+            return any(path in line for line in fh)
+
+    model = apply_method(load_model(str(tiny_model_dir)), AdapterConfig(method="lora", rank=4, alpha=8))
+    if not mapped():
+        pytest.skip("this transformers copies the weights instead of mapping the file")
+    groups = use_fused_groups(model)
+    gc.collect()
+    assert groups and not mapped()

@@ -439,19 +439,13 @@ def _methods_allowed() -> tuple[str, ...]:
 
 
 def _candidates(cfg: Config):
-    """Overrides in order of least harm: same result slower (fp32 compute where `auto` chose bf16,
-    forwards of fewer tokens, then recomputed activations), then fewer trainable weights, then
-    shorter rows (which changes what the model sees)."""
+    """Overrides in order of least harm: same result slower (forwards of fewer tokens, then
+    recomputed activations), then fewer trainable weights, then shorter rows (which changes what
+    the model sees). fp32 compute where `auto` chose bf16 is not one: with the bf16 fast paths it
+    peaks no lower (SmolLM2: LoRA 1.47 vs 1.78 GiB, full 2.78 vs 2.76; bench/NOTES.md)."""
     t = cfg.train
-    fp32 = []
-    if _precision(cfg)[0] == "bf16" and t.precision == "auto":
-        # bf16 compute keeps bf16 copies beside the fp32 weights and more small tensors in the heap:
-        # on SmolLM2 its peak RSS was 0.1 (LoRA) to 0.5 GiB (full) above fp32's, and split forwards
-        # in bf16 cost speed and added memory (bench/NOTES.md #13, README Speed)
-        fp32 = ["train.precision=fp32"]
-        yield fp32
     if t.batch_size > 1 and not (t.forward_tokens and t.forward_tokens <= cfg.data.max_length):
-        yield fp32 + [f"train.forward_tokens={cfg.data.max_length}"]  # one row's worth per forward
+        yield [f"train.forward_tokens={cfg.data.max_length}"]  # one row's worth per forward
     if not t.gradient_checkpointing:
         yield ["train.gradient_checkpointing=true"]
     bs = t.batch_size

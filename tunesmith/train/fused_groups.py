@@ -47,6 +47,18 @@ GROUPS = {
 }
 
 
+def _split(y: torch.Tensor, sizes: tuple, lead: torch.Size) -> tuple:
+    """Each projection's output: a column view of the group's [rows × Σ out] result."""
+    return tuple(part.view(*lead, part.shape[-1]) for part in y.split(sizes, dim=1))
+
+
+def _joined(grads: tuple, sizes: tuple, like: torch.Tensor) -> torch.Tensor:
+    """The outputs' gradients side by side, [rows × Σ out], zeros for an unused output."""
+    rows = like.numel() // like.shape[-1]
+    return torch.cat([torch.zeros(rows, n, dtype=like.dtype, device=like.device) if g is None
+                      else g.reshape(rows, n).to(like.dtype) for g, n in zip(grads, sizes)], dim=1)
+
+
 class GroupLoraFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, sizes: tuple):
@@ -56,29 +68,24 @@ class GroupLoraFn(torch.autograd.Function):
         y.addmm_(xa, lora_b.t())
         ctx.save_for_backward(x, weight, lora_a, lora_b, xa)
         ctx.sizes = sizes
-        lead = x.shape[:-1]
-        return tuple(part.view(*lead, part.shape[-1]) for part in y.split(sizes, dim=1))
+        return _split(y, sizes, x.shape[:-1])
 
     @staticmethod
     def backward(ctx, *grads):
-        x, weight, lora_a, lora_b, xa = ctx.saved_tensors
-        rows = xa.shape[0]
-        g = torch.cat([torch.zeros(rows, n, dtype=x.dtype, device=x.device) if gi is None
-                       else gi.reshape(rows, n).to(x.dtype) for gi, n in zip(grads, ctx.sizes)], dim=1)
+        x, weight, lora_a, lora_b, xa = ctx.saved_tensors  # weight: frozen (groups are built so)
+        g = _joined(grads, ctx.sizes, x)
         need = ctx.needs_input_grad
         g_xa = torch.mm(g, lora_b)
-        grad_x = grad_w = grad_bias = grad_a = grad_b = None
+        grad_x = grad_bias = grad_a = grad_b = None
         if need[0]:
             grad_x = torch.mm(g, weight).addmm_(g_xa, lora_a).view(x.shape)
-        if need[1]:
-            grad_w = torch.mm(g.t(), x.reshape(rows, -1))
         if need[2]:
             grad_bias = g.sum(0)
         if need[3]:
-            grad_a = torch.mm(g_xa.t(), x.reshape(rows, -1))
+            grad_a = torch.mm(g_xa.t(), x.reshape(g.shape[0], -1))
         if need[4]:
             grad_b = torch.mm(g.t(), xa)
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, None
+        return grad_x, None, grad_bias, grad_a, grad_b, None
 
 
 class GroupLinearFn(torch.autograd.Function):
@@ -92,17 +99,14 @@ class GroupLinearFn(torch.autograd.Function):
         w = torch.cat([wi.to(dtype) for wi in weights])
         y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
         ctx.save_for_backward(x, *weights)
-        ctx.dtype, ctx.sizes, ctx.has_bias = dtype, tuple(wi.shape[0] for wi in weights), bias is not None
-        lead = x.shape[:-1]
-        return tuple(part.view(*lead, part.shape[-1]) for part in y.split(ctx.sizes, dim=1))
+        ctx.dtype, ctx.sizes = dtype, tuple(wi.shape[0] for wi in weights)
+        return _split(y, ctx.sizes, x.shape[:-1])
 
     @staticmethod
     def backward(ctx, *grads):
         x, *weights = ctx.saved_tensors
         x2 = x.reshape(-1, x.shape[-1])
-        rows = x2.shape[0]
-        g = torch.cat([torch.zeros(rows, n, dtype=x.dtype, device=x.device) if gi is None
-                       else gi.reshape(rows, n).to(x.dtype) for gi, n in zip(grads, ctx.sizes)], dim=1)
+        g = _joined(grads, ctx.sizes, x)
         need = ctx.needs_input_grad
         grad_x = grad_bias = None
         if need[0]:

@@ -160,3 +160,23 @@ def test_grouping_a_file_mapped_base_lets_go_of_the_file(tiny_model_dir):
     groups = use_fused_groups(model)
     gc.collect()
     assert groups and not mapped()
+
+
+def test_groups_under_gradient_checkpointing(tiny_tokenizer, monkeypatch):
+    """The recomputed forward groups again (the stash is per call): same loss and gradients."""
+    torch.manual_seed(0)
+    model = make_tiny_model(len(tiny_tokenizer))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = apply_method(model, AdapterConfig(method="lora", rank=4, alpha=8))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    use_varlen(model)
+    use_fused_mlp(model)
+    model.train()
+    batches = [flatten(unpacked(samples_for(tiny_tokenizer, False), PAD))]
+    plain = loss_and_grads(model, batches)
+    groups = use_fused_groups(model)
+    calls = _counting(monkeypatch)
+    assert_same(loss_and_grads(model, batches), plain)
+    assert len(calls) == 2 * len(groups)  # forward, and the forward recomputed in backward

@@ -16,9 +16,12 @@ from tunesmith.train.fused_groups import GroupLoraFn, restore_groups, use_fused_
 from tunesmith.train.fused_mlp import use_fused_mlp
 
 
-def _lora(tok, frozen="fp32", method="lora", **adapter):
+def _lora(tok, frozen="fp32", method="lora", checkpointing=False, **adapter):
     torch.manual_seed(0)
-    model = apply_method(make_tiny_model(len(tok)), AdapterConfig(method=method, rank=4, alpha=8, **adapter), frozen)
+    model = make_tiny_model(len(tok))
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = apply_method(model, AdapterConfig(method=method, rank=4, alpha=8, **adapter), frozen)
     torch.manual_seed(1)  # random B: every gradient path non-trivial
     for name, p in model.named_parameters():
         if "lora_B" in name:
@@ -164,16 +167,7 @@ def test_grouping_a_file_mapped_base_lets_go_of_the_file(tiny_model_dir):
 
 def test_groups_under_gradient_checkpointing(tiny_tokenizer, monkeypatch):
     """The recomputed forward groups again (the stash is per call): same loss and gradients."""
-    torch.manual_seed(0)
-    model = make_tiny_model(len(tiny_tokenizer))
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = apply_method(model, AdapterConfig(method="lora", rank=4, alpha=8))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.05)
-    use_varlen(model)
-    use_fused_mlp(model)
-    model.train()
+    model = _lora(tiny_tokenizer, checkpointing=True)
     batches = [flatten(unpacked(samples_for(tiny_tokenizer, False), PAD))]
     plain = loss_and_grads(model, batches)
     groups = use_fused_groups(model)

@@ -131,11 +131,9 @@ class ProjectionGroup:
         bases = [layer.base_layer if self.lora else layer for layer in layers]
         self.sizes = tuple(b.out_features for b in bases)
         self.weight = torch.cat([stored_weight(b) for b in bases]) if self.lora else None
-        start = 0
-        for base, n in zip(bases, self.sizes):
-            if self.lora:
-                _set_stored(base, self.weight[start : start + n])
-            start += n
+        if self.lora:
+            for base, view in zip(bases, self.weight.split(self.sizes)):
+                _set_stored(base, view)
         self.stash = None  # (input, outputs) between the first projection's call and its siblings'
 
     def run(self, x: torch.Tensor) -> tuple | None:
@@ -149,26 +147,26 @@ class ProjectionGroup:
         lora_a = torch.cat([layer.lora_A[n].weight for layer, n in zip(self.layers, names)]).to(dtype)
         lora_b = torch.block_diag(*[layer.lora_B[n].weight * layer.scaling[n]
                                     for layer, n in zip(self.layers, names)]).to(dtype)
-        biases = [layer.base_layer.bias for layer in self.layers]
-        bias = None
-        if any(b is not None for b in biases):
-            bias = torch.cat([b if b is not None else self.weight.new_zeros(n, dtype=self.weight.dtype)
-                              for b, n in zip(biases, self.sizes)]).to(dtype)
+        bias = self._bias([layer.base_layer.bias for layer in self.layers])
         with torch.autocast(x.device.type, enabled=False):
-            return GroupLoraFn.apply(x.to(dtype), self.weight.to(dtype), bias, lora_a, lora_b, self.sizes)
-
+            return GroupLoraFn.apply(x.to(dtype), self.weight.to(dtype), None if bias is None else bias.to(dtype),
+                                     lora_a, lora_b, self.sizes)
 
     def _run_linear(self, x: torch.Tensor) -> tuple | None:
         if not autocast_bf16(x):
             return None
-        biases = [layer.bias for layer in self.layers]
-        bias = None
-        if any(b is not None for b in biases):
-            bias = torch.cat([b if b is not None else x.new_zeros(n, dtype=torch.float32)
-                              for b, n in zip(biases, self.sizes)])
+        bias = self._bias([layer.bias for layer in self.layers])
         with torch.autocast(x.device.type, enabled=False):
             return GroupLinearFn.apply(x.to(torch.bfloat16), bias, torch.bfloat16,
                                        *[layer.weight for layer in self.layers])
+
+
+    def _bias(self, biases: list) -> torch.Tensor | None:
+        """The layers' biases stacked (zeros for a layer without one), or None when none has one."""
+        if all(b is None for b in biases):
+            return None
+        like = next(b for b in biases if b is not None)
+        return torch.cat([like.new_zeros(n) if b is None else b for b, n in zip(biases, self.sizes)])
 
 
 def _set_stored(base, weight: torch.Tensor) -> None:

@@ -191,7 +191,7 @@ def test_chunked_loss_matches_full_logits_and_bounds_head_rows(method, monkeypat
     rows = []
     handle = head.register_forward_hook(lambda m, inp, out: rows.append(inp[0].shape[0]))  # NF4 head
     plain_logits = loss_mod._logits
-    monkeypatch.setattr(loss_mod, "_logits", lambda h, w: rows.append(h.shape[0]) or plain_logits(h, w))
+    monkeypatch.setattr(loss_mod, "_logits", lambda h, w, out: rows.append(h.shape[0]) or plain_logits(h, w, out))
     loss, n = token_loss(model, ids, labels)
     loss.backward()
     handle.remove()

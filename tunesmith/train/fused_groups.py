@@ -47,16 +47,51 @@ GROUPS = {
 }
 
 
+OWN_OUTPUT = "_tunesmith_group_output"  # marks a group's [rows × Σ out] result: only its column views use it
+
+
 def _split(y: torch.Tensor, sizes: tuple, lead: torch.Size) -> tuple:
     """Each projection's output: a column view of the group's [rows × Σ out] result."""
+    setattr(y, OWN_OUTPUT, True)
     return tuple(part.view(*lead, part.shape[-1]) for part in y.split(sizes, dim=1))
 
 
 def _joined(grads: tuple, sizes: tuple, like: torch.Tensor) -> torch.Tensor:
-    """The outputs' gradients side by side, [rows × Σ out], zeros for an unused output."""
+    """The outputs' gradients side by side, [rows × Σ out], zeros for an unused output. Gradients
+    that already lie side by side in one buffer (the SwiGLU node writes ∂gate and ∂up so) are
+    taken as they are."""
     rows = like.numel() // like.shape[-1]
+    if all(g is not None and g.dtype == like.dtype for g in grads):
+        views = [_rows(g, n) for g, n in zip(grads, sizes)]
+        together = None if None in views else side_by_side(tuple(views))
+        if together is not None:
+            return together
     return torch.cat([torch.zeros(rows, n, dtype=like.dtype, device=like.device) if g is None
                       else g.reshape(rows, n).to(like.dtype) for g, n in zip(grads, sizes)], dim=1)
+
+
+def side_by_side(parts: tuple) -> torch.Tensor | None:
+    """Column blocks of one row-major buffer, in order ([rows × nᵢ] views whose rows are Σ nᵢ apart),
+    as the one [rows × Σ nᵢ] matrix they make up; None when they are not."""
+    first = parts[0]
+    rows, total = first.shape[0], sum(p.shape[1] for p in parts)
+    offset = 0
+    for p in parts:
+        if (p.dim() != 2 or p.shape[0] != rows or p.dtype != first.dtype or p.stride(1) != 1
+                or (rows > 1 and p.stride(0) != total)
+                or p.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+                or p.data_ptr() != first.data_ptr() + offset * first.element_size()):
+            return None
+        offset += p.shape[1]
+    return first.as_strided((rows, total), (total, 1))
+
+
+def _rows(g: torch.Tensor, n: int) -> torch.Tensor | None:
+    """[…, n] as a [rows × n] view, or None when its layout does not allow one without a copy."""
+    try:
+        return g.view(-1, n)
+    except RuntimeError:
+        return None
 
 
 class GroupLoraFn(torch.autograd.Function):

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from tunesmith.compute import autocast_bf16, compute_weight
+from tunesmith.train.fused_groups import OWN_OUTPUT, side_by_side
+from tunesmith.train.scratch import scratch
 
 MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
 
@@ -33,14 +35,14 @@ class SwiGLUDownFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gate, up, weight, bias, lora_a, lora_b, scaling: float):
-        h = F.silu(gate).mul_(up)
+        h = torch.ops.aten.silu.out(gate, out=scratch("swiglu.h", gate.shape, gate.dtype, gate.device)).mul_(up)
         y = F.linear(h, weight.to(h.dtype), bias)  # a trainable fp32 weight is cast here, and again in backward
         ha = None
         if lora_a is not None:
             ha = F.linear(h, lora_a)
             y.view(-1, y.shape[-1]).addmm_(ha.view(-1, ha.shape[-1]), lora_b.t(), alpha=scaling)
         ctx.save_for_backward(gate, up, weight, lora_a, lora_b, ha)
-        ctx.scaling = scaling
+        ctx.scaling, ctx.into_inputs = scaling, _group_pair(gate, up)
         return y
 
     @staticmethod
@@ -50,17 +52,15 @@ class SwiGLUDownFn(torch.autograd.Function):
         s = ctx.scaling
         g = grad_y.reshape(-1, grad_y.shape[-1]).to(gate.dtype)
         gate2, up2 = gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1])
-        silu = F.silu(gate2)
-        grad_gate = grad_up = grad_w = grad_bias = grad_a = grad_b = None
-        grad_h = torch.mm(g, weight.to(g.dtype))
-        g_ha = None
+        shape, dtype, device = gate2.shape, gate.dtype, gate.device
+        silu = torch.ops.aten.silu.out(gate2, out=scratch("swiglu.silu", shape, dtype, device))
+        grad_h = torch.mm(g, weight.to(g.dtype), out=scratch("swiglu.grad_h", shape, dtype, device))
+        grad_gate = grad_up = grad_w = grad_bias = grad_a = grad_b = g_ha = None
         if lora_a is not None:
             g_ha = torch.mm(g, lora_b).mul_(s)
             grad_h.addmm_(g_ha, lora_a)
-        if need[1]:
-            grad_up = (grad_h * silu).view(up.shape)
         if need[2] or need[4]:
-            h = silu.mul_(up2)  # silu(g)·u, recomputed in the buffer silu(g) no longer needs
+            h = torch.mul(silu, up2, out=scratch("swiglu.h", shape, dtype, device))  # silu(g)·u, recomputed
             if need[2]:
                 grad_w = torch.mm(g.t(), h).to(weight.dtype)
             if need[4]:
@@ -69,9 +69,27 @@ class SwiGLUDownFn(torch.autograd.Function):
             grad_b = torch.mm(g.t(), ha.reshape(-1, ha.shape[-1])).mul_(s)
         if need[3]:
             grad_bias = g.sum(0)
+        # ∂up = ∂h·silu(g), ∂gate = silu'(g)·∂h·u. When gate and up lie side by side (a gate/up group's
+        # output) nothing needs them after this, so their buffer takes the two gradients in place and
+        # the group's backward reads them as one [rows × 2·width] matrix: no fresh tensor, no copy.
+        in_place = need[0] and need[1] and ctx.into_inputs
+        grad_hu = torch.mul(grad_h, up2, out=scratch("swiglu.h", shape, dtype, device)) if need[0] else None
+        if need[1]:
+            grad_up = torch.mul(grad_h, silu, out=up2) if in_place else grad_h * silu
+            grad_up = grad_up.view(up.shape)
         if need[0]:
-            grad_gate = torch.ops.aten.silu_backward(grad_h.mul_(up2), gate2).view(gate.shape)
+            grad_gate = torch.ops.aten.silu_backward.grad_input(
+                grad_hu, gate2, grad_input=gate2 if in_place else torch.empty_like(gate2)).view(gate.shape)
         return grad_gate, grad_up, grad_w, grad_bias, grad_a, grad_b, None
+
+
+def _group_pair(gate: torch.Tensor, up: torch.Tensor) -> bool:
+    """Whether gate and up are the two halves of a gate/up group's own output (`fused_groups`), which
+    nothing but them uses: then the backward may overwrite them with their gradients."""
+    base = gate._base
+    if base is None or base is not up._base or not getattr(base, OWN_OUTPUT, False):
+        return False
+    return side_by_side((gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1]))) is not None
 
 
 def _operands(down, gate: torch.Tensor) -> tuple | None:

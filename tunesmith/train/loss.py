@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from tunesmith.compute import autocast_bf16, gemm_rows_multiple, head_weight
+from tunesmith.train.scratch import scratch
 
 IGNORE = -100
 CHUNK = 256  # rows of logits at a time: 256 × 49,152 fp32 is 48 MiB on SmolLM2
@@ -118,8 +119,8 @@ def _ce_sum(head, hidden, targets):
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
-def _logits(hidden, weight):
-    return F.linear(hidden, weight).float()
+def _logits(hidden, weight, out):
+    return torch.mm(hidden, weight.t(), out=out)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -139,18 +140,25 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty((rows, hidden.shape[1]), dtype=in_dtype, device=hidden.device) if want_h else None
         grad_w = None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], CHUNK):
+        for start in range(0, rows, CHUNK):  # a chunk past the real rows would be padding only
             h, t = hidden[start : start + CHUNK].to(cdt), targets[start : start + CHUNK]
             real = min(len(t), rows - start)
-            logits = _logits(h, w)
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1))[:real].sum()
+            shape = (len(t), w.shape[0])
+            # the logits, their softmax and its cast live in reused buffers (`scratch`): tens of MB
+            logits = _logits(h, w, scratch("loss.logits", shape, cdt, h.device))
+            probs = logits if cdt == torch.float32 else scratch("loss.fp32", shape, torch.float32, h.device).copy_(logits)
+            target_logits = probs.gather(1, t[:, None]).squeeze(1)
+            top = probs.amax(dim=1, keepdim=True)
+            sums = probs.sub_(top).exp_().sum(dim=1, keepdim=True)  # exp(z − max), in place
+            lse = top.squeeze(1) + sums.log().squeeze(1)
+            total += (lse - target_logits)[:real].sum()
             if not (want_h or want_w):
                 continue
-            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+            probs.div_(sums)  # softmax
             probs[torch.arange(len(t), device=t.device), t] -= 1.0  # ∂loss/∂logits
             probs[real:] = 0.0
-            probs = probs.to(cdt)
+            if probs is not logits:
+                probs = logits.copy_(probs)
             if want_h:
                 if cdt == grad_h.dtype and real == len(t):
                     torch.mm(probs, w, out=grad_h[start : start + CHUNK])

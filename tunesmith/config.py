@@ -107,6 +107,7 @@ class TrainConfig:
     padding_free: bool = True  # a micro-batch runs as one row of real tokens, attention per sample
     fused_mlp: bool = True  # SwiGLU + down projection as one node that saves 2 of 4 intermediates
     fused_norm: bool = True  # RMSNorm as one node that saves its input; bf16 out under bf16 compute
+    fused_rope: bool = True  # RoPE inside the per-sample attention node (CPU, padding-free rows)
     fused_groups: bool = True  # q/k/v and gate/up as one GEMM each: LoRA over a frozen base, or full in bf16 (one process)
     frozen_dtype: str = "auto"  # storage of weights that do not train (lora, dora, qlora): auto (bf16 when computing in bf16) · fp32 · bf16
     log_every: int = 1

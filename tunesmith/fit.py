@@ -196,6 +196,7 @@ def _measure(cfg: Config, hf_cfg, n_layers: int, batch: int, row_lens, label_fra
     from tunesmith.train.fused_groups import use_fused_groups
     from tunesmith.train.fused_mlp import use_fused_mlp
     from tunesmith.train.fused_norm import use_fused_norm
+    from tunesmith.train.fused_rope import use_fused_rope
     from tunesmith.train.loss import LossModule, can_embed_into_grad
 
     torch.manual_seed(0)
@@ -219,6 +220,8 @@ def _measure(cfg: Config, hf_cfg, n_layers: int, batch: int, row_lens, label_fra
         use_fused_mlp(model)
     if cfg.train.fused_norm:
         use_fused_norm(model)
+    if cfg.train.fused_rope and flat:
+        use_fused_rope(model)
     if cfg.train.fused_groups:
         use_fused_groups(model)
     # after grouping: grouped layers' weights are views of a new buffer, which is weights, not activations

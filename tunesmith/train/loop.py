@@ -47,6 +47,7 @@ from tunesmith.train.distributed import (
 from tunesmith.train.fused_groups import restore_groups, use_fused_groups
 from tunesmith.train.fused_mlp import restore_mlp, use_fused_mlp
 from tunesmith.train.fused_norm import restore_norm, use_fused_norm
+from tunesmith.train.fused_rope import restore_rope, use_fused_rope
 from tunesmith.train.loss import LossModule, can_embed_into_grad
 from tunesmith.train.records import Records, require_tensorboard
 
@@ -59,7 +60,7 @@ RESUMABLE_CHANGES = (
     "train.batch_size", "train.grad_accum", "train.strategy", "train.dist_timeout_s", "train.forward_tokens",
     # the same rows and targets, laid out without padding: equal up to fp32 rounding
     "train.padding_free", "adapter.fused", "train.fused_mlp", "train.fused_norm",
-    "train.fused_groups",
+    "train.fused_groups", "train.fused_rope",
 )
 CHECKPOINTS = "checkpoints"
 
@@ -275,6 +276,7 @@ def run_training(cfg: Config, rows=None) -> TrainResult:
     previous_attention = use_varlen(model) if t.padding_free else None
     fused_mlps = use_fused_mlp(model) if t.fused_mlp else []
     fused_norms = use_fused_norm(model) if t.fused_norm else []
+    fused_ropes = use_fused_rope(model) if t.fused_rope and previous_attention is not None else []
     if previous_attention is None:
         make_batch = lambda rows: collate(rows, pad_id)  # noqa: E731
     else:
@@ -403,6 +405,7 @@ def run_training(cfg: Config, rows=None) -> TrainResult:
     restore(model, previous_attention)  # generation (chat, compare) needs masks and the KV cache
     restore_mlp(fused_mlps)
     restore_norm(fused_norms)
+    restore_rope(fused_ropes)
     restore_groups(fused_groups)
     summary = {}
     gathered = full_state_dict(model) if dist.enabled and dist.strategy == "fsdp" else None  # collective

@@ -1,0 +1,127 @@
+"""RoPE inside the per-sample attention node (`train.fused_rope`): the node equals transformers'
+RoPE followed by causal SDPA per sample (fp64, GQA, `gradcheck`); a whole model trains exactly as
+with transformers' attention (fp32; bf16 within its rounding), q/k/v gradients reach a q/k/v group
+without a copy, anything but the padding-free training case runs the module's own forward, and
+`restore_rope` puts the modules back."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from tests.unit.test_bf16_compute import _close_in_bf16
+from tests.unit.test_fused_groups import _lora
+from tests.unit.test_packing import PAD, assert_same, loss_and_grads, samples_for
+from tunesmith.data.packing import collate, unpacked
+from tunesmith.train.attention import flatten
+from tunesmith.train.fused_groups import use_fused_groups
+from tunesmith.train.fused_norm import use_fused_norm
+from tunesmith.train.fused_rope import RopeSegmentFlashFn, restore_rope, use_fused_rope
+
+SEGMENTS = [(0, 5), (5, 7), (7, 12)]
+
+
+def _inputs(dtype=torch.float64, heads=4, kv=2, dim=8, n=12):
+    torch.manual_seed(0)
+    t = lambda *shape: torch.randn(*shape, dtype=dtype, requires_grad=True)  # noqa: E731
+    q, k, v = t(1, n, heads, dim), t(1, n, kv, dim), t(1, n, kv, dim)
+    pos = torch.cat([torch.arange(e - s) for s, e in SEGMENTS]).to(dtype)
+    freqs = pos[:, None] * (1.0 / 10000 ** (torch.arange(0, dim, 2, dtype=dtype) / dim))[None]
+    emb = torch.cat([freqs, freqs], dim=-1)[None]
+    return q, k, v, emb.cos(), emb.sin()
+
+
+def _reference(q, k, v, cos, sin, scale):
+    qr, kr = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    vt = v.transpose(1, 2)
+    parts = [F.scaled_dot_product_attention(qr[:, :, s:e], kr[:, :, s:e], vt[:, :, s:e], is_causal=True,
+                                            scale=scale, enable_gqa=True) for s, e in SEGMENTS]
+    return torch.cat(parts, dim=2).transpose(1, 2)
+
+
+def test_node_equals_rope_then_attention_per_sample():
+    q, k, v, cos, sin = _inputs()
+    scale = 0.3
+    got = RopeSegmentFlashFn.apply(q, k, v, cos, sin, SEGMENTS, scale)
+    want = _reference(q, k, v, cos, sin, scale)
+    torch.testing.assert_close(got, want)
+    g = torch.randn_like(got)
+    torch.testing.assert_close(torch.autograd.grad(got, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g))
+    torch.autograd.gradcheck(lambda *x: RopeSegmentFlashFn.apply(*x, cos, sin, SEGMENTS, scale), (q, k, v))
+
+
+def test_node_in_bf16_computes_in_fp32_and_rounds_once():
+    q, k, v, cos, sin = _inputs(torch.float32)
+    low = [x.detach().to(torch.bfloat16).requires_grad_() for x in (q, k, v)]
+    got = RopeSegmentFlashFn.apply(*low, cos.to(torch.bfloat16), sin.to(torch.bfloat16), SEGMENTS, 0.3)
+    assert got.dtype == torch.bfloat16
+    want = _reference(*[x.detach().float().requires_grad_() for x in low], cos, sin, 0.3)
+    _close_in_bf16(got.float(), want, "output")
+    grads = torch.autograd.grad(got, low, torch.ones_like(got))
+    assert all(g.dtype == torch.bfloat16 for g in grads)
+
+
+def _model(tok, method="lora", **kw):
+    model = _lora(tok, method=method, **kw)
+    use_fused_norm(model)
+    return model
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_model_trains_as_with_transformers_attention(tiny_tokenizer, method, monkeypatch):
+    model = _model(tiny_tokenizer, method)
+    batches = [flatten(unpacked(samples_for(tiny_tokenizer, False), PAD), multiple=8, pad_id=PAD)]
+    plain = loss_and_grads(model, batches)
+    switched = use_fused_rope(model)
+    assert len(switched) == model.config.num_hidden_layers
+    calls = []
+    original = RopeSegmentFlashFn.apply
+    monkeypatch.setattr(RopeSegmentFlashFn, "apply", lambda *a: calls.append(1) or original(*a))
+    assert_same(loss_and_grads(model, batches), plain)
+    assert len(calls) == len(switched)
+    restore_rope(switched)
+    calls.clear()
+    assert_same(loss_and_grads(model, batches), plain)
+    assert not calls
+
+
+def test_model_in_bf16_within_rounding(tiny_tokenizer):
+    model = _model(tiny_tokenizer, "lora")
+    batches = [flatten(unpacked(samples_for(tiny_tokenizer, False), PAD))]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = loss_and_grads(model, batches)
+        use_fused_rope(model)
+        fused = loss_and_grads(model, batches)
+    assert fused[0] == pytest.approx(plain[0], rel=1e-2)
+    for name in plain[1]:
+        _close_in_bf16(fused[1][name], plain[1][name], name)
+
+
+def test_qkv_gradients_reach_the_group_without_a_copy(tiny_tokenizer, monkeypatch):
+    import tunesmith.train.fused_groups as fg
+
+    model = _model(tiny_tokenizer, "lora")
+    batches = [flatten(unpacked(samples_for(tiny_tokenizer, False), PAD))]
+    plain = loss_and_grads(model, batches)
+    use_fused_groups(model)
+    use_fused_rope(model)
+    taken = []
+    joined = fg._joined
+    monkeypatch.setattr(fg, "_joined", lambda grads, sizes, like: taken.append(
+        (len(sizes), (out := joined(grads, sizes, like)).data_ptr() == grads[0].data_ptr())) or out)
+    assert_same(loss_and_grads(model, batches), plain)
+    qkv = [same for n, same in taken if n == 3]
+    assert len(qkv) == model.config.num_hidden_layers and all(qkv)
+
+
+def test_padded_batches_and_generation_take_the_modules_own_forward(tiny_tokenizer, monkeypatch):
+    model = _model(tiny_tokenizer, "lora")
+    use_fused_rope(model)
+    calls = []
+    original = RopeSegmentFlashFn.apply
+    monkeypatch.setattr(RopeSegmentFlashFn, "apply", lambda *a: calls.append(1) or original(*a))
+    loss_and_grads(model, [collate(unpacked(samples_for(tiny_tokenizer, False), PAD), PAD)])  # padded: a mask
+    model.eval()
+    with torch.no_grad():
+        model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False, pad_token_id=PAD)
+    assert not calls

@@ -20,7 +20,9 @@ bf16, an fp32 row.
 Reported per run: tokens/s = the median over steps of (real tokens in the step ÷ step time),
 first `--warmup` steps excluded; peak RSS of the process; validation loss after training (same
 function for both tools, held-out conversations). Per configuration the medians over rounds;
-then ratios against TRL best, and MFU = tokens/s × FLOPs per token ÷ the fp32 matmul peak
+then ratios against TRL best — of the medians, and per round against that round's fastest TRL
+setting (runs minutes apart pair up, so drift of the host cancels; their median is the paired
+ratio) — and MFU = tokens/s × FLOPs per token ÷ the fp32 matmul peak
 measured in this run (2048³ matmuls, median, before and after; the higher one), with FLOPs per
 token = 4 × parameters for LoRA (forward + input gradients) and 6 × parameters for full
 fine-tuning, as the issue defines them. Writes everything to --json.
@@ -138,12 +140,28 @@ def summarise(results: list[dict], peak: float, params: int, methods) -> dict:
         for name, ours in rows.items():
             if ours["tool"] != "tunesmith" or ours["method"] != m:
                 continue
+            by_round = _paired(results, name, m)
             ratios[name] = {
                 "trl_best": best_name, "speed_vs_trl_best": ours["tok_s"] / best["tok_s"],
+                "speed_vs_trl_best_by_round": [round(x, 3) for x in by_round],
+                "speed_vs_trl_best_paired": statistics.median(by_round) if by_round else None,
                 "rss_vs_trl_best": ours["peak_rss_gib"] / best["peak_rss_gib"],
                 "val_loss_vs_trl_same_samples": ours["val_loss"] / same_samples["val_loss"] if same_samples else None,
             }
     return {"rows": rows, "ratios": ratios}
+
+
+def _paired(results: list[dict], name: str, method: str) -> list[float]:
+    """Per round, the run's tokens/s over the best TRL setting's in the same round: runs minutes
+    apart pair up, so host drift over a benchmark (±30% here) cancels."""
+    out = []
+    for rnd in sorted({r.get("round", 0) for r in results}):
+        same = [r for r in results if r.get("round", 0) == rnd and r["method"] == method]
+        ours = [r["tok_s"] for r in same if r["name"] == name]
+        trl = [r["tok_s"] for r in same if r["tool"] == "trl"]
+        if ours and trl:
+            out.append(ours[0] / max(trl))
+    return out
 
 
 def print_table(summary: dict, peak: float) -> None:
@@ -153,7 +171,10 @@ def print_table(summary: dict, peak: float) -> None:
         print(f"{name:<30} {r['tok_s']:7.1f} {r['peak_rss_gib']:13.2f} {r['val_loss']:9.4f} {r['mfu']:6.1%}")
     for m, q in summary["ratios"].items():
         vl = q["val_loss_vs_trl_same_samples"]
-        print(f"{m}: {q['speed_vs_trl_best']:.2f}× the tokens/s of {q['trl_best']}, "
+        rounds = q.get("speed_vs_trl_best_by_round") or []
+        paired = (f" (per round against that round's TRL best: {', '.join(f'{x:.2f}' for x in rounds)}; "
+                  f"median {q['speed_vs_trl_best_paired']:.2f}×)") if len(rounds) > 1 else ""
+        print(f"{m}: {q['speed_vs_trl_best']:.2f}× the tokens/s of {q['trl_best']}{paired}, "
               f"{q['rss_vs_trl_best']:.2f}× its peak RSS; validation loss "
               + (f"{vl:.3f}× TRL's on the same samples" if vl else "n/a"))
 
@@ -203,7 +224,7 @@ def main() -> None:
         for spec in plan if rnd % 2 == 0 else plan[::-1]:
             if spec.get("steps") and rnd >= args.packing_rounds:
                 continue
-            results.append(run_one(spec, args, data_dir, model_dir))
+            results.append({**run_one(spec, args, data_dir, model_dir), "round": rnd})
     peaks.append(matmul_peak(args.threads))
     peak = max(peaks)
     bf16_peaks = [bf16_peak, matmul_peak(args.threads, dtype="bfloat16")] if bf16_units else []

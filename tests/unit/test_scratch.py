@@ -77,3 +77,16 @@ def test_swiglu_writes_gradients_into_a_group_output_only():
         GroupLinearFn.backward = original
     ptr = gate.data_ptr()
     assert seen == [[ptr, ptr + 6 * 8]]  # ∂gate and ∂up written over gate and up: no new tensor
+
+
+def test_loss_keeps_its_buffers_only_while_the_head_is_frozen():
+    import tunesmith.train.scratch as scratch_mod
+
+    torch.manual_seed(0)
+    hidden = torch.randn(9, 6, requires_grad=True)
+    targets = torch.randint(0, 13, (9,))
+    kept = lambda: {k[0] for k in scratch_mod._BUFFERS if k[0].startswith("loss.")}  # noqa: E731
+    LinearCrossEntropy.apply(hidden, torch.randn(13, 6), targets, torch.bfloat16).backward()
+    assert kept() == {"loss.logits", "loss.fp32"}  # LoRA: reused from step to step
+    LinearCrossEntropy.apply(hidden, torch.randn(13, 6, requires_grad=True), targets, torch.bfloat16).backward()
+    assert not kept()  # full fine-tuning: its peak is weights, gradients and optimizer state

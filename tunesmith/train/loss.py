@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from tunesmith.compute import autocast_bf16, gemm_rows_multiple, head_weight
-from tunesmith.train.scratch import scratch
+from tunesmith.train.scratch import release, scratch
 
 IGNORE = -100
 CHUNK = 256  # rows of logits at a time: 256 × 49,152 fp32 is 48 MiB on SmolLM2
@@ -171,6 +171,8 @@ class LinearCrossEntropy(torch.autograd.Function):
                     grad_w.addmm_(probs.t(), h)
                 else:
                     grad_w.add_(torch.mm(probs.t(), h))
+        if want_w:  # a trained head: the run's peak is weights, gradients and optimizer state; keep nothing
+            release("loss.logits", "loss.fp32")
         ctx.grads = (grad_h, grad_w)  # intermediates, not inputs or outputs: kept on ctx
         return total
 

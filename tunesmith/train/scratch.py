@@ -5,8 +5,8 @@ one buffer kept per (tag, dtype, device), grown when too small and never shrunk.
 until the next call with the same tag, so it is for temporaries only — never an autograd node's
 output, never saved for backward, never held across a call that may ask for the same tag. The
 layers of a model run one at a time, so one buffer per tag serves them all. `use_scratch(False)`
-makes every call a fresh `torch.empty` (the plain path, for tests and A/B runs); `release()` drops
-the buffers. Off the CPU every call is a fresh `torch.empty`: CUDA's caching allocator already reuses
+makes every call a fresh `torch.empty` (the plain path, for tests and A/B runs); `release(*tags)` drops
+those buffers (all of them when no tag is named). Off the CPU every call is a fresh `torch.empty`: CUDA's caching allocator already reuses
 memory.
 
 Why: `tunesmith train` pins glibc's mmap threshold at 1 MiB (`fit.limit_heap_retention`) so that
@@ -47,5 +47,7 @@ def use_scratch(enabled: bool) -> bool:
     return previous
 
 
-def release() -> None:
-    _BUFFERS.clear()
+def release(*tags: str) -> None:
+    """Drop the buffers of these tags (every buffer when none is named)."""
+    for key in [k for k in _BUFFERS if not tags or k[0] in tags]:
+        del _BUFFERS[key]

@@ -176,17 +176,23 @@ def test_groups_under_gradient_checkpointing(tiny_tokenizer, monkeypatch):
     assert len(calls) == 2 * len(groups)  # forward, and the forward recomputed in backward
 
 
-def test_gate_up_gradients_reach_the_group_without_a_copy(tiny_tokenizer, monkeypatch):
+def spy_joined(monkeypatch) -> list:
+    """Per group backward: (group size, whether its output gradient was taken as it came, no copy)."""
     import tunesmith.train.fused_groups as fg
 
-    model = _lora(tiny_tokenizer)
-    batches = [flatten(unpacked(samples_for(tiny_tokenizer, False), PAD))]
-    plain = loss_and_grads(model, batches)
-    use_fused_groups(model)
     taken = []
     joined = fg._joined
     monkeypatch.setattr(fg, "_joined", lambda grads, sizes, like: taken.append(
         (len(sizes), (out := joined(grads, sizes, like)).data_ptr() == grads[0].data_ptr())) or out)
+    return taken
+
+
+def test_gate_up_gradients_reach_the_group_without_a_copy(tiny_tokenizer, monkeypatch):
+    model = _lora(tiny_tokenizer)
+    batches = [flatten(unpacked(samples_for(tiny_tokenizer, False), PAD))]
+    plain = loss_and_grads(model, batches)
+    use_fused_groups(model)
+    taken = spy_joined(monkeypatch)
     assert_same(loss_and_grads(model, batches), plain)
     mlp = [same for n, same in taken if n == 2]
     assert len(mlp) == model.config.num_hidden_layers and all(mlp)  # the SwiGLU node's ∂gate/∂up, as they are

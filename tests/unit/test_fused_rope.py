@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from tests.unit.test_bf16_compute import _close_in_bf16
-from tests.unit.test_fused_groups import _lora
+from tests.unit.test_fused_groups import _lora, spy_joined
 from tests.unit.test_packing import PAD, assert_same, loss_and_grads, samples_for
 from tunesmith.data.packing import collate, unpacked
 from tunesmith.train.attention import flatten
@@ -98,17 +98,12 @@ def test_model_in_bf16_within_rounding(tiny_tokenizer):
 
 
 def test_qkv_gradients_reach_the_group_without_a_copy(tiny_tokenizer, monkeypatch):
-    import tunesmith.train.fused_groups as fg
-
     model = _model(tiny_tokenizer, "lora")
     batches = [flatten(unpacked(samples_for(tiny_tokenizer, False), PAD))]
     plain = loss_and_grads(model, batches)
     use_fused_groups(model)
     use_fused_rope(model)
-    taken = []
-    joined = fg._joined
-    monkeypatch.setattr(fg, "_joined", lambda grads, sizes, like: taken.append(
-        (len(sizes), (out := joined(grads, sizes, like)).data_ptr() == grads[0].data_ptr())) or out)
+    taken = spy_joined(monkeypatch)
     assert_same(loss_and_grads(model, batches), plain)
     qkv = [same for n, same in taken if n == 3]
     assert len(qkv) == model.config.num_hidden_layers and all(qkv)

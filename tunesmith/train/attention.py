@@ -73,6 +73,26 @@ _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
+def flash_forward(q, k, v, out, segments, scale) -> list:
+    """The CPU flash kernel per segment of one row: q/k/v/out are [1, heads, N, D] views (GQA: fewer
+    k/v heads); writes each segment's output into `out` and returns their log-sum-exps."""
+    lses = []
+    for s, e in segments:
+        o, lse = _FLASH(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], 0.0, True, scale=scale)
+        out[:, :, s:e] = o
+        lses.append(lse)
+    return lses
+
+
+def flash_backward(grad, q, k, v, out, lses, segments, scale, grads: tuple) -> None:
+    """`flash_forward`'s backward, segment by segment, into `grads` = (∂q, ∂k, ∂v), same layout."""
+    dq, dk, dv = grads
+    for (s, e), lse in zip(segments, lses):
+        gq, gk, gv = _FLASH_BACKWARD(grad[:, :, s:e], q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], out[:, :, s:e], lse,
+                                     0.0, True, scale=scale)
+        dq[:, :, s:e], dk[:, :, s:e], dv[:, :, s:e] = gq, gk, gv
+
+
 class SegmentFlashFn(torch.autograd.Function):
     """Causal attention per segment of one flattened row on the CPU, as one autograd node: the
     flash kernel's forward and backward per segment, reading and writing whole-row buffers, so
@@ -88,11 +108,7 @@ class SegmentFlashFn(torch.autograd.Function):
         q, k, v = query.to(work), key.to(work), value.to(work)
         n_tokens, heads, dim = q.shape[2], q.shape[1], q.shape[3]
         out = q.new_empty((1, n_tokens, heads, dim))
-        lses = []
-        for s, e in segments:
-            o, lse = _FLASH(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], 0.0, True, scale=scale)
-            out[:, s:e] = o.transpose(1, 2)
-            lses.append(lse)
+        lses = flash_forward(q, k, v, out.transpose(1, 2), segments, scale)
         ctx.save_for_backward(q, k, v, out)
         ctx.lses, ctx.segments, ctx.scale, ctx.dtype = lses, segments, scale, dtype
         return out if out.dtype == dtype else out.to(dtype)
@@ -102,10 +118,8 @@ class SegmentFlashFn(torch.autograd.Function):
         q, k, v, out = ctx.saved_tensors
         grad = grad.to(q.dtype)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        for (s, e), lse in zip(ctx.segments, ctx.lses):
-            gq, gk, gv = _FLASH_BACKWARD(grad[:, s:e].transpose(1, 2), q[:, :, s:e], k[:, :, s:e], v[:, :, s:e],
-                                         out[:, s:e].transpose(1, 2), lse, 0.0, True, scale=ctx.scale)
-            dq[:, :, s:e], dk[:, :, s:e], dv[:, :, s:e] = gq, gk, gv
+        flash_backward(grad.transpose(1, 2), q, k, v, out.transpose(1, 2), ctx.lses, ctx.segments, ctx.scale,
+                       (dq, dk, dv))
         dt = ctx.dtype
         return dq.to(dt), dk.to(dt), dv.to(dt), None, None
 

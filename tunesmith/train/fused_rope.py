@@ -10,7 +10,7 @@ autograd node (`RopeSegmentFlashFn`); anything else is the module's own forward.
 The node reads q/k/v as the projections left them ([1, N, heads × dim], column views of a q/k/v
 group's output when `fused_groups` is on), rotates q and k while casting them to the attention's
 fp32 (`x·cos + rotate_half(x)·sin` as two multiply-adds per half, in fp32 whatever the input
-dtype), runs the CPU flash kernel per sample (`attention.SegmentFlashFn`'s loop), and returns the
+dtype), runs the CPU flash kernel per sample (`attention.flash_forward`, as `SegmentFlashFn` does), and returns the
 output in the input's dtype. Its backward rotates ∂q and ∂k back (the transpose of the rotation)
 and writes ∂q, ∂k, ∂v side by side into one [1, N, (H + 2·KV) × dim] buffer, which the q/k/v group
 takes as its output gradient without a copy.
@@ -28,7 +28,7 @@ import types
 
 import torch
 
-from tunesmith.train.attention import _FLASH, _FLASH_BACKWARD, VARLEN, _segments
+from tunesmith.train.attention import VARLEN, _segments, flash_backward, flash_forward
 from tunesmith.train.scratch import scratch
 
 ATTENTION_CLASSES = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
@@ -57,13 +57,8 @@ class RopeSegmentFlashFn(torch.autograd.Function):
         q = _rotate(query, cos, sin, torch.empty(query.shape, dtype=work))
         k = _rotate(key, cos, sin, torch.empty(key.shape, dtype=work))
         v = value.to(work, memory_format=torch.contiguous_format)
-        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # the kernel's [1, heads, N, D]
         out = q.new_empty(q.shape)
-        lses = []
-        for s, e in segments:
-            o, lse = _FLASH(qt[:, :, s:e], kt[:, :, s:e], vt[:, :, s:e], 0.0, True, scale=scale)
-            out[:, s:e] = o.transpose(1, 2)
-            lses.append(lse)
+        lses = flash_forward(*(t.transpose(1, 2) for t in (q, k, v, out)), segments, scale)  # the kernel's layout
         ctx.save_for_backward(q, k, v, out, cos, sin)
         ctx.lses, ctx.segments, ctx.scale, ctx.dtype = lses, segments, scale, dtype
         return out if dtype == work else out.to(dtype)
@@ -76,14 +71,10 @@ class RopeSegmentFlashFn(torch.autograd.Function):
             grad = scratch("rope.grad", grad.shape, work, device).copy_(grad)
         # the flash gradients are temporaries: rotated back into one fresh buffer below
         dq, dk, dv = (scratch(tag, t.shape, work, device) for tag, t in (("rope.dq", q), ("rope.dk", k), ("rope.dv", v)))
-        gt, qt, kt, vt, ot = grad.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), out.transpose(1, 2)
-        dqt, dkt, dvt = dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
-        for (s, e), lse in zip(ctx.segments, ctx.lses):
-            gq, gk, gv = _FLASH_BACKWARD(gt[:, :, s:e], qt[:, :, s:e], kt[:, :, s:e], vt[:, :, s:e], ot[:, :, s:e], lse,
-                                         0.0, True, scale=ctx.scale)
-            dqt[:, :, s:e], dkt[:, :, s:e], dvt[:, :, s:e] = gq, gk, gv
+        flash_backward(*(t.transpose(1, 2) for t in (grad, q, k, v, out)), ctx.lses, ctx.segments, ctx.scale,
+                       tuple(t.transpose(1, 2) for t in (dq, dk, dv)))
         n, heads, kv, dim = q.shape[1], q.shape[2], k.shape[2], q.shape[3]
-        joint = torch.empty((1, n, (heads + 2 * kv) * dim), dtype=dtype, device=q.device)
+        joint = torch.empty((1, n, (heads + 2 * kv) * dim), dtype=dtype, device=device)
         gq = joint[..., : heads * dim].view(1, n, heads, dim)
         gk = joint[..., heads * dim : (heads + kv) * dim].view(1, n, kv, dim)
         gv = joint[..., (heads + kv) * dim :].view(1, n, kv, dim)
@@ -91,8 +82,8 @@ class RopeSegmentFlashFn(torch.autograd.Function):
             _rotate(dq, cos, sin, gq, inverse=True)
             _rotate(dk, cos, sin, gk, inverse=True)
         else:  # rotate back in fp32, round once
-            gq.copy_(_rotate(dq, cos, sin, scratch("rope.rq", dq.shape, work, dq.device), inverse=True))
-            gk.copy_(_rotate(dk, cos, sin, scratch("rope.rk", dk.shape, work, dk.device), inverse=True))
+            gq.copy_(_rotate(dq, cos, sin, scratch("rope.rq", dq.shape, work, device), inverse=True))
+            gk.copy_(_rotate(dk, cos, sin, scratch("rope.rk", dk.shape, work, device), inverse=True))
         gv.copy_(dv)
         return gq, gk, gv, None, None, None, None
 

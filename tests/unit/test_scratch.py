@@ -1,7 +1,7 @@
 """Reused scratch buffers (`train/scratch.py`) and the nodes that use them: one buffer per tag,
 grown on demand; switched off, fresh tensors; the loss over reused buffers stays exact from call to
 call whatever the row count; the SwiGLU node writes ∂gate/∂up into a gate/up group's own output
-and into nothing else."""
+and into nothing else; the RMSNorm node over reused buffers equals it over fresh tensors."""
 
 import pytest
 import torch
@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import tunesmith.train.loss as loss_mod
 from tunesmith.train.fused_groups import GroupLinearFn
 from tunesmith.train.fused_mlp import SwiGLUDownFn
+from tunesmith.train.fused_norm import RMSNormFn
 from tunesmith.train.loss import LinearCrossEntropy
 from tunesmith.train.scratch import release, scratch, use_scratch
 
@@ -90,3 +91,26 @@ def test_loss_keeps_its_buffers_only_while_the_head_is_frozen():
     assert kept() == {"loss.logits", "loss.fp32"}  # LoRA: reused from step to step
     LinearCrossEntropy.apply(hidden, torch.randn(13, 6, requires_grad=True), targets, torch.bfloat16).backward()
     assert not kept()  # full fine-tuning: its peak is weights, gradients and optimizer state
+
+
+@pytest.mark.parametrize("in_dtype, out_dtype", [(torch.float32, None), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)])
+def test_norm_over_reused_buffers_equals_fresh_tensors_and_returns_none_of_them(in_dtype, out_dtype):
+    torch.manual_seed(0)
+    weight = torch.randn(24, requires_grad=True)
+
+    def run(rows):
+        torch.manual_seed(rows)
+        x = torch.randn(1, rows, 24).to(in_dtype).requires_grad_()
+        out = RMSNormFn.apply(x, weight, 1e-5, out_dtype)
+        grads = torch.autograd.grad(out, (x, weight), torch.randn(out.shape).to(out.dtype))
+        return [out.detach(), *grads]
+
+    previous = use_scratch(False)
+    try:
+        fresh = [run(rows) for rows in (9, 5, 11)]
+    finally:
+        use_scratch(previous)
+    reused = [run(rows) for rows in (9, 5, 11)]  # the buffers grow, shrink and grow between calls
+    for want, got in zip(fresh, reused):  # earlier results are intact after later calls: nothing aliases a buffer
+        for a, b in zip(want, got):
+            assert torch.equal(a, b)

@@ -14,7 +14,10 @@ input and of the normalised input per norm (two per layer); under bf16 autocast 
 output is then cast to bf16 once per consuming projection — five casts per layer forward, five
 casts and sums of gradients in backward, and five separate bf16 copies of the same activations
 saved by the five projections. A bf16 output is shared by the projections (saved once per
-norm), and the node keeps one input per norm.
+norm), and the node keeps one input per norm. Its fp32 temporaries (the cast input, its square,
+the normalised input, the gradient's products) live in reused buffers (`train.scratch`): at a
+600-token row each is 1.4 MB, above the 1 MiB mmap threshold `tunesmith train` pins, so fresh
+ones faulted in ~25K pages per bf16 LoRA step.
 """
 
 from __future__ import annotations
@@ -23,34 +26,44 @@ import types
 
 import torch
 
+from tunesmith.train.scratch import scratch
+
 NORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
 
 
 class RMSNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps: float, out_dtype):
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        rstd = xf.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()
-        normed = xf * rstd
+        ft = torch.promote_types(x.dtype, torch.float32)
+        xf = x if x.dtype == ft else _buf("x", x, ft).copy_(x)
+        rstd = torch.pow(xf, 2, out=_buf("sq", x, ft)).mean(-1, keepdim=True).add_(eps).rsqrt_()
+        normed = torch.mul(xf, rstd, out=_buf("n", x, ft))
         if out_dtype is None:  # transformers' rule: round to the input's dtype, then scale
             out = weight * normed.to(x.dtype)
         else:
-            out = normed.mul_(weight).to(out_dtype)
+            out = normed.mul_(weight).to(out_dtype, copy=True)
         ctx.save_for_backward(x, weight, rstd)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, rstd = ctx.saved_tensors
-        normed = x.to(rstd.dtype) * rstd  # a new tensor: x itself when fp32
-        g = grad.to(rstd.dtype)
+        ft = rstd.dtype
+        normed = _buf("n", x, ft).copy_(x).mul_(rstd)
+        g = grad if grad.dtype == ft else _buf("g", grad, ft).copy_(grad)  # autograd may share `grad`: read only
         grad_w = None
         if ctx.needs_input_grad[1]:
-            grad_w = (g * normed).reshape(-1, normed.shape[-1]).sum(0).to(weight.dtype)
-        gw = g * weight  # not in place: autograd may share the incoming gradient
-        dot = (gw * normed).mean(-1, keepdim=True)
+            grad_w = torch.mul(g, normed, out=_buf("gn", x, ft)).reshape(-1, normed.shape[-1]).sum(0).to(weight.dtype)
+        # an fp32 input's gradient is this very tensor, so it cannot live in a reused buffer
+        gw = g * weight if x.dtype == ft else torch.mul(g, weight, out=_buf("gw", x, ft))
+        dot = torch.mul(gw, normed, out=_buf("gn", x, ft)).mean(-1, keepdim=True)
         grad_x = gw.sub_(normed.mul_(dot)).mul_(rstd).to(x.dtype)
         return grad_x, grad_w, None, None
+
+
+def _buf(tag: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A reused fp32 buffer shaped like `like` for the node's temporaries (`train.scratch`)."""
+    return scratch("norm." + tag, like.shape, dtype, like.device)
 
 
 def fused_forward(self, x):

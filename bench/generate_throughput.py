@@ -6,7 +6,8 @@ at a time vs llama.cpp (llama-cpp-python) on the same prompts, SmolLM2-135M-Inst
 - prompts: the first N quickstart evaluation questions, chat-templated with "Answer briefly.";
 - hf-single: `model.generate` per prompt (what a plain loop over questions gets), greedy;
 - tunesmith: `eval.generate.generate_detailed` (left-padded batches sorted by length, KV cache),
-  batch 16, greedy — what `tunesmith compare` and `generate --file` run;
+  batch 16, greedy — what `tunesmith compare` and `generate --file` run, with fp32 weights and, where
+  bf16 matmuls pay (AMX), again with bf16 weights (what `precision=auto` loads there);
 - llama.cpp: the model exported to GGUF f16 by `tunesmith export`, one prompt at a time
   (llama-cpp-python's API has no batched completion), greedy, all cores.
 Generated tokens count up to and including the stop token. Prints medians over `--repeats` and
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from tunesmith.compute import bf16_matmul_units
 from tunesmith.eval.generate import generate_detailed, render_prompt, stop_ids
 from tunesmith.models import load_model, load_tokenizer, resolve_model
 from tunesmith.quickstart import eval_questions
@@ -78,6 +80,11 @@ def main() -> int:
     rows["hf-single"] = {"seconds": s, "tokens": t}
     s, t = timed(lambda: sum(generate_detailed(model, tokenizer, convs, n, args.batch_size)[2]), args.repeats)
     rows[f"tunesmith-batch{args.batch_size}"] = {"seconds": s, "tokens": t}
+    if bf16_matmul_units(torch.device("cpu")):  # what `--precision auto` / `compare.precision=auto` load here
+        bf16 = load_model(path, dtype=torch.bfloat16).eval()
+        s, t = timed(lambda: sum(generate_detailed(bf16, tokenizer, convs, n, args.batch_size)[2]), args.repeats)
+        rows[f"tunesmith-batch{args.batch_size}-bf16"] = {"seconds": s, "tokens": t}
+        del bf16
     try:
         import llama_cpp
 

@@ -43,6 +43,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="weights to generate with; auto = bf16 where bf16 matmuls pay (AMX, CUDA), else fp32")
 
 
 def build_parser() -> argparse.ArgumentParser:

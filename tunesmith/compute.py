@@ -19,6 +19,10 @@ Contract:
   rows a SmolLM2 projection runs at ~60% of its speed at 480, 512 or 544, and every new row count
   builds (~5 ms) and caches a new kernel, so a padding-free batch whose length changes every step
   pays both. Padding-free rows and the loss's head chunks are padded up to it.
+- `inference_dtype(precision, device)`: the dtype generation loads weights in — `fp32`, `bf16`, or
+  `auto`: bf16 where `bf16_matmul_units`, else fp32 (the same rule as training's `auto`). A batch of
+  32 greedy SmolLM2 answers ran 2.3× faster with bf16 weights on a CPU with AMX: decoding reads every
+  weight once per token, half the bytes in bf16, and AMX does the matmuls.
 - `resolve_precision(train_cfg, method, device)` → `(precision, frozen_dtype)` with `auto` settled:
   precision bf16 where `bf16_matmul_units`, else fp32; frozen weights in bf16 when the run computes
   in bf16 (autocast would cast them to bf16 for every matmul anyway), else fp32.
@@ -92,6 +96,12 @@ def _cpu_bf16_pays() -> bool:
 
 def gemm_rows_multiple(dtype: torch.dtype, device: torch.device) -> int:
     return 32 if dtype == torch.bfloat16 and device.type == "cpu" else 1
+
+
+def inference_dtype(precision: str, device) -> torch.dtype:
+    if precision == "auto":
+        return torch.bfloat16 if bf16_matmul_units(torch.device(device)) else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
 
 
 def resolve_precision(train_cfg, method: str, device: torch.device) -> tuple[str, str]:

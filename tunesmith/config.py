@@ -29,6 +29,7 @@ QUANT_TYPES = ("nf4", "int4")
 FROZEN_DTYPES = ("auto", "fp32", "bf16")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+INFERENCE_PRECISIONS = ("auto", "fp32", "bf16")
 STRATEGIES = ("ddp", "fsdp")  # under torchrun; one process ignores it
 OVERLONG = ("truncate", "drop")
 COMPARE_ARMS = ("base", "prompt", "rag", "finetuned", "finetuned_rag")
@@ -141,6 +142,7 @@ class CompareConfig:
     chunk_overlap: int = 20
     max_new_tokens: int = 48
     batch_size: int = 16
+    precision: str = "auto"  # weights the arms generate with: auto (bf16 where bf16 matmuls pay, as train.precision) · fp32 · bf16
     max_questions: int = 0  # per split, 0 = all (a quick look at a big set)
     latency_samples: int = 8  # questions per arm answered one at a time for latency p50/p95
     bootstrap: int = 1000
@@ -411,6 +413,7 @@ def _validate_compare(c: CompareConfig) -> None:
     if len(set(c.arms)) != len(c.arms):
         raise UserError(f"config key compare.arms: an arm is listed twice in {c.arms}")
     _choice("compare.retriever", c.retriever, RETRIEVERS)
+    _choice("compare.precision", c.precision, INFERENCE_PRECISIONS)
     _positive("compare.k_shot", c.k_shot, allow_zero=True)
     _positive("compare.top_k", c.top_k)
     _positive("compare.chunk_size", c.chunk_size)

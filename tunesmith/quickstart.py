@@ -2,7 +2,8 @@
 
 Contract: `run_quickstart(out_dir, overrides)` loads `resources/quickstart/config.yaml` (with
 `train.output_dir=out_dir`, `train.resume=auto`, then the user's overrides), asks the base
-model the evaluation questions, fine-tunes, asks the tuned model the same questions, prints
+model the evaluation questions, fine-tunes, asks the tuned model the same questions (reloaded from
+`out_dir` as `tunesmith generate` loads it; both asks in `compare.precision`'s weights), prints
 accuracy per split before → after with a few sample answers, and writes it all to
 `out_dir/quickstart.json`. Splits: `trained_seen` (the exact questions trained on, one per
 fact), `heldout` (paraphrases never trained on) and `doc_only` (facts never trained on;
@@ -66,6 +67,8 @@ def score(questions: list[dict], answers: list[str]) -> dict[str, dict]:
 
 
 def run_quickstart(out_dir: str, overrides: list[str] = (), compare: bool = True) -> dict:
+    from tunesmith.adapters import load_for_inference
+    from tunesmith.compute import inference_dtype
     from tunesmith.models import load_model, load_tokenizer, resolve_model
     from tunesmith.train.loop import run_training
 
@@ -75,13 +78,16 @@ def run_quickstart(out_dir: str, overrides: list[str] = (), compare: bool = True
     t0 = time.perf_counter()
     print(f"tunesmith quickstart: base model {cfg.model.name}; {len(questions)} evaluation questions", flush=True)
     resolved = resolve_model(cfg.model.name)
-    base, tokenizer = load_model(resolved), load_tokenizer(resolved)
+    dtype = inference_dtype(cfg.compare.precision, "cpu")
+    base, tokenizer = load_model(resolved, dtype=dtype), load_tokenizer(resolved)
     base.eval()
     before, before_s = ask(base, tokenizer, questions, system)
     del base
     print(f"tunesmith quickstart: asked the base model in {before_s:.0f}s; fine-tuning ({cfg.adapter.method}) …", flush=True)
-    trained = run_training(cfg)
-    after, after_s = ask(trained.model, trained.tokenizer, questions, system)
+    del run_training(cfg).model
+    # asked as `tunesmith generate`/`chat` load the run: base + adapter, in the same weights dtype
+    tuned, tuned_tokenizer, _ = load_for_inference(out_dir, dtype=dtype)
+    after, after_s = ask(tuned, tuned_tokenizer, questions, system)
     result = {
         "before": score(questions, before),
         "after": score(questions, after),
@@ -93,7 +99,7 @@ def run_quickstart(out_dir: str, overrides: list[str] = (), compare: bool = True
     }
     (Path(out_dir) / "quickstart.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     print_summary(result)
-    del trained
+    del tuned
     if compare:
         from tunesmith.eval.compare import run_compare
 

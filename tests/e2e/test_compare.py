@@ -73,6 +73,7 @@ def test_compare_trains_then_writes_table_results_and_report(setup):
     assert cost["finetuned"]["train_wall_s"] > 0 and cost["base"]["train_wall_s"] == 0
     assert cost["finetuned"]["model_size_mib"] > cost["base"]["model_size_mib"]
     assert res["forgetting"]["base_ppl"] > 1 and res["forgetting"]["ratio"] > 0
+    assert res["settings"]["precision"] == "fp32"  # auto, with the suite's bf16 units pinned off
     assert "<html" in (out / "report.html").read_text()
 
 

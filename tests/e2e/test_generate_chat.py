@@ -60,6 +60,23 @@ def test_generate_base_model_dir(tiny_model_dir):
     assert proc.stdout == expected + "\n"
 
 
+def test_generate_in_bf16_weights(run_dir):
+    """`--precision bf16` loads base and adapter for bf16 matmuls: the library's answer with the same weights."""
+    import torch
+
+    from tunesmith.adapters import load_for_inference
+
+    proc = cli("generate", str(run_dir.output_dir), "--prompt", "What is the answer 3?", "--max-new-tokens", "6",
+               "--precision", "bf16")
+    assert proc.returncode == 0, proc.stderr
+    model, tok, _ = load_for_inference(str(run_dir.output_dir), dtype=torch.bfloat16)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    conv = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is the answer 3?"}]
+    assert proc.stdout == generate_batch(model, tok, [conv], max_new_tokens=6)[0] + "\n"
+    bad = cli("generate", str(run_dir.output_dir), "--prompt", "hi", "--precision", "fp16")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--precision" in bad.stderr
+
+
 def test_chat_streams_and_exits(run_dir):
     proc = cli("chat", str(run_dir.output_dir), "--max-new-tokens", "5", stdin="hello\n/reset\nagain\n/exit\n")
     assert proc.returncode == 0, proc.stderr

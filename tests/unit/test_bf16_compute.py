@@ -141,6 +141,15 @@ def test_auto_precision_follows_the_hardware(monkeypatch):
     assert resolve_precision(TrainConfig(frozen_dtype="bf16"), "lora", cpu) == ("fp32", "bf16")
 
 
+def test_generation_weights_follow_the_same_rule(monkeypatch):
+    from tunesmith.compute import inference_dtype
+
+    monkeypatch.setenv("TUNESMITH_BF16_UNITS", "1")
+    assert inference_dtype("auto", "cpu") == torch.bfloat16 and inference_dtype("fp32", "cpu") == torch.float32
+    monkeypatch.setenv("TUNESMITH_BF16_UNITS", "0")
+    assert inference_dtype("auto", "cpu") == torch.float32 and inference_dtype("bf16", "cpu") == torch.bfloat16
+
+
 def test_auto_run_on_bf16_hardware_trains_in_bf16(tmp_path, tiny_model_dir, monkeypatch):
     from tunesmith.train.loop import run_training
 

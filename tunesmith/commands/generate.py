@@ -23,10 +23,11 @@ def _check_sampling(args) -> None:
 
 def _load(args):
     from tunesmith.adapters import RUN_CONFIG, load_for_inference
+    from tunesmith.compute import inference_dtype
     from tunesmith.models import pick_device
 
     device = pick_device(args.device)
-    model, tokenizer, label = load_for_inference(args.model, device=device)
+    model, tokenizer, label = load_for_inference(args.model, device=device, dtype=inference_dtype(args.precision, device))
     system = args.system
     run_cfg = Path(args.model) / RUN_CONFIG
     if system is None and run_cfg.is_file():

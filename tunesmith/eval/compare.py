@@ -92,6 +92,7 @@ def run_compare(cfg: Config) -> dict:
             "top_k": c.top_k, "chunk_size": c.chunk_size, "chunk_overlap": c.chunk_overlap, "k_shot": len(shots),
             "bootstrap": c.bootstrap, "seed": c.seed, "backend": "hf", "system_prompt": system,
             "chunks": len(chunks) if chunks else 0, "threads": _threads(),
+            "precision": models.precision,
         },
         "arms": [{"name": a, "label": ARMS[a].label, "description": ARMS[a].description} for a in c.arms],
         "splits": [{"name": s, "label": _split_label(s), "n": sum(q.split == s for q in questions)}
@@ -173,14 +174,19 @@ class _Models:
     """Loads each set of weights once; hands each arm its model and a context that selects it."""
 
     def __init__(self, cfg: Config, run_dir: Path | None, saved: Config | None):
-        from tunesmith.adapters import load_for_inference
+        import torch
 
+        from tunesmith.adapters import load_for_inference
+        from tunesmith.compute import inference_dtype
+
+        self.dtype = inference_dtype(cfg.compare.precision, "cpu")
+        self.precision = "bf16" if self.dtype == torch.bfloat16 else "fp32"
         self.run_dir, self.method, self.merged = run_dir, None, False
         self.base_name = base_of_run(run_dir) if run_dir and (run_dir / "adapter_config.json").is_file() else None
         needs_base = any(not uses_finetuned(a) for a in cfg.compare.arms) or cfg.compare.general_text
         self.tuned = self.base = None
         if run_dir is not None:
-            self.tuned, self.tokenizer, _ = load_for_inference(str(run_dir))
+            self.tuned, self.tokenizer, _ = load_for_inference(str(run_dir), dtype=self.dtype)
             self.method = "adapter" if self.base_name else "full"
             if self.base_name is None:
                 self.base_name = saved.model.name if saved else cfg.model.name
@@ -189,7 +195,7 @@ class _Models:
         else:
             self.base_name = cfg.model.name
         if needs_base and self.method in (None, "full"):
-            self.base, base_tok, _ = load_for_inference(self.base_name)
+            self.base, base_tok, _ = load_for_inference(self.base_name, dtype=self.dtype)
             if run_dir is None:
                 self.tokenizer = base_tok
 

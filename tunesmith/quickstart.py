@@ -84,8 +84,8 @@ def run_quickstart(out_dir: str, overrides: list[str] = (), compare: bool = True
     before, before_s = ask(base, tokenizer, questions, system)
     del base
     print(f"tunesmith quickstart: asked the base model in {before_s:.0f}s; fine-tuning ({cfg.adapter.method}) …", flush=True)
-    del run_training(cfg).model
-    # asked as `tunesmith generate`/`chat` load the run: base + adapter, in the same weights dtype
+    run_training(cfg)  # its in-memory model is dropped: the tuned run is asked as `generate`/`chat` load it,
+    # base + adapter from out_dir, in the same weights dtype as the base
     tuned, tuned_tokenizer, _ = load_for_inference(out_dir, dtype=dtype)
     after, after_s = ask(tuned, tuned_tokenizer, questions, system)
     result = {

@@ -55,10 +55,15 @@ def test_node_in_bf16_computes_in_fp32_and_rounds_once():
     low = [x.detach().to(torch.bfloat16).requires_grad_() for x in (q, k, v)]
     got = RopeSegmentFlashFn.apply(*low, cos.to(torch.bfloat16), sin.to(torch.bfloat16), SEGMENTS, 0.3)
     assert got.dtype == torch.bfloat16
-    want = _reference(*[x.detach().float().requires_grad_() for x in low], cos, sin, 0.3)
+    exact = [x.detach().float().requires_grad_() for x in low]
+    want = _reference(*exact, cos, sin, 0.3)
     _close_in_bf16(got.float(), want, "output")
-    grads = torch.autograd.grad(got, low, torch.ones_like(got))
+    g_out = torch.linspace(-1, 1, got.numel()).view(got.shape)
+    grads = torch.autograd.grad(got, low, g_out.bfloat16())
     assert all(g.dtype == torch.bfloat16 for g in grads)
+    # the backward rotates q, k again from the kept bf16 inputs and reads the bf16-rounded output
+    for name, g, w in zip("qkv", grads, torch.autograd.grad(want, exact, g_out)):
+        _close_in_bf16(g.float(), w, f"grad {name}")
 
 
 def _model(tok, method="lora", **kw):

@@ -11,7 +11,10 @@ The node reads q/k/v as the projections left them ([1, N, heads × dim], column 
 group's output when `fused_groups` is on), rotates q and k while casting them to the attention's
 fp32 (`x·cos + rotate_half(x)·sin` as two multiply-adds per half, in fp32 whatever the input
 dtype), runs the CPU flash kernel per sample (`attention.flash_forward`, as `SegmentFlashFn` does), and returns the
-output in the input's dtype. Its backward rotates ∂q and ∂k back (the transpose of the rotation)
+output in the input's dtype. For bf16 inputs it keeps those inputs and its bf16 output for the
+backward, not the fp32 copies (~2.6 MB less per layer at 600 tokens, ~80 MB on SmolLM2): the backward
+rotates and casts them again, and its `Σ ∂o·o` reads the output as rounded to bf16, as GPU flash
+kernels do. Its backward rotates ∂q and ∂k back (the transpose of the rotation)
 and writes ∂q, ∂k, ∂v side by side into one [1, N, (H + 2·KV) × dim] buffer, which the q/k/v group
 takes as its output gradient without a copy.
 
@@ -59,14 +62,25 @@ class RopeSegmentFlashFn(torch.autograd.Function):
         v = value.to(work, memory_format=torch.contiguous_format)
         out = q.new_empty(q.shape)
         lses = flash_forward(*(t.transpose(1, 2) for t in (q, k, v, out)), segments, scale)  # the kernel's layout
-        ctx.save_for_backward(q, k, v, out, cos, sin)
         ctx.lses, ctx.segments, ctx.scale, ctx.dtype = lses, segments, scale, dtype
-        return out if dtype == work else out.to(dtype)
+        if dtype == work:
+            ctx.save_for_backward(q, k, v, out, cos, sin)
+            return out
+        # bf16 in: keep the inputs (views of the q/k/v projection's output) and the bf16 output (the o
+        # projection keeps it anyway), not their fp32 copies; backward rotates and casts them again
+        result = out.to(dtype)
+        ctx.save_for_backward(query, key, value, result, cos, sin)
+        return result
 
     @staticmethod
     def backward(ctx, grad):
         q, k, v, out, cos, sin = ctx.saved_tensors
-        work, dtype, device = q.dtype, ctx.dtype, q.device
+        work, dtype, device = cos.dtype, ctx.dtype, q.device
+        if dtype != work:  # the same rotation of the same inputs as the forward: the same fp32 q and k
+            q = _rotate(q, cos, sin, scratch("rope.q", q.shape, work, device))
+            k = _rotate(k, cos, sin, scratch("rope.k", k.shape, work, device))
+            v = scratch("rope.v", v.shape, work, device).copy_(v)
+            out = scratch("rope.out", out.shape, work, device).copy_(out)  # rounded to bf16, as flash kernels on GPUs keep it
         if grad.dtype != work:
             grad = scratch("rope.grad", grad.shape, work, device).copy_(grad)
         # the flash gradients are temporaries: rotated back into one fresh buffer below

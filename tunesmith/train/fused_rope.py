@@ -48,6 +48,17 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Te
     return out
 
 
+def _operands(query, key, value, cos, sin, work: torch.dtype, reuse: bool):
+    """q and k rotated, and v, in the attention's dtype `work`: in reused buffers when they are
+    temporaries (`reuse`), else fresh tensors the node may keep (v is `value` itself when it already is one)."""
+    def new(tag, like):
+        return scratch(tag, like.shape, work, like.device) if reuse else torch.empty(like.shape, dtype=work, device=like.device)
+
+    q, k = _rotate(query, cos, sin, new("rope.q", query)), _rotate(key, cos, sin, new("rope.k", key))
+    v = new("rope.v", value).copy_(value) if reuse else value.to(work, memory_format=torch.contiguous_format)
+    return q, k, v
+
+
 class RopeSegmentFlashFn(torch.autograd.Function):
     """q [1, N, H, D], k/v [1, N, KV, D] (GQA: each k/v head serves H/KV query heads), cos/sin
     [1, N, D] → causal attention per segment of RoPE'd q, k and v: [1, N, H, D] in q's dtype."""
@@ -57,13 +68,12 @@ class RopeSegmentFlashFn(torch.autograd.Function):
         dtype = query.dtype
         work = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
         cos, sin = cos.to(work)[:, :, None], sin.to(work)[:, :, None]
-        q = _rotate(query, cos, sin, torch.empty(query.shape, dtype=work))
-        k = _rotate(key, cos, sin, torch.empty(key.shape, dtype=work))
-        v = value.to(work, memory_format=torch.contiguous_format)
-        out = q.new_empty(q.shape)
+        keep = dtype == work  # fp32 in: q, k, v and out are what the backward keeps; bf16 in: temporaries
+        q, k, v = _operands(query, key, value, cos, sin, work, reuse=not keep)
+        out = q.new_empty(q.shape) if keep else scratch("rope.out", q.shape, work, q.device)
         lses = flash_forward(*(t.transpose(1, 2) for t in (q, k, v, out)), segments, scale)  # the kernel's layout
         ctx.lses, ctx.segments, ctx.scale, ctx.dtype = lses, segments, scale, dtype
-        if dtype == work:
+        if keep:
             ctx.save_for_backward(q, k, v, out, cos, sin)
             return out
         # bf16 in: keep the inputs (views of the q/k/v projection's output) and the bf16 output (the o
@@ -77,9 +87,7 @@ class RopeSegmentFlashFn(torch.autograd.Function):
         q, k, v, out, cos, sin = ctx.saved_tensors
         work, dtype, device = cos.dtype, ctx.dtype, q.device
         if dtype != work:  # the same rotation of the same inputs as the forward: the same fp32 q and k
-            q = _rotate(q, cos, sin, scratch("rope.q", q.shape, work, device))
-            k = _rotate(k, cos, sin, scratch("rope.k", k.shape, work, device))
-            v = scratch("rope.v", v.shape, work, device).copy_(v)
+            q, k, v = _operands(q, k, v, cos, sin, work, reuse=True)
             out = scratch("rope.out", out.shape, work, device).copy_(out)  # rounded to bf16, as flash kernels on GPUs keep it
         if grad.dtype != work:
             grad = scratch("rope.grad", grad.shape, work, device).copy_(grad)

@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from tunesmith.compute import bf16_matmul_units
-from tunesmith.eval.generate import generate_detailed, render_prompt, stop_ids
+from tunesmith.precision import bf16_matmul_units
+from tunesmith.infer.generate import generate_detailed, render_prompt, stop_ids
 from tunesmith.models import load_model, load_tokenizer, resolve_model
-from tunesmith.quickstart import eval_questions
+from tunesmith.workflows.quickstart import eval_questions
 
 
 def hf_single(model, tokenizer, convs, max_new_tokens) -> int:

@@ -13,13 +13,13 @@ Parts (each training run is its own `tunesmith train` process, so peak RSS is pe
   config otherwise: median seconds per step, final validation loss, peak RSS.
 - rounding (not in the default parts): what NF4 rounding alone costs the untrained SmolLM2 —
   validation loss on the train part's held-out 10% with every base linear replaced by its NF4
-  round trip: absmax scales as `tunesmith.nf4` makes them (blocks 64 and 32; scales in fp32
+  round trip: absmax scales as `tunesmith.adapters.storage` makes them (blocks 64 and 32; scales in fp32
   unless marked double quant), and two per-block scale searches tried for issue 6 and not
   adopted (`search_scales`: least squared error; llama.cpp-style x²-weighted least squares);
   relative weight error and seconds to quantize the linears (one thread). Pass `--json` with
   another path, or it replaces the default report.
 - budget: the 360M-class model, 2 steps of `full` and of `qlora`, each killed the moment its
-  RSS passes `--budget-gib` (an OOM killer's view of a RAM budget); `tunesmith.fit.estimate`'s
+  RSS passes `--budget-gib` (an OOM killer's view of a RAM budget); `tunesmith.train.fit.estimate`'s
   prediction for both, for comparison.
 Prints a table per part and writes everything to `--json` (default out/bench/qlora_memory.json).
 """
@@ -96,10 +96,10 @@ def base_bytes(model_dir: str) -> dict:
 
     import torch
 
-    from tunesmith.adapters import compress_base
+    from tunesmith.adapters.methods import compress_base
     from tunesmith.config import AdapterConfig
     from tunesmith.models import load_model
-    from tunesmith.nf4 import storage_bytes
+    from tunesmith.adapters.storage import storage_bytes
 
     loaded = load_model(model_dir, dtype=torch.float32)
     loaded.requires_grad_(False)
@@ -216,7 +216,7 @@ def part_train(work: Path, steps: int, env: dict, only: list[str] | None = None)
 def fit_prediction(cfg_path: Path, budget_gib: float):
     try:
         from tunesmith.config import load_config
-        from tunesmith.fit import estimate
+        from tunesmith.train.fit import estimate
 
         est = estimate(load_config(cfg_path), probe=False, ram_gib=budget_gib)
         return {"predicted_peak_mib": round(est.peak_bytes / MIB), "fits": est.fits_ram}
@@ -257,7 +257,7 @@ def search_scales(block, factors, weighted: bool, refit: bool):
     each candidate's scale refitted by (weighted) least squares for its codes when `refit`."""
     import torch
 
-    from tunesmith.nf4 import _MIDPOINTS, NF4_LEVELS
+    from tunesmith.adapters.storage import _MIDPOINTS, NF4_LEVELS
 
     tiny = torch.finfo(torch.float32).tiny
     absmax = block.abs().amax(1).clamp_min(tiny)
@@ -278,11 +278,11 @@ def search_scales(block, factors, weighted: bool, refit: bool):
 
 
 def round_trip(weight, block_size: int, double_quant: bool, search: dict | None):
-    """NF4 quantize → dequantize: `tunesmith.nf4` itself without `search`, else codes rounded to
+    """NF4 quantize → dequantize: `tunesmith.adapters.storage` itself without `search`, else codes rounded to
     the nearest level at the searched scales, kept in fp32 (same codes and dequantization)."""
     import torch
 
-    from tunesmith.nf4 import _MIDPOINTS, NF4_LEVELS, quantize
+    from tunesmith.adapters.storage import _MIDPOINTS, NF4_LEVELS, quantize
 
     if search is None:
         return quantize(weight, block_size, double_quant).dequantize()

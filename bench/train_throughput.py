@@ -209,7 +209,7 @@ def main() -> None:
           f"model: {params / 1e6:.1f}M parameters; {os.cpu_count()} CPUs", flush=True)
     peaks = [matmul_peak(args.threads)]
     print(f"fp32 matmul peak before: {peaks[0]:.0f} GFLOP/s", flush=True)
-    from tunesmith.compute import bf16_matmul_units
+    from tunesmith.precision import bf16_matmul_units
 
     bf16_units = bf16_matmul_units(torch.device("cpu"))
     if bf16_units:

@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from tunesmith.errors import UserError
+from tunesmith.io import write_atomic
 
 DATA_FORMATS = ("auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text")
 METHODS = ("full", "lora", "dora", "qlora")
@@ -79,7 +80,7 @@ class AdapterConfig:
     quant_block_size: int = 64  # qlora: weights sharing one scale (int4: 32 matches GGUF Q4_1)
     double_quant: bool = True  # qlora: store the NF4 scales in 8 bits too
     quantize_embeddings: bool = False  # qlora: NF4 for the input embeddings and output head too
-    fused: bool = True  # lora: fused LoRA forward/backward (tunesmith.fused_lora); false = PEFT's own
+    fused: bool = True  # lora: fused LoRA forward/backward (tunesmith.adapters.fused_lora); false = PEFT's own
 
 
 @dataclass
@@ -432,7 +433,7 @@ def to_dict(cfg: Config) -> dict:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    write_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def config_hash(cfg: Config, ignore: tuple[str, ...] = ()) -> str:

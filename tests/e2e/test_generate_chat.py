@@ -9,7 +9,7 @@ import pytest
 
 from tests.tiny import write_config, write_qa_jsonl
 from tunesmith.config import load_config
-from tunesmith.eval.generate import generate_batch
+from tunesmith.infer.generate import generate_batch
 from tunesmith.train.loop import run_training
 
 EXE = os.path.join(os.path.dirname(sys.executable), "tunesmith")
@@ -51,7 +51,7 @@ def test_batched_equals_one_by_one(run_dir):
 
 
 def test_generate_base_model_dir(tiny_model_dir):
-    from tunesmith.adapters import load_for_inference
+    from tunesmith.infer.load import load_for_inference
 
     proc = cli("generate", str(tiny_model_dir), "--prompt", "hello", "--max-new-tokens", "6")
     assert proc.returncode == 0, proc.stderr
@@ -64,7 +64,7 @@ def test_generate_in_bf16_weights(run_dir):
     """`--precision bf16` loads base and adapter for bf16 matmuls: the library's answer with the same weights."""
     import torch
 
-    from tunesmith.adapters import load_for_inference
+    from tunesmith.infer.load import load_for_inference
 
     proc = cli("generate", str(run_dir.output_dir), "--prompt", "What is the answer 3?", "--max-new-tokens", "6",
                "--precision", "bf16")

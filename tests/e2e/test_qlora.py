@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.tiny import write_config, write_qa_jsonl
-from tunesmith.adapters import compress_base
+from tunesmith.adapters.methods import compress_base
 from tunesmith.config import load_config
 from tunesmith.export.merge import merge_run
 from tunesmith.train.loop import run_training

@@ -64,7 +64,7 @@ def test_int4_block_32_stores_the_bundled_linears_exactly():
     """The bundled SmolLM2 comes from a Q4_1 GGUF: its linear weights sit on a 4-bit affine grid of
     32-weight blocks, so qlora's `quant_type: int4` at block 32 stores them without error (NF4 adds
     its own rounding on top of the GGUF's)."""
-    from tunesmith.nf4 import quantize, quantize_int4
+    from tunesmith.adapters.storage import quantize, quantize_int4
 
     model = load_model(resolve_model("smollm2-135m-instruct"))
     head = model.get_output_embeddings()

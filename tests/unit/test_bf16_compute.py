@@ -11,16 +11,16 @@ import torch.nn.functional as F
 
 from tests.tiny import make_tiny_model, write_config, write_qa_jsonl
 from tests.unit.test_packing import PAD, loss_and_grads, samples_for
-from tunesmith.adapters import apply_method
-from tunesmith.compute import resolve_precision
+from tunesmith.adapters.methods import apply_method
+from tunesmith.precision import resolve_precision
 from tunesmith.config import AdapterConfig, TrainConfig, load_config
 from tunesmith.data.packing import unpacked
-from tunesmith.fused_lora import LoraLinearFn
-from tunesmith.nf4 import BF16Storage, FrozenLinear
-from tunesmith.train.attention import flatten, use_varlen, varlen_attention
-from tunesmith.train.fused_mlp import SwiGLUDownFn, use_fused_mlp
-from tunesmith.train.fused_norm import use_fused_norm
+from tunesmith.adapters.fused_lora import LoraLinearFn
+from tunesmith.adapters.storage import BF16Storage, FrozenLinear
+from tunesmith.train.kernels.attention import flatten, varlen_attention
+from tunesmith.train.kernels.mlp import SwiGLUDownFn
 from tunesmith.train.loss import LinearCrossEntropy
+from tunesmith.train.kernels import attach
 
 
 def _close_in_bf16(got, want, what):
@@ -40,10 +40,10 @@ def _model(tok, method, frozen, fused):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.05)
-    use_varlen(model)
+    attach(model, varlen=True)
     if fused:
-        use_fused_mlp(model)
-        use_fused_norm(model)
+        attach(model, mlp=True)
+        attach(model, norm=True)
     model.train()
     return model
 
@@ -142,7 +142,7 @@ def test_auto_precision_follows_the_hardware(monkeypatch):
 
 
 def test_generation_weights_follow_the_same_rule(monkeypatch):
-    from tunesmith.compute import inference_dtype
+    from tunesmith.precision import inference_dtype
 
     monkeypatch.setenv("TUNESMITH_BF16_UNITS", "1")
     assert inference_dtype("auto", "cpu") == torch.bfloat16 and inference_dtype("fp32", "cpu") == torch.float32
@@ -169,7 +169,7 @@ def test_auto_run_on_bf16_hardware_trains_in_bf16(tmp_path, tiny_model_dir, monk
 def test_fit_does_not_suggest_fp32_where_auto_chose_bf16(monkeypatch):
     """With the bf16 fast paths a bf16 run peaks no higher than fp32: split forwards come first."""
     from tunesmith.config import Config
-    from tunesmith.fit import _candidates
+    from tunesmith.train.fit_report import _candidates
 
     monkeypatch.setenv("TUNESMITH_BF16_UNITS", "1")
     candidates = list(_candidates(Config()))

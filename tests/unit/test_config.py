@@ -68,16 +68,3 @@ def test_bad_config(tmp_path, text, overrides, needle):
 def test_missing_file(tmp_path):
     with pytest.raises(UserError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
-
-
-def test_every_key_documented():
-    """The README documents every config key that exists."""
-    import dataclasses
-    from pathlib import Path
-
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    cfg = Config()
-    for section in dataclasses.fields(Config):
-        for f in dataclasses.fields(getattr(cfg, section.name)):
-            key = f"{section.name}.{f.name}"
-            assert f"`{key}`" in readme, f"README does not document {key}"

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from tunesmith.config import load_config
-from tunesmith.quickstart import resource_dir
+from tunesmith.workflows.quickstart import resource_dir
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 

@@ -5,15 +5,12 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tests.tiny import make_tokenizer, write_config, write_qa_jsonl
-from tunesmith import fit
-from tunesmith.adapters import apply_method, count_parameters
+from tunesmith.train import budget, fit, fit_report
+from tunesmith.adapters.methods import apply_method, count_parameters
 from tunesmith.config import load_config
 from tunesmith.errors import UserError
-from tunesmith.train.attention import use_varlen
-from tunesmith.train.fused_groups import use_fused_groups
-from tunesmith.train.fused_mlp import use_fused_mlp
-from tunesmith.train.fused_norm import use_fused_norm
 from tunesmith.train.loss import LossModule
+from tunesmith.train.kernels import attach
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +62,10 @@ def test_counts_match_the_real_model(tmp_path, wide_model_dir, probed, method):
 def saved_bytes(model, batch, length, segment):
     """Bytes autograd keeps for backward in one real training forward of the whole model."""
     # as the loop runs it: padding-free rows, per-sample attention, the fused MLP, norms and groups
-    use_varlen(model)
-    use_fused_mlp(model)
-    use_fused_norm(model)
-    use_fused_groups(model)
+    attach(model, varlen=True)
+    attach(model, mlp=True)
+    attach(model, norm=True)
+    attach(model, groups=True)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen = {}
 
@@ -95,7 +92,7 @@ def test_activations_extrapolated_from_shallow_probes(wide_model_dir, probed):
     real = saved_bytes(model, 4, 256, segment)
     # the estimate adds two layers' worth for backward's transient tensors (6 layers: +33%)
     assert real * 1.0 <= est.parts["activations"] <= real * 1.45
-    ckpt = fit.estimate(fit.apply_overrides(cfg, ["train.gradient_checkpointing=true"]), probe=True, _cache=cache)
+    ckpt = fit.estimate(fit_report.apply_overrides(cfg, ["train.gradient_checkpointing=true"]), probe=True, _cache=cache)
     assert ckpt.parts["activations"] < 0.6 * est.parts["activations"]
     assert ckpt.step_s > est.step_s  # the forward runs twice
 
@@ -104,36 +101,36 @@ def test_refusal_names_overrides_that_fit(probed):
     cfg, est, cache, _ = probed
     budget = (est.peak_bytes - 0.4 * est.parts["activations"]) / fit.GIB
     with pytest.raises(UserError) as err:  # the shared cache pins the baseline this process measured first
-        fit.preflight(cfg, ram_gib=budget, cache=cache)
+        fit_report.preflight(cfg, ram_gib=budget, cache=cache)
     msg = str(err.value)
     assert msg.startswith(f"predicted peak RAM {est.peak_bytes / fit.GIB:.2f} GiB exceeds the {budget:.2f} GiB")
     assert "; try " in msg and msg.endswith("or pass --force")
     overrides = msg.split("; try ")[1].split(" (predicted")[0].split()
     assert overrides and all("=" in o for o in overrides)
-    assert fit.estimate(fit.apply_overrides(cfg, overrides), probe=False, ram_gib=budget, _cache=cache).fits
-    assert fit.preflight(cfg, ram_gib=2 * est.peak_bytes / fit.GIB, cache=cache).fits
+    assert fit.estimate(fit_report.apply_overrides(cfg, overrides), probe=False, ram_gib=budget, _cache=cache).fits
+    assert fit_report.preflight(cfg, ram_gib=2 * est.peak_bytes / fit.GIB, cache=cache).fits
 
 
 def test_probe_times_a_step(probed):
     cfg, est, _, _ = probed
     assert 0 < est.step_s < 60 and est.tokens_per_step == 4 * 256
-    assert "s/step" in fit.table(cfg, est)
+    assert "s/step" in fit_report.table(cfg, est)
 
 
 def test_ram_budget_overrides(monkeypatch):
     monkeypatch.setenv("TUNESMITH_RAM_GIB", "1.5")
-    assert fit.ram_budget() == 1.5 * fit.GIB
-    assert fit.ram_budget(3) == 3 * fit.GIB
+    assert budget.ram_budget() == 1.5 * fit.GIB
+    assert budget.ram_budget(3) == 3 * fit.GIB
     monkeypatch.setenv("TUNESMITH_RAM_GIB", "lots")
     with pytest.raises(UserError, match="TUNESMITH_RAM_GIB"):
-        fit.ram_budget()
+        budget.ram_budget()
     monkeypatch.delenv("TUNESMITH_RAM_GIB")
-    assert 0 < fit.ram_budget() < 1 << 50
+    assert 0 < budget.ram_budget() < 1 << 50
 
 
 def test_disk_refusal_line():
     est = fit.Estimate(peak_bytes=1, parts={}, step_s=None, disk_bytes=10 * fit.GIB, ram_budget=2, disk_free=fit.GIB)
-    line = fit.verdict_line(load_config(None, ["data.train=x.jsonl"]), est, None)
+    line = fit_report.verdict_line(load_config(None, ["data.train=x.jsonl"]), est, None)
     assert "10.00 GiB of disk" in line and "train.keep_last" in line
 
 

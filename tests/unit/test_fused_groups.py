@@ -8,12 +8,12 @@ import torch
 from tests.tiny import make_tiny_model
 from tests.unit.test_bf16_compute import _close_in_bf16
 from tests.unit.test_packing import PAD, assert_same, loss_and_grads, samples_for
-from tunesmith.adapters import apply_method
+from tunesmith.adapters.methods import apply_method
 from tunesmith.config import AdapterConfig
 from tunesmith.data.packing import unpacked
-from tunesmith.train.attention import flatten, use_varlen
-from tunesmith.train.fused_groups import GroupLoraFn, restore_groups, use_fused_groups
-from tunesmith.train.fused_mlp import use_fused_mlp
+from tunesmith.train.kernels.attention import flatten
+from tunesmith.train.kernels.groups import GroupLoraFn, ungroup
+from tunesmith.train.kernels import attach
 
 
 def _lora(tok, frozen="fp32", method="lora", checkpointing=False, **adapter):
@@ -26,8 +26,8 @@ def _lora(tok, frozen="fp32", method="lora", checkpointing=False, **adapter):
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
-    use_varlen(model)
-    use_fused_mlp(model)
+    attach(model, varlen=True)
+    attach(model, mlp=True)
     return model.train()
 
 
@@ -44,14 +44,14 @@ def test_groups_train_like_layers_one_by_one(tiny_tokenizer, monkeypatch):
     plain = loss_and_grads(model, batches)
     q = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
     before = q.detach().clone()
-    groups = use_fused_groups(model)
+    groups = attach(model, groups=True).groups
     assert len(groups) == 2 * model.config.num_hidden_layers  # attention and MLP of each layer
     assert q.untyped_storage().data_ptr() == groups[0].weight.untyped_storage().data_ptr()  # a view, no copy
     calls = _counting(monkeypatch)
     grouped = loss_and_grads(model, batches)
     assert len(calls) == len(groups) and {len(sizes) for sizes in calls} == {2, 3}
     assert_same(grouped, plain)
-    restore_groups(groups)
+    ungroup(groups)
     q = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
     assert torch.equal(q, before) and q.untyped_storage().nbytes() == q.numel() * q.element_size()
     calls.clear()
@@ -64,7 +64,7 @@ def test_bf16_groups_over_a_bf16_base(tiny_tokenizer):
     batches = [flatten(unpacked(samples_for(tiny_tokenizer, False), PAD))]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         plain = loss_and_grads(model, batches)
-        assert use_fused_groups(model)
+        assert attach(model, groups=True).groups
         grouped = loss_and_grads(model, batches)
     assert grouped[0] == pytest.approx(plain[0], rel=1e-2)
     for name, grad in grouped[1].items():
@@ -75,7 +75,7 @@ def test_bf16_groups_over_a_bf16_base(tiny_tokenizer):
 def test_a_sibling_called_on_another_input_runs_alone(tiny_tokenizer, monkeypatch):
     model = _lora(tiny_tokenizer)
     attn = model.get_base_model().model.layers[0].self_attn
-    use_fused_groups(model)
+    attach(model, groups=True)
     calls = _counting(monkeypatch)
     x, other = torch.randn(1, 5, attn.q_proj.in_features), torch.randn(1, 5, attn.q_proj.in_features)
     q, k = attn.q_proj(x), attn.k_proj(other)
@@ -87,11 +87,11 @@ def test_a_sibling_called_on_another_input_runs_alone(tiny_tokenizer, monkeypatc
 @pytest.mark.parametrize("method,adapter", [("dora", {}), ("lora", {"dropout": 0.1}), ("lora", {"fused": False})])
 def test_layers_the_fused_path_cannot_take_are_not_grouped(tiny_tokenizer, method, adapter, monkeypatch):
     model = _lora(tiny_tokenizer, method=method, **adapter)
-    groups = use_fused_groups(model)
+    groups = attach(model, groups=True).groups
     calls = _counting(monkeypatch)
     loss_and_grads(model, [flatten(unpacked(samples_for(tiny_tokenizer, False), PAD))])
     assert not calls
-    restore_groups(groups)
+    ungroup(groups)
 
 
 def _saved_bytes(model, fn):
@@ -110,19 +110,18 @@ def _saved_bytes(model, fn):
 
 
 def test_full_finetuning_groups_in_bf16_without_keeping_cast_weights(tiny_tokenizer, monkeypatch):
-    from tunesmith.train.fused_groups import GroupLinearFn
-    from tunesmith.train.fused_norm import use_fused_norm
+    from tunesmith.train.kernels.groups import GroupLinearFn
 
     model = make_tiny_model(len(tiny_tokenizer))
-    use_varlen(model)
-    use_fused_mlp(model)
-    use_fused_norm(model)
+    attach(model, varlen=True)
+    attach(model, mlp=True)
+    attach(model, norm=True)
     model.train()
     batches = [flatten(unpacked(samples_for(tiny_tokenizer, False), PAD))]
     fp32 = loss_and_grads(model, batches)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         plain, plain_bytes = _saved_bytes(model, lambda: loss_and_grads(model, batches))
-        groups = use_fused_groups(model)
+        groups = attach(model, groups=True).groups
         calls = []
         original = GroupLinearFn.apply
         monkeypatch.setattr(GroupLinearFn, "apply", lambda *a: calls.append(len(a) - 3) or original(*a))
@@ -160,7 +159,7 @@ def test_grouping_a_file_mapped_base_lets_go_of_the_file(tiny_model_dir):
     model = apply_method(load_model(str(tiny_model_dir)), AdapterConfig(method="lora", rank=4, alpha=8))
     if not mapped():
         pytest.skip("this transformers copies the weights instead of mapping the file")
-    groups = use_fused_groups(model)
+    groups = attach(model, groups=True).groups
     gc.collect()
     assert groups and not mapped()
 
@@ -170,7 +169,7 @@ def test_groups_under_gradient_checkpointing(tiny_tokenizer, monkeypatch):
     model = _lora(tiny_tokenizer, checkpointing=True)
     batches = [flatten(unpacked(samples_for(tiny_tokenizer, False), PAD))]
     plain = loss_and_grads(model, batches)
-    groups = use_fused_groups(model)
+    groups = attach(model, groups=True).groups
     calls = _counting(monkeypatch)
     assert_same(loss_and_grads(model, batches), plain)
     assert len(calls) == 2 * len(groups)  # forward, and the forward recomputed in backward
@@ -178,7 +177,7 @@ def test_groups_under_gradient_checkpointing(tiny_tokenizer, monkeypatch):
 
 def spy_joined(monkeypatch) -> list:
     """Per group backward: (group size, whether its output gradient was taken as it came, no copy)."""
-    import tunesmith.train.fused_groups as fg
+    import tunesmith.train.kernels.groups as fg
 
     taken = []
     joined = fg._joined
@@ -191,7 +190,7 @@ def test_gate_up_gradients_reach_the_group_without_a_copy(tiny_tokenizer, monkey
     model = _lora(tiny_tokenizer)
     batches = [flatten(unpacked(samples_for(tiny_tokenizer, False), PAD))]
     plain = loss_and_grads(model, batches)
-    use_fused_groups(model)
+    attach(model, groups=True)
     taken = spy_joined(monkeypatch)
     assert_same(loss_and_grads(model, batches), plain)
     mlp = [same for n, same in taken if n == 2]

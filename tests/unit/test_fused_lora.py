@@ -1,4 +1,4 @@
-"""The fused LoRA layer (`tunesmith.fused_lora`) trains exactly like PEFT's own LoRA layer: same
+"""The fused LoRA layer (`tunesmith.adapters.fused_lora`) trains exactly like PEFT's own LoRA layer: same
 loss and gradients within fp32 noise, on a real (tiny) Llama and on a bare layer with a bias, and
 it falls back to PEFT's forward where it does not apply."""
 
@@ -8,10 +8,10 @@ from peft import PeftModel
 
 from tests.tiny import make_tiny_model
 from tests.unit.test_packing import PAD, assert_same, loss_and_grads, samples_for
-from tunesmith.adapters import apply_method
+from tunesmith.adapters.methods import apply_method
 from tunesmith.config import AdapterConfig
 from tunesmith.data.packing import collate, unpacked
-from tunesmith.fused_lora import FusedLoraLinear, LoraLinearFn
+from tunesmith.adapters.fused_lora import FusedLoraLinear, LoraLinearFn
 
 
 def _random_lora(model):

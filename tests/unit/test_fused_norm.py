@@ -9,9 +9,10 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from tests.tiny import make_tiny_model
 from tests.unit.test_packing import PAD, assert_same, loss_and_grads, samples_for
 from tunesmith.data.packing import unpacked
-from tunesmith.train.attention import flatten, use_varlen
-from tunesmith.train.fused_mlp import use_fused_mlp
-from tunesmith.train.fused_norm import RMSNormFn, restore_norm, use_fused_norm
+from tunesmith.train.kernels.attention import flatten
+from tunesmith.train.kernels.norm import RMSNormFn
+from tunesmith.train.kernels import attach
+from tunesmith.train.kernels.patch import unpatch
 
 
 def _norm(dtype=torch.float32):
@@ -27,10 +28,11 @@ def test_fp32_output_is_transformers_and_gradients_match_autograd():
     want = norm(x)
     g = torch.randn_like(want)
     want_grads = torch.autograd.grad(want, (x, norm.weight), g)
-    switched = use_fused_norm(norm)
+    switched = attach(norm, norm=True).patched
     got = norm(x)
     got_grads = torch.autograd.grad(got, (x, norm.weight), g)
-    restore_norm(switched)
+    for module in switched:
+        unpatch(module)
     assert switched == [norm] and "forward" not in vars(norm)
     assert torch.equal(got, want)
     for a, b in zip(got_grads, want_grads):
@@ -48,7 +50,7 @@ def test_bf16_autocast_output_is_bf16_rounded_once(stream):
     norm = _norm()
     x = torch.randn(2, 9, 24).to(stream)
     want = norm(x.float())  # exact fp32 normalisation
-    use_fused_norm(norm)
+    attach(norm, norm=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = norm(x.requires_grad_())
     assert got.dtype == torch.bfloat16
@@ -61,16 +63,16 @@ def test_bf16_autocast_output_is_bf16_rounded_once(stream):
 def test_model_trains_the_same_with_fused_norms(tiny_tokenizer, lora):
     model = make_tiny_model(len(tiny_tokenizer))
     if lora:
-        from tunesmith.adapters import apply_method
+        from tunesmith.adapters.methods import apply_method
         from tunesmith.config import AdapterConfig
 
         model = apply_method(model, AdapterConfig(method="lora", rank=4, alpha=8))
-    use_varlen(model)
-    use_fused_mlp(model)
+    attach(model, varlen=True)
+    attach(model, mlp=True)
     model.train()
     batches = [flatten(unpacked(samples_for(tiny_tokenizer, False), PAD))]
     plain = loss_and_grads(model, batches)
-    switched = use_fused_norm(model)
+    switched = attach(model, norm=True).patched
     assert len(switched) == 2 * model.config.num_hidden_layers + 1
     fused = loss_and_grads(model, batches)
     assert_same(fused, plain)

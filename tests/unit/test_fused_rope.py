@@ -13,10 +13,10 @@ from tests.unit.test_bf16_compute import _close_in_bf16
 from tests.unit.test_fused_groups import _lora, spy_joined
 from tests.unit.test_packing import PAD, assert_same, loss_and_grads, samples_for
 from tunesmith.data.packing import collate, unpacked
-from tunesmith.train.attention import flatten
-from tunesmith.train.fused_groups import use_fused_groups
-from tunesmith.train.fused_norm import use_fused_norm
-from tunesmith.train.fused_rope import RopeSegmentFlashFn, restore_rope, use_fused_rope
+from tunesmith.train.kernels.attention import flatten
+from tunesmith.train.kernels.rope import RopeSegmentFlashFn
+from tunesmith.train.kernels import attach
+from tunesmith.train.kernels.patch import unpatch
 
 SEGMENTS = [(0, 5), (5, 7), (7, 12)]
 
@@ -68,7 +68,7 @@ def test_node_in_bf16_computes_in_fp32_and_rounds_once():
 
 def _model(tok, method="lora", **kw):
     model = _lora(tok, method=method, **kw)
-    use_fused_norm(model)
+    attach(model, norm=True)
     return model
 
 
@@ -77,14 +77,15 @@ def test_model_trains_as_with_transformers_attention(tiny_tokenizer, method, mon
     model = _model(tiny_tokenizer, method)
     batches = [flatten(unpacked(samples_for(tiny_tokenizer, False), PAD), multiple=8, pad_id=PAD)]
     plain = loss_and_grads(model, batches)
-    switched = use_fused_rope(model)
+    switched = attach(model, rope=True).patched
     assert len(switched) == model.config.num_hidden_layers
     calls = []
     original = RopeSegmentFlashFn.apply
     monkeypatch.setattr(RopeSegmentFlashFn, "apply", lambda *a: calls.append(1) or original(*a))
     assert_same(loss_and_grads(model, batches), plain)
     assert len(calls) == len(switched)
-    restore_rope(switched)
+    for module in switched:
+        unpatch(module)
     calls.clear()
     assert_same(loss_and_grads(model, batches), plain)
     assert not calls
@@ -95,7 +96,7 @@ def test_model_in_bf16_within_rounding(tiny_tokenizer):
     batches = [flatten(unpacked(samples_for(tiny_tokenizer, False), PAD))]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         plain = loss_and_grads(model, batches)
-        use_fused_rope(model)
+        attach(model, rope=True)
         fused = loss_and_grads(model, batches)
     assert fused[0] == pytest.approx(plain[0], rel=1e-2)
     for name in plain[1]:
@@ -106,8 +107,8 @@ def test_qkv_gradients_reach_the_group_without_a_copy(tiny_tokenizer, monkeypatc
     model = _model(tiny_tokenizer, "lora")
     batches = [flatten(unpacked(samples_for(tiny_tokenizer, False), PAD))]
     plain = loss_and_grads(model, batches)
-    use_fused_groups(model)
-    use_fused_rope(model)
+    attach(model, groups=True)
+    attach(model, rope=True)
     taken = spy_joined(monkeypatch)
     assert_same(loss_and_grads(model, batches), plain)
     qkv = [same for n, same in taken if n == 3]
@@ -116,7 +117,7 @@ def test_qkv_gradients_reach_the_group_without_a_copy(tiny_tokenizer, monkeypatc
 
 def test_padded_batches_and_generation_take_the_modules_own_forward(tiny_tokenizer, monkeypatch):
     model = _model(tiny_tokenizer, "lora")
-    use_fused_rope(model)
+    attach(model, rope=True)
     calls = []
     original = RopeSegmentFlashFn.apply
     monkeypatch.setattr(RopeSegmentFlashFn, "apply", lambda *a: calls.append(1) or original(*a))

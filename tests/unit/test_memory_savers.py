@@ -10,13 +10,15 @@ import torch.nn.functional as F
 import tunesmith.train.loss as loss_mod
 from tests.tiny import make_tiny_model
 from tests.unit.test_packing import PAD, assert_same, loss_and_grads, samples_for
-from tunesmith.adapters import apply_method
+from tunesmith.adapters.methods import apply_method
 from tunesmith.config import AdapterConfig
 from tunesmith.data.packing import unpacked
-from tunesmith.train.attention import flatten, use_varlen
-from tunesmith.train.fused_mlp import SwiGLUDownFn, restore_mlp, use_fused_mlp
+from tunesmith.train.kernels.attention import flatten
+from tunesmith.train.kernels.mlp import SwiGLUDownFn
 from tunesmith.train.loop import split_rows
 from tunesmith.train.loss import LinearCrossEntropy
+from tunesmith.train.kernels import attach
+from tunesmith.train.kernels.patch import unpatch
 
 
 def _model(tok, method, checkpointing=False, **kw):
@@ -40,15 +42,16 @@ def test_fused_mlp_trains_like_the_module(tiny_tokenizer, method, checkpointing)
     original = SwiGLUDownFn.apply
     for fused in (True, False):
         model = _model(tiny_tokenizer, method, checkpointing)
-        use_varlen(model)
-        switched = use_fused_mlp(model) if fused else []
+        attach(model, varlen=True)
+        switched = attach(model, mlp=True).patched if fused else []
         assert len(switched) == (2 if fused else 0)
         SwiGLUDownFn.apply = lambda *a: calls.append(1) or original(*a)
         try:
             results.append(loss_and_grads(model, batches))
         finally:
             SwiGLUDownFn.apply = original
-        restore_mlp(switched)
+        for module in switched:
+            unpatch(module)
         assert all("forward" not in vars(m) for m in switched)
     assert_same(results[0], results[1])
     assert bool(calls) == (method != "dora")  # DoRA's down projection is PEFT's own forward
@@ -82,9 +85,9 @@ def _saved_bytes(model, batch):
 def test_fused_mlp_saves_two_intermediates_fewer(tiny_tokenizer):
     batch = flatten(unpacked(samples_for(tiny_tokenizer, False), PAD))
     model = _model(tiny_tokenizer, "lora")
-    use_varlen(model)
+    attach(model, varlen=True)
     plain = _saved_bytes(model, batch)
-    use_fused_mlp(model)
+    attach(model, mlp=True)
     fused = _saved_bytes(model, batch)
     tokens, inter, layers = batch["input_ids"].numel(), model.config.intermediate_size, model.config.num_hidden_layers
     assert plain - fused >= 2 * tokens * inter * 4 * layers  # silu(gate) and silu(gate)·up, fp32

@@ -9,8 +9,9 @@ from peft import LoraConfig, get_peft_model
 from tests.tiny import make_tiny_model
 from tests.unit.test_packing import PAD, assert_same, fake, loss_and_grads, samples_for
 from tunesmith.data.packing import IGNORE, collate, pack, unpacked
-from tunesmith.train import attention
-from tunesmith.train.attention import VARLEN, flatten, restore, use_varlen
+from tunesmith.train.kernels import attention
+from tunesmith.train.kernels.attention import VARLEN, flatten
+from tunesmith.train.kernels import attach
 
 
 def test_flatten_drops_padding_and_masks_each_rows_first_target():
@@ -55,13 +56,13 @@ def test_padding_free_equals_samples_one_by_one(tiny_tokenizer, variant, monkeyp
         else unpacked(samples, PAD)
     alone = loss_and_grads(model, [collate(unpacked([s], PAD), PAD) for s in samples])
 
-    previous = use_varlen(model)
-    assert previous == "sdpa"
+    previous = attach(model, varlen=True)
+    assert previous.previous_attention == "sdpa"
     padding = {"multiple": 32, "pad_id": PAD} if variant == "padded" else {}
     try:
         fast = loss_and_grads(model, [flatten(rows, **padding)])
     finally:
-        restore(model, previous)
+        previous.restore()
     assert_same(fast, alone)
     inner = model.get_base_model() if variant == "lora" else model
     assert inner.config._attn_implementation == "sdpa"
@@ -72,9 +73,9 @@ def test_padding_free_equals_samples_one_by_one(tiny_tokenizer, variant, monkeyp
 
     # The comparison can fail: one causal segment per row lets samples attend to earlier ones.
     monkeypatch.setattr(attention, "_segments", lambda pos, batch: [[(0, pos.shape[-1])]] * batch)
-    previous = use_varlen(model)
+    previous = attach(model, varlen=True)
     leaky = loss_and_grads(model, [flatten(rows)])
-    restore(model, previous)
+    previous.restore()
     with pytest.raises(AssertionError):
         assert_same(leaky, alone)
 
@@ -86,9 +87,9 @@ def test_generation_after_restore_is_unchanged(tiny_tokenizer):
     kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=PAD)
     with torch.no_grad():
         before = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-        previous = use_varlen(model)
+        previous = attach(model, varlen=True)
         during = model.generate(input_ids=ids, attention_mask=mask, **kwargs)  # masks and cache: plain SDPA
-        restore(model, previous)
+        previous.restore()
         after = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
     assert torch.equal(before, during) and torch.equal(before, after)
 
@@ -96,7 +97,7 @@ def test_generation_after_restore_is_unchanged(tiny_tokenizer):
 def test_models_it_cannot_serve_keep_padded_batches(tiny_tokenizer):
     model = make_tiny_model(len(tiny_tokenizer))
     model.config.sliding_window = 4  # a window the per-sample causal kernel would ignore
-    assert use_varlen(model) is None
+    assert not attach(model, varlen=True).flat
     assert model.config._attn_implementation == "sdpa"
     assert VARLEN not in str(model.config._attn_implementation)
 
@@ -106,7 +107,7 @@ def test_segment_flash_node_matches_sdpa_per_segment():
     on each segment alone, with GQA; in fp64, and by gradcheck."""
     import torch.nn.functional as F
 
-    from tunesmith.train.attention import SegmentFlashFn
+    from tunesmith.train.kernels.attention import SegmentFlashFn
 
     torch.manual_seed(0)
     segments = [(0, 5), (5, 12), (12, 13), (13, 20)]

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from tests.tiny import make_tiny_model
-from tunesmith.adapters import apply_method, count_parameters
+from tunesmith.adapters.methods import apply_method, count_parameters
 from tunesmith.config import AdapterConfig, load_config
 from tunesmith.errors import UserError
-from tunesmith.nf4 import NF4_LEVELS, FrozenEmbedding, FrozenLinear, quantize, storage_bytes
+from tunesmith.adapters.storage import NF4_LEVELS, FrozenEmbedding, FrozenLinear, quantize, storage_bytes
 from tunesmith.train.loss import token_loss
 
 
@@ -224,7 +224,7 @@ def _q4_1_grid(rows=48, width=64, block=32, seed=0):
 
 
 def test_int4_stores_a_q4_1_grid_exactly_and_nf4_does_not():
-    from tunesmith.nf4 import quantize_int4
+    from tunesmith.adapters.storage import quantize_int4
 
     w = _q4_1_grid()
     assert torch.equal(quantize_int4(w, 32).dequantize(), w)
@@ -232,7 +232,7 @@ def test_int4_stores_a_q4_1_grid_exactly_and_nf4_does_not():
 
 
 def test_int4_error_bound_size_and_rows():
-    from tunesmith.nf4 import quantize_int4
+    from tunesmith.adapters.storage import quantize_int4
 
     w = _weight((96, 128))
     q = quantize_int4(w, 32)

@@ -73,7 +73,7 @@ def test_report_and_cli(tmp_path, model64, capsys):
     assert main(["quantize", str(model64), "--method", "int4", "--out", str(tmp_path / "q4")]) == 2  # not empty
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--force" in err
-    with pytest.raises(UserError, match="--eval-text"):
+    with pytest.raises(UserError, match="eval_text"):
         quantize_with_report(str(model64), tmp_path / "q8", "int8", eval_text=tmp_path / "empty.txt")
 
 

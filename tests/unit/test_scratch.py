@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 
 import tunesmith.train.loss as loss_mod
-from tunesmith.train.fused_groups import GroupLinearFn
-from tunesmith.train.fused_mlp import SwiGLUDownFn
-from tunesmith.train.fused_norm import RMSNormFn
+from tunesmith.train.kernels.groups import GroupLinearFn
+from tunesmith.train.kernels.mlp import SwiGLUDownFn
+from tunesmith.train.kernels.norm import RMSNormFn
 from tunesmith.train.loss import LinearCrossEntropy
-from tunesmith.train.scratch import release, scratch, use_scratch
+from tunesmith.train.kernels.scratch import release, scratch, use_scratch
 
 
 def test_one_buffer_per_tag_grown_on_demand():
@@ -81,7 +81,7 @@ def test_swiglu_writes_gradients_into_a_group_output_only():
 
 
 def test_loss_keeps_its_buffers_only_while_the_head_is_frozen():
-    import tunesmith.train.scratch as scratch_mod
+    import tunesmith.train.kernels.scratch as scratch_mod
 
     torch.manual_seed(0)
     hidden = torch.randn(9, 6, requires_grad=True)

@@ -1,16 +1,18 @@
-"""`tunesmith compare [CONFIG] [key=value ...]` → `tunesmith.eval.compare.run_compare(cfg)`."""
+"""`tunesmith compare [CONFIG] [key=value ...]` → `tunesmith.compare(cfg)` (training the run first when needed)."""
 
-from tunesmith.config import load_config
+from __future__ import annotations
+
+from tunesmith.commands import add_config_arguments, load_config_args
+
+HELP = "fine-tuned vs prompt vs RAG vs fine-tuned+RAG on your questions: table, results.json, report.html"
+
+
+def add_arguments(p) -> None:
+    add_config_arguments(p, "compare.arms=[base,rag]")
 
 
 def run(args) -> int:
-    overrides = list(args.overrides)
-    config = args.config
-    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
-        overrides.insert(0, config)
-        config = None
-    cfg = load_config(config, overrides)
-    from tunesmith.eval.compare import run_compare
+    from tunesmith import compare
 
-    run_compare(cfg)
+    compare(load_config_args(args))
     return 0

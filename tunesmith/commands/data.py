@@ -4,15 +4,30 @@ A thin wrapper over `tunesmith.data.lint.check`: prints the summary table, optio
 JSON report; exit 0 (warnings included), 2 for a file that cannot be read.
 """
 
+from __future__ import annotations
+
 import json
-from pathlib import Path
 
 from tunesmith.config import load_config
 from tunesmith.errors import UserError
 
+HELP = "data check DATA [--eval EVAL]: duplicates, leakage, empty answers, lengths, encoding"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("action", choices=["check"], help="check: data quality report")
+    p.add_argument("data", nargs="+", help="training data files")
+    p.add_argument("--eval", nargs="+", default=[], help="evaluation files, checked for leakage from the training data")
+    p.add_argument("--config", help="take model, format, max_length, system prompt and template from this YAML")
+    p.add_argument("--model", help="tokenizer for token lengths (default: the config's model.name)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="flag samples longer than this many tokens (default: data.max_length)")
+    p.add_argument("--json", help="write the full report as JSON here")
+
 
 def run(args) -> int:
     from tunesmith.data.lint import check, summary
+    from tunesmith.io import write_atomic
     from tunesmith.data.sft import ensure_chat_template
     from tunesmith.models import load_tokenizer, resolve_model
 
@@ -28,5 +43,5 @@ def run(args) -> int:
     report["model"] = model
     print(summary(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+        write_atomic(args.json, json.dumps(report, indent=2, ensure_ascii=False))
     return 0

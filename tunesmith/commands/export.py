@@ -1,38 +1,50 @@
-"""`tunesmith merge`, `tunesmith export` (GGUF + verification) and `tunesmith quantize` → `tunesmith.export`.
+"""`tunesmith export MODEL [--quant Q] [--out FILE] [--verify/--no-verify]` → `tunesmith.export_gguf`, then
+the check in llama.cpp (`export.verify.verify_export`).
 
 Exit codes: 0 done; 2 bad input (one line); 3 the GGUF was written but failed verification
 against the fp32 model (a WARNING line says why; the file and its report are kept).
 """
 
+from __future__ import annotations
+
+import argparse
 import importlib.util
 import sys
 from pathlib import Path
 
+from tunesmith.errors import UserError
+
+HELP = "write a model or run as GGUF (f32/f16/q8_0/q4_0) + Ollama Modelfile"
+FLAGS = {"out_path": "--out", "quant": "--quant", "eval_text": "--eval-text", "force=True": "--force"}
 VERIFY_FAILED = 3
 
 
-def run_merge(args) -> int:
-    from tunesmith.export.merge import dir_size, merge_run
+def add_arguments(p) -> None:
+    p.add_argument("model", help="run dir (adapter merged first), HF model dir, .gguf file, or smollm2-135m-instruct")
+    p.add_argument("--format", choices=["gguf"], default="gguf")
+    p.add_argument("--quant", choices=["f32", "f16", "q8_0", "q4_0"], default="f16")
+    p.add_argument("--out", help="output .gguf (default: RUN/export/model-QUANT.gguf, or ./NAME-QUANT.gguf)")
+    p.add_argument("--force", action="store_true", help="replace an existing output file")
+    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
+                   help="check the GGUF in llama.cpp against the fp32 model (default: when llama_cpp is installed)")
+    add_eval_text(p)
 
-    out = merge_run(args.run_dir, args.out, force=args.force)
-    print(f"tunesmith: merged {args.run_dir} → {out} ({dir_size(out) / 2**20:.1f} MiB)")
-    return 0
+
+def add_eval_text(p) -> None:
+    p.add_argument("--eval-text", help="UTF-8 text for the perplexity check (default: the bundled general_text.txt)")
 
 
-def _check_eval_text(path) -> None:
-    from tunesmith.errors import UserError
-
+def check_eval_text(path) -> None:
     if path and not Path(path).expanduser().is_file():
-        raise UserError(f"--eval-text: {path} not found; expected a UTF-8 text file")
+        raise UserError(f"{path} not found; expected a UTF-8 text file", key="eval_text")
 
 
-def run_export(args) -> int:
-    from tunesmith.export.gguf import export_gguf, modelfile_path
+def run(args) -> int:
+    from tunesmith import export_gguf
+    from tunesmith.export.gguf import modelfile_path
     from tunesmith.export.verify import report_path, report_table, verify_export
 
-    from tunesmith.errors import UserError
-
-    _check_eval_text(args.eval_text)
+    check_eval_text(args.eval_text)
     verify, installed = args.verify, importlib.util.find_spec("llama_cpp") is not None
     if verify and not installed:
         raise UserError("--verify: needs llama-cpp-python (pip install 'tunesmith[gguf]'); or pass --no-verify")
@@ -52,16 +64,4 @@ def run_export(args) -> int:
         print(f"tunesmith: WARNING: {out} failed verification against the fp32 model: {'; '.join(report['failures'])} "
               f"(file kept; details in {report_path(out)})", file=sys.stderr)
         return VERIFY_FAILED
-    return 0
-
-
-def run_quantize(args) -> int:
-    from tunesmith.export.quantize import quantize_with_report
-    from tunesmith.export.verify import report_table
-
-    _check_eval_text(args.eval_text)
-    report = quantize_with_report(args.model, args.out, method=args.method, force=args.force, eval_text=args.eval_text)
-    print(f"tunesmith: wrote {report['path']} ({report['size_mib']:.1f} MiB of {args.method} weights)")
-    print(report_table(report["table"]))
-    print(f"tunesmith: wrote {Path(report['path']) / 'report.json'}")
     return 0

@@ -1,39 +1,58 @@
-"""`tunesmith generate` (one prompt or a file of them) and `tunesmith chat` (interactive).
+"""`tunesmith generate MODEL --prompt TEXT | --file PROMPTS [--out JSONL]`: answer one prompt or a file of them.
 
-Both load a base model, a full fine-tune dir or a LoRA run dir (base + adapter) through
-`adapters.load_for_inference`, and format prompts with the same chat template and system
-prompt that training used (the run's `tunesmith.yaml` supplies `data.system_prompt`).
+Loads a base model, a full fine-tune dir or an adapter run dir (base + adapter) through
+`infer.load.load_for_inference`, and formats prompts with the chat template and system prompt that
+training used (the run's saved config supplies `data.system_prompt`). `tunesmith chat` shares the
+model arguments and the loading (`add_model_arguments`, `load`).
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from tunesmith.errors import UserError
 
+HELP = "answer one prompt or a file of prompts"
 
-def _check_sampling(args) -> None:
+
+def add_model_arguments(p) -> None:
+    p.add_argument("model", help="run dir (adapter or full), HF model dir, .gguf file, or smollm2-135m-instruct")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="weights to generate with; auto = bf16 where bf16 matmuls pay (AMX, CUDA), else fp32")
+
+
+def add_arguments(p) -> None:
+    add_model_arguments(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt")
+    src.add_argument("--file", help=".txt (one prompt a line) or .jsonl with a prompt/question field")
+    p.add_argument("--out", help="write JSONL results here instead of printing")
+    p.add_argument("--batch-size", type=int, default=16)
+
+
+def check_sampling(args) -> None:
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens: expected an integer >= 1, got {args.max_new_tokens}")
     if args.temperature < 0:
         raise UserError(f"--temperature: expected a number >= 0, got {args.temperature}")
 
 
-def _load(args):
-    from tunesmith.adapters import RUN_CONFIG, load_for_inference
-    from tunesmith.compute import inference_dtype
+def load(args):
+    """(model, tokenizer, label, system prompt) for the model the user named."""
+    from tunesmith.infer.load import load_for_inference
     from tunesmith.models import pick_device
+    from tunesmith.precision import inference_dtype
+    from tunesmith.rundir import RunDir
 
     device = pick_device(args.device)
     model, tokenizer, label = load_for_inference(args.model, device=device, dtype=inference_dtype(args.precision, device))
-    system = args.system
-    run_cfg = Path(args.model) / RUN_CONFIG
-    if system is None and run_cfg.is_file():
-        import yaml
-
-        system = ((yaml.safe_load(run_cfg.read_text(encoding="utf-8")) or {}).get("data") or {}).get("system_prompt")
+    system = args.system if args.system is not None else RunDir(args.model).system_prompt
     return model, tokenizer, label, system
 
 
@@ -70,14 +89,14 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
-def run_generate(args) -> int:
-    _check_sampling(args)
+def run(args) -> int:
+    check_sampling(args)
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.file)
     if args.out and Path(args.out).exists():
         raise UserError(f"--out: {args.out} already exists; choose another file")
-    from tunesmith.eval.generate import generate_batch
+    from tunesmith.infer.generate import generate_batch
 
-    model, tokenizer, _, system = _load(args)
+    model, tokenizer, _, system = load(args)
     replies = generate_batch(
         model, tokenizer, [_conversation(system, p) for p in prompts],
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
@@ -96,34 +115,3 @@ def run_generate(args) -> int:
     return 0
 
 
-def run_chat(args) -> int:
-    _check_sampling(args)
-    from tunesmith.eval.generate import stream_reply
-
-    model, tokenizer, label, system = _load(args)
-    print(f"tunesmith chat — {label}\ncommands: /reset clears the conversation, /exit or Ctrl-D quits", flush=True)
-    history = [{"role": "system", "content": system}] if system else []
-    start = list(history)
-    while True:
-        try:
-            line = input("you> ")
-        except EOFError:
-            print()
-            return 0
-        text = line.strip()
-        if not text:
-            continue
-        if text in ("/exit", "/quit"):
-            return 0
-        if text == "/reset":
-            history = list(start)
-            continue
-        history.append({"role": "user", "content": text})
-        sys.stdout.write("model> ")
-        pieces = []
-        for piece in stream_reply(model, tokenizer, history, args.max_new_tokens, args.temperature, args.top_p):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-            pieces.append(piece)
-        sys.stdout.write("\n")
-        history.append({"role": "assistant", "content": "".join(pieces).strip()})

@@ -1,27 +1,19 @@
-"""`tunesmith pretrain CONFIG [key=value ...] [--resume]` and `tunesmith pipeline CONFIG [key=value ...]
-[--from STAGE]` → `tunesmith.pretrain.run.run_pretrain(cfg)` / `tunesmith.pipeline.run_pipeline(cfg)`."""
+"""`tunesmith pretrain [CONFIG] [key=value ...] [--resume]` → `pretrain.run.run_pretrain(cfg)`."""
+
+from __future__ import annotations
+
+from tunesmith.commands import add_config_arguments, load_config_args
+
+HELP = "pre-train on raw text: from scratch (tokenizer + model preset) or continued"
 
 
-def _config(args, extra=()):
-    from tunesmith.config import load_config
-
-    overrides, config = list(args.overrides), args.config
-    # `tunesmith pretrain key=value ...` without a file: the first word is an override.
-    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
-        overrides.insert(0, config)
-        config = None
-    return load_config(config, overrides + list(extra))
+def add_arguments(p) -> None:
+    add_config_arguments(p, "pretrain.max_steps=200")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
 
 
 def run(args) -> int:
     from tunesmith.pretrain.run import run_pretrain
 
-    run_pretrain(_config(args, ["train.resume=auto"] if args.resume else []))
-    return 0
-
-
-def run_pipeline(args) -> int:
-    from tunesmith.pipeline import run_pipeline as pipeline
-
-    pipeline(_config(args), from_stage=args.from_stage)
+    run_pretrain(load_config_args(args, ["train.resume=auto"] if args.resume else []))
     return 0

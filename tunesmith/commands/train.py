@@ -1,43 +1,43 @@
-"""`tunesmith train CONFIG [key=value ...] [--resume] [--force]` → `tunesmith.train(cfg)`.
+"""`tunesmith train [CONFIG] [key=value ...] [--resume] [--force]` → `tunesmith.finetune(cfg)`.
 
-Before training: the fit check (`tunesmith.fit.preflight`, memory probe without timing;
+Before training: the fit check (`train.fit_report.preflight`, memory probe without timing;
 refuses with exit 2 and the overrides that would fit, unless --force) and the data check
-(`tunesmith.data.lint`, a few warning lines). Under torchrun only rank 0 prints them.
+(`data.lint`, a few warning lines). Under torchrun only rank 0 prints them; a dead or hung peer
+is one line and exit 1.
 """
+
+from __future__ import annotations
 
 import os
 import sys
 
-from tunesmith.config import load_config
+from tunesmith.commands import add_config_arguments, load_config_args
+
+HELP = "fine-tune a model: tunesmith train CONFIG [key=value ...]"
+FLAGS = {"ram_gib": "TUNESMITH_RAM_GIB"}
 
 
-def config_from_args(args):
-    overrides = list(args.overrides)
-    config = args.config
-    # `tunesmith train key=value ...` without a file: the first word is an override.
-    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
-        overrides.insert(0, config)
-        config = None
-    if getattr(args, "resume", False):
-        overrides.append("train.resume=auto")
-    return load_config(config, overrides)
+def add_arguments(p) -> None:
+    add_config_arguments(p)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--force", action="store_true", help="train even when the fit check predicts it will not fit")
 
 
 def run(args) -> int:
-    cfg = config_from_args(args)
+    cfg = load_config_args(args, ["train.resume=auto"] if args.resume else [])
     main = os.environ.get("RANK", "0") == "0"
-    from tunesmith.fit import limit_heap_retention
+    from tunesmith.train.budget import GIB, limit_heap_retention
 
     limit_heap_retention()  # freed activations go back to the OS: ~40% lower peak RSS (see there)
     if not args.force:
-        from tunesmith import fit
+        from tunesmith.train.fit_report import preflight
 
-        est = fit.preflight(cfg)
+        est = preflight(cfg)
         if main:
             print(
-                f"tunesmith: fit: predicted peak RAM {est.peak_bytes * est.processes / fit.GIB:.2f} of "
-                f"{est.ram_budget / fit.GIB:.2f} GiB, disk {est.disk_bytes / fit.GIB:.2f} of "
-                f"{est.disk_free / fit.GIB:.2f} GiB (tunesmith fit for details; --force skips)",
+                f"tunesmith: fit: predicted peak RAM {est.peak_bytes * est.processes / GIB:.2f} of "
+                f"{est.ram_budget / GIB:.2f} GiB, disk {est.disk_bytes / GIB:.2f} of "
+                f"{est.disk_free / GIB:.2f} GiB (tunesmith fit for details; --force skips)",
                 flush=True,
             )
     if main:
@@ -45,10 +45,10 @@ def run(args) -> int:
 
         for line in train_warnings(cfg.data):
             print(f"tunesmith: data: {line}", flush=True)
-    from tunesmith.train.loop import run_training
+    from tunesmith import finetune
 
     try:
-        run_training(cfg)
+        finetune(cfg)
     except Exception as err:  # under torchrun: a dead or hung peer becomes one line, exit 1
         from tunesmith.train.distributed import failure_line
 
@@ -61,9 +61,7 @@ def run(args) -> int:
 
 
 def _newest(cfg) -> str:
-    from pathlib import Path
+    from tunesmith.rundir import RunDir
 
-    from tunesmith.train.checkpoint import latest_checkpoint
-
-    found = latest_checkpoint(Path(cfg.train.output_dir) / "checkpoints")
+    found = RunDir(cfg.train.output_dir).latest_checkpoint()
     return f"{found} (continue with train.resume=auto)" if found else "none"

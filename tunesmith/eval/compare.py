@@ -1,10 +1,10 @@
 """`tunesmith compare`: fine-tuning vs prompt engineering vs RAG vs fine-tuning + RAG, measured.
 
 Contract: `run_compare(cfg)` answers the same questions with every arm in `compare.arms`, scores
-them with every metric in `eval.metrics`, and writes `results.json` (schema in README, version 1)
+them with every metric in `eval.metrics`, and writes `results.json` (schema in docs/compare.md, version 1)
 and `report.html` into the output dir, returning the results dict.
-- The run: `compare.run` names a finished run dir; without it, the run this config describes is
-  trained first (or reused when `train.output_dir` already holds it, finished or resumable).
+- The run: `compare.run` names a finished run dir; without it, `train.output_dir` must hold the
+  finished run this config describes (`workflows.compare` trains it first when it does not).
 - Questions: the user's file (splits by fact), at most `compare.max_questions` per split, plus
   the general control set (split `general`).
 - Every arm gets the same questions, chat template, greedy decoding and answer extraction.
@@ -29,9 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from tunesmith.adapters import RUN_CONFIG, base_of_run
-from tunesmith.config import Config, load_config
+from tunesmith.rundir import RunDir
+from tunesmith.config import Config
 from tunesmith.errors import UserError
+from tunesmith.io import write_atomic
 from tunesmith.eval.arms import ARMS, conversation, few_shot, uses_context, uses_finetuned
 from tunesmith.eval.metrics import METRICS, bootstrap_ci, contains, paired_diff_ci, score_all
 from tunesmith.eval.questions import GENERAL, general_questions, general_text, limit_per_split, load_questions
@@ -132,30 +133,22 @@ def _resolve_run(cfg: Config) -> tuple[Path | None, Config | None]:
         run_dir = Path(c.run)
         if not run_dir.is_dir():
             raise UserError(f"config key compare.run: {run_dir} is not a directory")
-    elif any(uses_finetuned(a) for a in c.arms):
+    elif needs_run(cfg):
         run_dir = Path(cfg.train.output_dir)
-        if not _finished(run_dir):
-            from tunesmith.train.loop import run_training
-
-            print(f"tunesmith compare: training {run_dir} first ({cfg.adapter.method})", flush=True)
-            if cfg.train.resume == "never":
-                cfg.train.resume = "auto"
-            run_training(cfg)
     else:
         return None, None
-    if not _finished(run_dir):
+    run = RunDir(run_dir)
+    if not run.finished:
         raise UserError(
             f"config key compare.run: {run_dir} has no adapter (adapter_config.json + adapter_model.safetensors) "
             "and no full model (config.json + model.safetensors); finish training first"
         )
-    run_cfg = load_config(run_dir / RUN_CONFIG) if (run_dir / RUN_CONFIG).is_file() else None
-    return run_dir, run_cfg
+    return run_dir, run.config()
 
 
-def _finished(run_dir: Path) -> bool:
-    adapter = (run_dir / "adapter_config.json").is_file() and (run_dir / "adapter_model.safetensors").is_file()
-    full = (run_dir / "config.json").is_file() and any(run_dir.glob("*.safetensors"))
-    return adapter or full
+def needs_run(cfg: Config) -> bool:
+    """Whether the comparison needs a fine-tuned run that `compare.run` does not name."""
+    return not cfg.compare.run and any(uses_finetuned(a) for a in cfg.compare.arms)
 
 
 def _shots(cfg: Config, run_cfg: Config | None) -> list[tuple[str, str]]:
@@ -176,13 +169,13 @@ class _Models:
     def __init__(self, cfg: Config, run_dir: Path | None, saved: Config | None):
         import torch
 
-        from tunesmith.adapters import load_for_inference
-        from tunesmith.compute import inference_dtype
+        from tunesmith.infer.load import load_for_inference
+        from tunesmith.precision import inference_dtype
 
         self.dtype = inference_dtype(cfg.compare.precision, "cpu")
         self.precision = "bf16" if self.dtype == torch.bfloat16 else "fp32"
         self.run_dir, self.method, self.merged = run_dir, None, False
-        self.base_name = base_of_run(run_dir) if run_dir and (run_dir / "adapter_config.json").is_file() else None
+        self.base_name = RunDir(run_dir).base_model() if run_dir and RunDir(run_dir).kind == "adapter" else None
         needs_base = any(not uses_finetuned(a) for a in cfg.compare.arms) or cfg.compare.general_text
         self.tuned = self.base = None
         if run_dir is not None:
@@ -214,10 +207,9 @@ class _Models:
         return self.tuned, self.tokenizer, self.tuned.disable_adapter  # LoRA run: same weights, adapter off
 
     def train_cost(self, arm: str) -> dict:
-        record = self.run_dir / "run.json" if self.run_dir else None
-        if not uses_finetuned(arm) or record is None or not record.is_file():
+        run = RunDir(self.run_dir).summary() if self.run_dir else None
+        if not uses_finetuned(arm) or run is None:
             return {"train_wall_s": 0.0 if not uses_finetuned(arm) else None, "train_peak_rss_mib": None}
-        run = json.loads(record.read_text(encoding="utf-8"))
         return {"train_wall_s": run.get("train_wall_s"), "train_peak_rss_mib": run.get("peak_rss_mib")}
 
     def size_mib(self, arm: str) -> float | None:
@@ -261,7 +253,7 @@ def perplexity(model, tokenizer, text: str, block: int = 512) -> float:
 
 
 def _generate(model, tokenizer, convs, max_new_tokens, batch_size):
-    from tunesmith.eval.generate import generate_detailed
+    from tunesmith.infer.generate import generate_detailed
 
     return generate_detailed(model, tokenizer, convs, max_new_tokens=max_new_tokens, batch_size=batch_size)
 
@@ -348,10 +340,7 @@ def _samples(questions, answers: dict, contexts) -> list[dict]:
 
 
 def _write(out: Path, results: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2), encoding="utf-8")
-    os.replace(tmp, out / "results.json")
+    write_atomic(out / "results.json", json.dumps(results, indent=2))
     from tunesmith.eval.report import write_report
 
     write_report(results, out)

@@ -15,8 +15,8 @@ Contract:
 - Beside it, an Ollama `Modelfile` (`FROM`, a Go `TEMPLATE` derived by rendering the chat template,
   `PARAMETER stop` lines, and `SYSTEM` when the run has `data.system_prompt`). If a `Modelfile`
   for another GGUF is already there, this one is written as `<name>.Modelfile` instead.
-- `run_export(args)` is the thin CLI wrapper. Bad input (corrupt safetensors or GGUF, unknown
-  architecture or tokenizer) raises a one-line `UserError`.
+- Bad input (corrupt safetensors or GGUF, unknown architecture or tokenizer) raises a one-line
+  `UserError`; `tunesmith export` (`commands.export`) is the CLI over it.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter, LlamaFileType, TokenType
 from gguf.quants import quantize
 
-from tunesmith.adapters import RUN_CONFIG, base_of_run
 from tunesmith.errors import UserError
-from tunesmith.export.merge import ADAPTER_CONFIG, load_merged
+from tunesmith.export.merge import load_merged
 from tunesmith.models import BUNDLED
+from tunesmith.rundir import RunDir
 
 QUANTS = ("f32", "f16", "q8_0", "q4_0")
 FILE_TYPES = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16,
@@ -344,8 +344,8 @@ def head_quant(name: str, quant: str, tied: bool) -> str:
 def _model_type(spec: str) -> str | None:
     """The model_type from config.json when it is at hand, so unsupported models fail before loading."""
     path = Path(spec).expanduser()
-    if path.is_dir() and (path / ADAPTER_CONFIG).is_file():
-        path = Path(base_of_run(path)).expanduser()
+    if RunDir(path).kind == "adapter":
+        path = Path(RunDir(path).base_model()).expanduser()
     try:
         return json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
     except (OSError, ValueError):
@@ -359,14 +359,10 @@ def _check_architecture(model_type: str | None, spec: str) -> None:
         )
 
 
-def is_run_dir(path: Path) -> bool:
-    return path.is_dir() and ((path / RUN_CONFIG).is_file() or (path / ADAPTER_CONFIG).is_file())
-
-
 def default_export_path(spec: str, quant: str) -> Path:
     path = Path(spec).expanduser()
-    if is_run_dir(path):
-        return path / "export" / f"model-{quant}.gguf"
+    if RunDir(path).is_run:
+        return RunDir(path).export_dir / f"model-{quant}.gguf"
     if spec in BUNDLED:
         name = spec
     elif path.suffix.lower() == ".gguf":
@@ -376,24 +372,16 @@ def default_export_path(spec: str, quant: str) -> Path:
     return Path(f"{name}-{quant}.gguf")
 
 
-def _system_prompt(spec: str) -> str | None:
-    import yaml
-
-    cfg = Path(spec).expanduser() / RUN_CONFIG
-    saved = yaml.safe_load(cfg.read_text(encoding="utf-8")) if cfg.is_file() else None
-    return ((saved or {}).get("data") or {}).get("system_prompt")
-
-
 def export_gguf(model_spec: str, out_path=None, quant: str = "f16", force: bool = False) -> Path:
     if quant not in QUANTS:
-        raise UserError(f"--quant: expected one of {', '.join(QUANTS)}, got {quant}")
+        raise UserError(f"expected one of {', '.join(QUANTS)}, got {quant}", key="quant")
     out = Path(out_path).expanduser() if out_path else default_export_path(model_spec, quant)
     if out.suffix.lower() != ".gguf":
-        raise UserError(f"--out: {out} must end in .gguf")
+        raise UserError(f"{out} must end in .gguf", key="out_path")
     if out.is_dir():
-        raise UserError(f"--out: {out} is a directory; give a file path ending in .gguf")
+        raise UserError(f"{out} is a directory; give a file path ending in .gguf", key="out_path")
     if out.exists() and not force:
-        raise UserError(f"--out: {out} already exists; pass --force to replace it")
+        raise UserError(f"{out} already exists; pass force=True to replace it", key="out_path")
     _check_architecture(_model_type(model_spec), model_spec)
 
     from tunesmith.data.sft import ensure_chat_template
@@ -428,6 +416,6 @@ def export_gguf(model_spec: str, out_path=None, quant: str = "f16", force: bool 
     finally:
         writer.close()
         tmp.unlink(missing_ok=True)
-    write_modelfile(out, tokenizer, template, eot_id, _system_prompt(model_spec))
+    write_modelfile(out, tokenizer, template, eot_id, RunDir(model_spec).system_prompt)
     return out
 

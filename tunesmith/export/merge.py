@@ -20,18 +20,10 @@ import os
 import shutil
 from pathlib import Path
 
-from tunesmith.adapters import RUN_CONFIG, load_for_inference
 from tunesmith.errors import UserError
-
-ADAPTER_CONFIG = "adapter_config.json"
-
-
-def is_adapter_run(path: Path) -> bool:
-    return path.is_dir() and (path / ADAPTER_CONFIG).is_file()
-
-
-def is_full_model_dir(path: Path) -> bool:
-    return path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+from tunesmith.infer.load import load_for_inference
+from tunesmith.io import replace_dir
+from tunesmith.rundir import ADAPTER_CONFIG, CONFIG, RunDir
 
 
 def fold_adapter(model, source: Path):
@@ -60,7 +52,7 @@ def load_merged(spec: str):
     import torch
 
     model, tokenizer, _ = load_for_inference(spec, dtype=torch.float32)
-    if is_adapter_run(Path(spec).expanduser()):
+    if RunDir(spec).kind == "adapter":
         model = fold_adapter(model, Path(spec))
     model.eval()
     return model, tokenizer
@@ -74,49 +66,25 @@ def _check_run_dir(run_dir: Path) -> None:
     if not run_dir.is_dir():
         problem = "not a directory" if run_dir.exists() else "not found"
         raise UserError(f"{run_dir}: {problem}; expected a run dir written by tunesmith train")
-    if is_adapter_run(run_dir):
+    run = RunDir(run_dir)
+    if run.kind == "adapter":
         return
-    if is_full_model_dir(run_dir):
+    if run.kind == "full":
         raise UserError(
             f"{run_dir}: already a full model (no adapter to merge); export it directly: tunesmith export {run_dir}"
         )
-    if (run_dir / RUN_CONFIG).is_file():
+    if run.has_config:
         raise UserError(f"{run_dir}: this run has no finished adapter yet; finish or resume training first")
     raise UserError(f"{run_dir}: no adapter here (no {ADAPTER_CONFIG}); expected a LoRA/DoRA run dir")
 
 
 def _check_out_dir(out: Path, run_dir: Path, force: bool) -> None:
     if out.resolve() == run_dir.resolve():
-        raise UserError(f"--out: {out} is the run dir itself; choose another dir")
+        raise UserError(f"{out} is the run dir itself; choose another dir", key="out_dir")
     if out.exists() and not out.is_dir():
-        raise UserError(f"--out: {out} exists and is not a directory")
+        raise UserError(f"{out} exists and is not a directory", key="out_dir")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise UserError(f"--out: {out} is not empty; pass --force to replace it, or choose another dir")
-
-
-def _fsync_tree(directory: Path) -> None:
-    for file in directory.iterdir():
-        if file.is_file():
-            with open(file, "rb") as fh:
-                os.fsync(fh.fileno())
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Move a finished temp dir onto `out`; an old `out` is set aside first, then removed."""
-    _fsync_tree(tmp)
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+        raise UserError(f"{out} is not empty; pass force=True to replace it, or choose another dir", key="out_dir")
 
 
 def merge_run(run_dir, out_dir=None, force: bool = False) -> Path:
@@ -131,10 +99,11 @@ def merge_run(run_dir, out_dir=None, force: bool = False) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if (run_dir / RUN_CONFIG).is_file():
+        run = RunDir(run_dir)
+        if run.has_config:
             # `generate`/`chat` read data.system_prompt from it, so the merged model answers
             # with the same system prompt the run was trained with.
-            shutil.copy2(run_dir / RUN_CONFIG, tmp / RUN_CONFIG)
+            shutil.copy2(run.config_path, tmp / CONFIG)
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -79,7 +79,7 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 def quantize_tensors(model, method: str, group_size: int = 32) -> tuple[dict, dict]:
     if method not in METHODS:
-        raise UserError(f"--method: expected one of {', '.join(METHODS)}, got {method}")
+        raise UserError(f"expected one of {', '.join(METHODS)}, got {method}", key="method")
     state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
     modules = {}
     for name, lin in _quantizable(model):
@@ -218,9 +218,9 @@ def default_quantize_dir(spec: str, method: str) -> Path:
 def output_dir(model_spec: str, out_dir, method: str, force: bool) -> Path:
     out = Path(out_dir).expanduser() if out_dir else default_quantize_dir(model_spec, method)
     if out.exists() and not out.is_dir():
-        raise UserError(f"--out: {out} exists and is not a directory")
+        raise UserError(f"{out} exists and is not a directory", key="out_dir")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise UserError(f"--out: {out} is not empty; pass --force to replace it, or choose another dir")
+        raise UserError(f"{out} is not empty; pass force=True to replace it, or choose another dir", key="out_dir")
     return out
 
 
@@ -228,11 +228,12 @@ def save_quantized(model_spec: str, out_dir=None, method: str = "int8", force: b
     """Quantize and write the dir; pass `model`/`tokenizer` when the caller has them loaded already."""
     from safetensors.torch import save_file
 
-    from tunesmith.adapters import RUN_CONFIG
-    from tunesmith.export.merge import load_merged, replace_dir
+    from tunesmith.export.merge import load_merged
+    from tunesmith.io import replace_dir
+    from tunesmith.rundir import CONFIG, RunDir
 
     if method not in METHODS:
-        raise UserError(f"--method: expected one of {', '.join(METHODS)}, got {method}")
+        raise UserError(f"expected one of {', '.join(METHODS)}, got {method}", key="method")
     out = output_dir(model_spec, out_dir, method, force)
     if model is None:
         model, tokenizer = load_merged(model_spec)
@@ -246,9 +247,9 @@ def save_quantized(model_spec: str, out_dir=None, method: str = "int8", force: b
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        run_config = Path(model_spec).expanduser() / RUN_CONFIG
-        if run_config.is_file():  # generate/chat read data.system_prompt from it
-            shutil.copy2(run_config, tmp / RUN_CONFIG)
+        run = RunDir(model_spec)
+        if run.has_config:  # generate/chat read data.system_prompt from it
+            shutil.copy2(run.config_path, tmp / CONFIG)
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -264,7 +265,7 @@ def quantize_with_report(model_spec: str, out_dir=None, method: str = "int8", fo
                                          same_greedy, torch_perplexity, torch_speed, write_report)
 
     if method not in METHODS:
-        raise UserError(f"--method: expected one of {', '.join(METHODS)}, got {method}")
+        raise UserError(f"expected one of {', '.join(METHODS)}, got {method}", key="method")
     output_dir(model_spec, out_dir, method, force)  # refuse before minutes of loading, not after
     model, tokenizer = load_merged(model_spec)
     out = save_quantized(model_spec, out_dir, method, force, model=model, tokenizer=tokenizer)

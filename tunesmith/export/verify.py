@@ -66,10 +66,10 @@ def eval_ids(tokenizer, text_path=None, max_tokens: int = EVAL_TOKENS) -> list[i
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"--eval-text: cannot read {path} ({type(err).__name__}); expected a UTF-8 text file") from None
+        raise UserError(f"cannot read {path} ({type(err).__name__}); expected a UTF-8 text file", key="eval_text") from None
     ids = tokenizer(text)["input_ids"][:max_tokens]
     if len(ids) < 2:
-        raise UserError(f"--eval-text: {path} has fewer than 2 tokens; perplexity needs some text")
+        raise UserError(f"{path} has fewer than 2 tokens; perplexity needs some text", key="eval_text")
     return ids
 
 
@@ -96,13 +96,13 @@ def torch_perplexity(model, ids: list[int]) -> float:
 
 
 def end_ids(tokenizer) -> set[int]:
-    from tunesmith.eval.generate import stop_ids
+    from tunesmith.infer.generate import stop_ids
 
     return set(stop_ids(tokenizer))
 
 
 def chat_prompt(tokenizer, question: str) -> str:
-    from tunesmith.eval.generate import render_prompt
+    from tunesmith.infer.generate import render_prompt
 
     return render_prompt(tokenizer, [{"role": "user", "content": question}])
 
@@ -291,7 +291,7 @@ def report_path(gguf_path) -> Path:
 def verify_export(model_spec: str, gguf_path, quant: str, eval_text=None, verify: bool = True) -> dict:
     """Measure a written GGUF against the fp32 model `model_spec` names; write `<gguf>.report.json`.
 
-    With `verify=False` only the size is reported. Returns the report (see README's table).
+    With `verify=False` only the size is reported. Returns the report (the table in docs/export-and-serve.md).
     """
     row = {"format": f"gguf {quant}", "size_mib": mib(gguf_path)}
     report = {"format": "gguf", "quant": quant, "path": str(gguf_path), "size_mib": row["size_mib"], "verified": verify}

@@ -108,7 +108,7 @@ def validation_loss(model, rows, batch_size: int, pad_id: int) -> float:
 
 
 def sample_text(model, tokenizer, tokens, block_size: int, first_block: int, n_new: int = 60, seed: int = 0) -> dict:
-    """A sampled continuation of the first words of a validation block (shown in README)."""
+    """A sampled continuation of the first words of a validation block (printed, and kept in pretrain.json)."""
     import torch
 
     start = first_block * block_size

@@ -12,7 +12,7 @@ Contract:
   from the shards, a collective); only the rank with `write=True` writes. The files are the
   same whether the run had one process, DDP or FSDP, so any of them resumes any other, with
   any number of processes, as long as the global batch (rows per optimizer step) is the same.
-- `latest_checkpoint(root)` finds the newest complete checkpoint (temp dirs are ignored).
+- `latest_checkpoint(root)` (from `rundir`) finds the newest complete checkpoint (temp dirs are ignored).
 - `load_checkpoint(path, model, optimizer, scheduler)` restores all of it and returns the
   `state.json` dict. Optimizer state is read with `torch.load(weights_only=True)`: no pickle
   code can run. Sharded (DTensor) parameters and their optimizer state get this rank's piece
@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 
@@ -33,25 +32,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tunesmith.errors import UserError
+from tunesmith.io import fsync_dir, fsync_tree
+from tunesmith.rundir import STEP_DIR, latest_checkpoint
 from tunesmith.train.distributed import full_tensor, is_sharded, local_shard
 
-STEP_DIR = re.compile(r"^step-(\d{8})$")
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+__all__ = ["latest_checkpoint", "load_checkpoint", "save_checkpoint"]
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
@@ -115,9 +100,7 @@ def save_checkpoint(
     rng_tensors, rng_plain = rng_state()
     save_file(rng_tensors, tmp / "rng.safetensors")
     (tmp / "state.json").write_text(json.dumps({**state, "step": step, "rng": rng_plain}), encoding="utf-8")
-    for f in tmp.iterdir():
-        _fsync_file(f)
-    fsync_dir(tmp)
+    fsync_tree(tmp)
     if final.exists():  # a rerun of the same step after resume: replace it whole
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -130,13 +113,6 @@ def _prune(root: Path, keep_last: int) -> None:
     steps = sorted(p for p in root.iterdir() if STEP_DIR.match(p.name))
     for old in steps[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    if not root.is_dir():
-        return None
-    complete = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / "state.json").is_file()]
-    return max(complete, default=None)
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, global_batch: int | None = None) -> dict:

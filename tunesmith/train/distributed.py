@@ -20,7 +20,7 @@ Contract:
 - Failures: a peer that dies or stops answering makes the next collective on the others
   fail within `timeout_s`; `failure_line(err)` turns that into the one line the CLI prints,
   and torchrun's SIGTERM to the survivors raises `PeerFailure` for the same line.
-- Test hook (documented in the README): `TUNESMITH_TEST_FAULT=RANK:STEP:exit|hang` makes
+- Test hook (documented in docs/errors.md): `TUNESMITH_TEST_FAULT=RANK:STEP:exit|hang` makes
   that rank die (SIGKILL itself) or hang (sleep forever) just before optimizer step STEP.
 """
 

@@ -1,18 +1,17 @@
 """The training loop: plain PyTorch, CPU first, resumable bit for bit.
 
-Contract: `run_training(cfg)` fine-tunes `cfg.model.name` on `cfg.data` with `cfg.adapter`
-and writes into `cfg.train.output_dir`:
-  - the model: a PEFT adapter dir (lora/dora/qlora) or an HF safetensors dir (full), beside the
-    tokenizer with its chat template and the resolved config `tunesmith.yaml`;
-  - `metrics.jsonl` (one row per step, plus validation rows), `loss.png`, `run.json`
-    (summary: steps, tokens, wall time, peak RSS, losses, data stats);
-  - `checkpoints/step-N/` every `save_every` steps and at the end.
-A run dir holding a different run is refused before anything is written. With
-`train.resume=auto` (or a checkpoint path) the run continues from the newest checkpoint and
-ends with the same weights an uninterrupted run would have, bit for bit.
+Contract: `run_training(cfg)` fine-tunes `cfg.model.name` on `cfg.data` with `cfg.adapter` and
+writes the run dir `cfg.train.output_dir` (layout: `tunesmith.rundir`): the model (a PEFT adapter,
+or an HF safetensors dir for `full`) beside its tokenizer and the resolved config, `metrics.jsonl`,
+`loss.png`, `run.json`, and `checkpoints/step-N/` every `save_every` steps and at the end. A dir
+holding a different run is refused before anything is written. With `train.resume=auto` (or a
+checkpoint path) the run continues from the newest checkpoint and ends with the same weights an
+uninterrupted run would have, bit for bit.
 
-Data order is a pure function of (seed, epoch): epoch e visits rows in
-`randperm(seed + e)`, sharded by rank; the position (epoch, offset) is checkpointed.
+It runs in three phases a reader can follow: `set_up` (data, model, fast paths, optimizer, resume
+point), `train_steps` (one optimizer step at a time: `one_step`, then logging, validation and
+checkpoints) and `finish` (final validation, the model and summary written). The fast paths are
+restored when training ends, also on error: generation needs masks and the KV cache.
 """
 
 from __future__ import annotations
@@ -26,43 +25,88 @@ import resource
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from tunesmith.adapters import RUN_CONFIG, apply_method, count_parameters
-from tunesmith.compute import gemm_rows_multiple, resolve_precision
-from tunesmith.config import Config, config_hash, load_config, save_config
-from tunesmith.data.packing import collate, pack, unpacked
+from tunesmith.adapters.methods import count_parameters
+from tunesmith.config import Config, config_hash
+from tunesmith.data.packing import collate
 from tunesmith.data.sft import build_datasets, ensure_chat_template
 from tunesmith.errors import UserError
-from tunesmith.models import load_model, load_tokenizer, pick_device, resolve_model, torch_dtype, tunesmith_home
+from tunesmith.io import fsync_dir
+from tunesmith.models import load_tokenizer, pick_device, resolve_model, tunesmith_home
+from tunesmith.precision import gemm_rows_multiple, resolve_precision, torch_dtype
+from tunesmith.rundir import RESUMABLE_CHANGES, RunDir
 from tunesmith.train import checkpoint as ckpt
-from tunesmith.train.attention import flatten, restore, use_varlen
 from tunesmith.train.distributed import (
     Dist, all_reduce_sum, barrier, cleanup, clip_grad_norm, full_state_dict, inject_fault, no_sync, same_on_all_ranks,
     setup, wrap,
 )
-from tunesmith.train.fused_groups import restore_groups, use_fused_groups
-from tunesmith.train.fused_mlp import restore_mlp, use_fused_mlp
-from tunesmith.train.fused_norm import restore_norm, use_fused_norm
-from tunesmith.train.fused_rope import restore_rope, use_fused_rope
+from tunesmith.train.kernels import Prepared
+from tunesmith.train.kernels.attention import flatten
 from tunesmith.train.loss import LossModule, can_embed_into_grad
+from tunesmith.train.model import load_base, make_trainable
 from tunesmith.train.records import Records, require_tensorboard
+from tunesmith.train.rows import RowStream, make_rows, split_rows
 
-# Keys that may change between a run and its resume without making it another run.
-RESUMABLE_CHANGES = (
-    "train.resume", "train.progress", "train.tensorboard", "train.log_every", "train.keep_last",
-    "train.save_every", "train.eval_every", "train.max_steps", "train.epochs", "train.device",
-    "train.threads", "data.cache_dir", "compare", "pipeline",
-    # a different split of the same global batch (checked on resume): processes, strategy
-    "train.batch_size", "train.grad_accum", "train.strategy", "train.dist_timeout_s", "train.forward_tokens",
-    # the same rows and targets, laid out without padding: equal up to fp32 rounding
-    "train.padding_free", "adapter.fused", "train.fused_mlp", "train.fused_norm",
-    "train.fused_groups", "train.fused_rope",
-)
-CHECKPOINTS = "checkpoints"
+__all__ = ["RESUMABLE_CHANGES", "RowStream", "TrainResult", "run_training", "split_rows"]
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    model: torch.nn.Module  # the trained model (PeftModel for lora/dora), in eval mode
+    tokenizer: object
+    summary: dict
+
+
+@dataclass
+class Run:
+    """Everything `set_up` builds for one run, and the counters the steps advance."""
+
+    cfg: Config
+    out: RunDir
+    ignore: tuple
+    device: torch.device
+    dist: Dist
+    tokenizer: object
+    train_rows: list
+    val_rows: list
+    stats: object
+    precision: str
+    frozen_dtype: str
+    fast: Prepared
+    trainer: torch.nn.Module
+    params: list
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    stream: RowStream
+    make_batch: object
+    autocast: object
+    scaler: object
+    total_steps: int
+    global_batch: int
+    forward_tokens: int
+    trainable: int
+    total_params: int
+    resumed: bool = False
+    step: int = 0
+    tokens_seen: int = 0
+    elapsed_before: float = 0.0
+    last_loss: float | None = None
+    lr: float = 0.0
+    grad_norm: float = 0.0
+    records: Records | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def model(self):
+        return self.fast.model
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.started
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str, floor: float) -> float:
@@ -75,102 +119,6 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, floor: float) -
     if schedule == "linear":
         return floor + (1.0 - floor) * (1.0 - progress)
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def check_output_dir(out: Path, cfg: Config, ignore: tuple[str, ...] = RESUMABLE_CHANGES) -> Path | None:
-    """Refuse a dir holding another run; return the checkpoint to resume from, if any."""
-    resume = cfg.train.resume
-    if resume not in ("never", "auto"):
-        path = Path(resume)
-        if not (path / "state.json").is_file():
-            raise UserError(f"config key train.resume: {resume} is not a checkpoint dir (no state.json)")
-        return path
-    if not out.exists():
-        return None
-    if not out.is_dir():
-        raise UserError(f"config key train.output_dir: {out} exists and is not a directory")
-    saved = out / RUN_CONFIG
-    if not saved.is_file():
-        if any(out.iterdir()):
-            raise UserError(f"config key train.output_dir: {out} is not empty and holds no tunesmith run; choose another dir")
-        return None
-    try:
-        previous = load_config(saved)
-    except UserError:
-        raise UserError(f"{saved}: this output dir holds a run whose config cannot be read; choose another dir") from None
-    if config_hash(previous, ignore) != config_hash(cfg, ignore):
-        raise UserError(
-            f"config key train.output_dir: {out} holds another run (different config); choose another dir"
-        )
-    latest = ckpt.latest_checkpoint(out / CHECKPOINTS)
-    if resume == "never":
-        raise UserError(
-            f"config key train.output_dir: {out} already holds this run; pass train.resume=auto "
-            "(or --resume) to continue it, or choose another dir"
-        )
-    return latest
-
-
-def _make_rows(samples, cfg: Config, pad_id: int):
-    if cfg.data.packing:
-        return pack(samples, cfg.data.max_length, pad_id)
-    return unpacked(samples, pad_id)
-
-
-class RowStream:
-    """Micro-batches over epochs; (epoch, offset) is the whole state needed to resume.
-
-    The order and `offset` are global, not per rank: a micro-batch is the next
-    `batch_size × world` rows of the epoch's permutation and rank r takes every world-th of
-    them. So N processes with batch B see, step by step, the same rows as one process with
-    batch B×N (or B and grad_accum N), and a checkpoint resumes with any number of processes.
-    An epoch is cut to a multiple of `world` rows (at most world−1 dropped) so every rank
-    always gets the same number of rows, and a step never runs into the next epoch.
-    """
-
-    def __init__(self, n_rows: int, batch_size: int, seed: int, dist: Dist, epoch: int = 0, offset: int = 0):
-        self.n_rows, self.batch_size, self.seed, self.dist = n_rows, batch_size, seed, dist
-        self.epoch, self.offset = epoch, offset
-        self._order = self._epoch_order(epoch)
-
-    def _epoch_order(self, epoch: int) -> list[int]:
-        gen = torch.Generator().manual_seed(self.seed + epoch)
-        keep = self.n_rows - self.n_rows % self.dist.world
-        return torch.randperm(self.n_rows, generator=gen).tolist()[:keep]
-
-    def next(self) -> list[int]:
-        if self.offset >= len(self._order):
-            self.epoch, self.offset = self.epoch + 1, 0
-            self._order = self._epoch_order(self.epoch)
-        chunk = self._order[self.offset : self.offset + self.batch_size * self.dist.world]
-        self.offset += len(chunk)
-        return chunk[self.dist.rank :: self.dist.world]
-
-    def next_step(self, grad_accum: int) -> list[list[int]]:
-        """Up to `grad_accum` micro-batches, stopping at the end of the epoch."""
-        batches = [self.next()]
-        while len(batches) < grad_accum and self.offset < len(self._order):
-            batches.append(self.next())
-        return batches
-
-    def rows_per_epoch(self) -> int:
-        return len(self._order)
-
-
-def split_rows(rows: list, budget: int) -> list[list]:
-    """Consecutive groups of `rows` of at most `budget` real tokens each (a longer row goes alone);
-    `budget` 0 keeps them together. The loss is normalised by the tokens of the whole step, so the
-    split changes memory (activations live for one group), not the gradient."""
-    if budget <= 0:
-        return [rows]
-    groups, current, n = [], [], 0
-    for row in rows:
-        if current and n + row.n_real > budget:
-            groups.append(current)
-            current, n = [], 0
-        current.append(row)
-        n += row.n_real
-    return groups + [current]
 
 
 def evaluate(model, rows, batch_size: int, make_batch, device, dist: Dist, autocast) -> float | None:
@@ -194,14 +142,6 @@ def evaluate(model, rows, batch_size: int, make_batch, device, dist: Dist, autoc
     count = all_reduce_sum(count, dist, device)
     model.train(was_training)
     return total / count if count else None
-
-
-@dataclass
-class TrainResult:
-    output_dir: Path
-    model: torch.nn.Module  # the trained model (PeftModel for lora/dora), in eval mode
-    tokenizer: object
-    summary: dict
 
 
 def accumulate_gradients(trainer, batches, dist: Dist, device, autocast=nullcontext, scaler=None):
@@ -231,8 +171,18 @@ def run_training(cfg: Config, rows=None) -> TrainResult:
     rows, DataStats)` (pre-training blocks, `tunesmith.pretrain`). The section that does not
     feed the run (`pretrain` for fine-tuning, `data` for pre-training) is left out of the hash
     that decides whether an output dir holds this same run."""
+    run = set_up(cfg, rows)
+    with run.fast:  # restores the model's own forwards when training ends, also on error
+        val_loss = train_steps(run)
+    return finish(run, val_loss)
+
+
+# ---------------------------------------------------------------- set-up
+
+
+def set_up(cfg: Config, rows=None) -> Run:
     t = cfg.train
-    out = Path(t.output_dir)
+    out = RunDir(t.output_dir)
     ignore = RESUMABLE_CHANGES + (("data",) if rows is not None else ("pretrain",))
     device = pick_device(t.device)
     dist = setup(device, t.strategy, t.dist_timeout_s)
@@ -240,7 +190,7 @@ def run_training(cfg: Config, rows=None) -> TrainResult:
         device = torch.device("cuda", dist.local_rank)
     if t.precision == "fp16" and device.type != "cuda":
         raise UserError("config key train.precision: fp16 needs a CUDA GPU; use fp32 (or bf16) on CPU")
-    resume_from = check_output_dir(out, cfg, ignore)
+    resume_from = out.resume_point(cfg, ignore)
     if t.tensorboard:
         require_tensorboard()
     if t.threads:
@@ -250,41 +200,59 @@ def run_training(cfg: Config, rows=None) -> TrainResult:
 
     resolved = resolve_model(cfg.model.name)
     tokenizer = load_tokenizer(resolved, cfg.model.trust_remote_code, cfg.model.revision)
-    pad_id = tokenizer.pad_token_id
-    if rows is not None:
-        train_rows, val_rows, stats = rows(tokenizer)
-    else:
-        ensure_chat_template(tokenizer, cfg.data.chat_template)
-        cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else tunesmith_home() / "data-cache"
-        train_samples, val_samples, stats = build_datasets(cfg.data, tokenizer, t.seed, cache_dir)
-        train_rows = _make_rows(train_samples, cfg, pad_id)
-        val_rows = _make_rows(val_samples, cfg, pad_id) if val_samples else []
+    train_rows, val_rows, stats = _data(cfg, tokenizer, rows)
     if len(train_rows) < dist.world:
         raise UserError(f"data: {len(train_rows)} training rows cannot be shared by {dist.world} processes")
 
     precision, frozen_dtype = resolve_precision(t, cfg.adapter.method, device)
-    # frozen_dtype=bf16 loads in bf16: no fp32 copy of the frozen base is ever made
-    bf16_base = frozen_dtype == "bf16" and cfg.adapter.method != "full"
-    model = load_model(
-        resolved, dtype=torch.bfloat16 if bf16_base else torch.float32, trust_remote_code=cfg.model.trust_remote_code,
-        revision=cfg.model.revision, attn_implementation=cfg.model.attn_implementation,
-    )
-    if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    model = apply_method(model, cfg.adapter, frozen_dtype)
-    previous_attention = use_varlen(model) if t.padding_free else None
-    fused_mlps = use_fused_mlp(model) if t.fused_mlp else []
-    fused_norms = use_fused_norm(model) if t.fused_norm else []
-    fused_ropes = use_fused_rope(model) if t.fused_rope and previous_attention is not None else []
-    if previous_attention is None:
-        make_batch = lambda rows: collate(rows, pad_id)  # noqa: E731
-    else:
+    fast = make_trainable(load_base(cfg, resolved, frozen_dtype), cfg, device, dist, frozen_dtype)
+    try:
+        run = _assemble(cfg, out, ignore, device, dist, tokenizer, train_rows, val_rows, stats, precision,
+                        frozen_dtype, fast)
+        if resume_from is not None:
+            _resume(run, resume_from)
+        if not same_on_all_ranks(run.step, dist, device):  # every rank reads the checkpoint itself
+            raise UserError(
+                f"config key train.output_dir: the processes found different checkpoints in {out.path}; "
+                "with several machines it must be on a filesystem they all share"
+            )
+        if dist.main:
+            out.save_config(cfg)
+        barrier(dist)
+    except BaseException:
+        fast.restore()
+        raise
+    if dist.main:
+        print(
+            f"tunesmith: {cfg.adapter.method} on {cfg.model.name}: {run.trainable:,} of {run.total_params:,} "
+            f"parameters trainable; {stats.n_examples} examples ({stats.n_truncated} truncated, {stats.n_dropped} "
+            f"dropped) → {len(train_rows)} rows of ≤{cfg.data.max_length} tokens; {run.total_steps} steps; "
+            f"{precision} compute" + (f"; resuming at step {run.step}" if run.resumed else ""),
+            flush=True,
+        )
+    return run
+
+
+def _data(cfg: Config, tokenizer, rows):
+    if rows is not None:
+        return rows(tokenizer)
+    ensure_chat_template(tokenizer, cfg.data.chat_template)
+    cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else tunesmith_home() / "data-cache"
+    train_samples, val_samples, stats = build_datasets(cfg.data, tokenizer, cfg.train.seed, cache_dir)
+    pad_id, d = tokenizer.pad_token_id, cfg.data
+    train_rows = make_rows(train_samples, d.packing, d.max_length, pad_id)
+    val_rows = make_rows(val_samples, d.packing, d.max_length, pad_id) if val_samples else []
+    return train_rows, val_rows, stats
+
+
+def _assemble(cfg, out, ignore, device, dist, tokenizer, train_rows, val_rows, stats, precision, frozen_dtype,
+              fast) -> Run:
+    t, model, pad_id = cfg.train, fast.model, tokenizer.pad_token_id
+    if fast.flat:
         multiple = gemm_rows_multiple(torch_dtype(precision), device)
         make_batch = functools.partial(flatten, multiple=multiple, pad_id=pad_id)
-    model.to(device)
-    # after the move: a group's layers are views of one buffer, which .to() would split
-    fused_groups = use_fused_groups(model) if t.fused_groups and not dist.enabled else []
+    else:
+        make_batch = functools.partial(collate, pad_id=pad_id)
     model.train()
     trainable, total_params = count_parameters(model)
     embed_into_grad = not dist.enabled and can_embed_into_grad(model)
@@ -299,8 +267,6 @@ def run_training(cfg: Config, rows=None) -> TrainResult:
         [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=t.lr, betas=tuple(t.betas), fused=fused or None,
     )
-    # FSDP's forwards all-gather layer by layer, so every rank must run as many: one per micro-batch
-    forward_tokens = 0 if dist.enabled and dist.strategy == "fsdp" else t.forward_tokens
     stream = RowStream(len(train_rows), t.batch_size, t.seed, dist)
     global_batch = t.batch_size * t.grad_accum * dist.world
     steps_per_epoch = max(1, math.ceil(stream.rows_per_epoch() / global_batch))
@@ -309,129 +275,144 @@ def run_training(cfg: Config, rows=None) -> TrainResult:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup, t.lr_schedule, t.min_lr_ratio)
     )
-
-    step, tokens_seen, elapsed_before, last_loss = 0, 0, 0.0, None
-    if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, global_batch)
-        step, tokens_seen, last_loss = state["step"], state["tokens_seen"], state.get("last_loss")
-        elapsed_before = state.get("elapsed_s", 0.0)
-        stream = RowStream(len(train_rows), t.batch_size, t.seed, dist, state["epoch"], state["offset"])
-    if not same_on_all_ranks(step, dist, device):  # every rank reads the checkpoint itself
-        raise UserError(
-            f"config key train.output_dir: the processes found different checkpoints in {out}; "
-            "with several machines it must be on a filesystem they all share"
-        )
-    if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / RUN_CONFIG)
-    barrier(dist)
-
     amp_dtype = None if precision == "fp32" else torch_dtype(precision)
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
-    scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
-    records = Records(out, t.tensorboard, step) if dist.main else None
+    return Run(
+        cfg=cfg, out=out, ignore=ignore, device=device, dist=dist, tokenizer=tokenizer, train_rows=train_rows,
+        val_rows=val_rows, stats=stats, precision=precision, frozen_dtype=frozen_dtype, fast=fast,
+        trainer=trainer, params=params, optimizer=optimizer, scheduler=scheduler, stream=stream,
+        make_batch=make_batch,
+        autocast=(lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext,
+        scaler=torch.amp.GradScaler("cuda") if t.precision == "fp16" else None,
+        total_steps=total_steps, global_batch=global_batch,
+        # FSDP's forwards all-gather layer by layer, so every rank must run as many: one per micro-batch
+        forward_tokens=0 if dist.enabled and dist.strategy == "fsdp" else t.forward_tokens,
+        trainable=trainable, total_params=total_params,
+    )
+
+
+def _resume(run: Run, checkpoint: Path) -> None:
+    state = ckpt.load_checkpoint(checkpoint, run.model, run.optimizer, run.scheduler, run.global_batch)
+    run.step, run.tokens_seen, run.last_loss = state["step"], state["tokens_seen"], state.get("last_loss")
+    run.elapsed_before, run.resumed = state.get("elapsed_s", 0.0), True
+    t = run.cfg.train
+    run.stream = RowStream(len(run.train_rows), t.batch_size, t.seed, run.dist, state["epoch"], state["offset"])
+
+
+# ---------------------------------------------------------------- steps
+
+
+def one_step(run: Run) -> tuple[float, int, float]:
+    """One optimizer step over the next micro-batches: (mean loss, real tokens, seconds)."""
+    t, dist, device = run.cfg.train, run.dist, run.device
+    inject_fault(dist, run.step + 1)
+    micro = [[run.train_rows[i] for i in ids] for ids in run.stream.next_step(t.grad_accum)]
+    batches = [run.make_batch(group) for rows in micro for group in split_rows(rows, run.forward_tokens)]
+    start = time.perf_counter()
+    loss_total, global_tokens = accumulate_gradients(run.trainer, batches, dist, device, run.autocast, run.scaler)
+    if run.scaler:
+        run.scaler.unscale_(run.optimizer)
+    run.grad_norm = clip_grad_norm(run.params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
+    if run.scaler:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.lr = run.scheduler.get_last_lr()[0]
+    run.scheduler.step()
+    run.step += 1
+    # real tokens: padding is not work done
+    step_tokens = int(all_reduce_sum(sum(r.n_real for rows in micro for r in rows), dist, device))
+    run.tokens_seen += step_tokens
+    run.last_loss = all_reduce_sum(loss_total, dist, device) / max(global_tokens, 1)
+    return run.last_loss, step_tokens, time.perf_counter() - start
+
+
+def train_steps(run: Run) -> float | None:
+    """Steps until `total_steps`, logging, validating and checkpointing; the final validation loss."""
+    t, dist = run.cfg.train, run.dist
+    records = run.records = Records(run.out.path, t.tensorboard, run.step) if dist.main else None
     bar = None
     if dist.main and t.progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
-    if dist.main:
-        print(
-            f"tunesmith: {cfg.adapter.method} on {cfg.model.name}: {trainable:,} of {total_params:,} parameters "
-            f"trainable; {stats.n_examples} examples ({stats.n_truncated} truncated, {stats.n_dropped} dropped) "
-            f"→ {len(train_rows)} rows of ≤{cfg.data.max_length} tokens; {total_steps} steps; {precision} compute"
-            + (f"; resuming at step {step}" if resume_from is not None else ""),
-            flush=True,
-        )
-
-    started = time.perf_counter()
-    val_loss = None
-    while step < total_steps:
-        inject_fault(dist, step + 1)
-        micro = [[train_rows[i] for i in ids] for ids in stream.next_step(t.grad_accum)]
-        batches = [make_batch(group) for rows in micro for group in split_rows(rows, forward_tokens)]
-        step_start = time.perf_counter()
-        loss_total, global_tokens = accumulate_gradients(trainer, batches, dist, device, autocast, scaler)
-        if scaler:
-            scaler.unscale_(optimizer)
-        max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
-        grad_norm = clip_grad_norm(params, max_norm)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-        step += 1
-        # real tokens: padding is not work done
-        step_tokens = int(all_reduce_sum(sum(r.n_real for rows in micro for r in rows), dist, device))
-        tokens_seen += step_tokens
-        last_loss = all_reduce_sum(loss_total, dist, device) / max(global_tokens, 1)
-        step_time = time.perf_counter() - step_start
+        bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step", dynamic_ncols=True)
+    run.started = time.perf_counter()
+    while run.step < run.total_steps:
+        loss, tokens, seconds = one_step(run)
         if dist.main:
-            if step % t.log_every == 0 or step == total_steps:
+            if run.step % t.log_every == 0 or run.step == run.total_steps:
                 records.log({
-                    "step": step, "epoch": round(stream.epoch + stream.offset / max(1, stream.rows_per_epoch()), 4),
-                    "loss": round(last_loss, 6), "lr": lr, "grad_norm": round(grad_norm, 6),
-                    "tokens": step_tokens, "step_s": round(step_time, 4), "tok_per_s": round(step_tokens / step_time, 1),
-                    "elapsed_s": round(elapsed_before + time.perf_counter() - started, 3),
+                    "step": run.step, "epoch": run.stream.position(), "loss": round(loss, 6), "lr": run.lr,
+                    "grad_norm": round(run.grad_norm, 6), "tokens": tokens, "step_s": round(seconds, 4),
+                    "tok_per_s": round(tokens / seconds, 1), "elapsed_s": round(run.elapsed(), 3),
                 })
             if bar is not None:
-                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{step_tokens / step_time:.0f}")
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{run.lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
                 bar.update(1)
-        if t.eval_every and step % t.eval_every == 0 and step < total_steps and val_rows:
-            val_loss = evaluate(trainer, val_rows, t.batch_size, make_batch, device, dist, autocast)
-            if dist.main:
-                records.log({"step": step, "val_loss": round(val_loss, 6), "val_ppl": round(math.exp(val_loss), 4)})
-        if (t.save_every and step % t.save_every == 0) or step == total_steps:
-            state = {
-                "epoch": stream.epoch, "offset": stream.offset, "tokens_seen": tokens_seen, "last_loss": last_loss,
-                "elapsed_s": elapsed_before + time.perf_counter() - started,
-                "config_hash": config_hash(cfg, ignore), "global_batch": global_batch, "world_size": dist.world,
-            }
-            # every rank: under FSDP saving gathers the shards; only rank 0 writes
-            ckpt.save_checkpoint(out / CHECKPOINTS, step, model, optimizer, scheduler, state, t.keep_last, dist.main)
-            barrier(dist)
+        if t.eval_every and run.step % t.eval_every == 0 and run.step < run.total_steps and run.val_rows:
+            _validate(run)
+        if (t.save_every and run.step % t.save_every == 0) or run.step == run.total_steps:
+            _save_checkpoint(run)
     if bar is not None:
         bar.close()
+    return _validate(run) if run.val_rows else None
 
-    if val_rows:
-        val_loss = evaluate(trainer, val_rows, t.batch_size, make_batch, device, dist, autocast)
-        if dist.main:
-            records.log({"step": step, "val_loss": round(val_loss, 6), "val_ppl": round(math.exp(val_loss), 4)})
-    wall = elapsed_before + time.perf_counter() - started
-    restore(model, previous_attention)  # generation (chat, compare) needs masks and the KV cache
-    restore_mlp(fused_mlps)
-    restore_norm(fused_norms)
-    restore_rope(fused_ropes)
-    restore_groups(fused_groups)
+
+def _validate(run: Run) -> float | None:
+    t = run.cfg.train
+    val_loss = evaluate(run.trainer, run.val_rows, t.batch_size, run.make_batch, run.device, run.dist, run.autocast)
+    if run.dist.main:
+        run.records.log({"step": run.step, "val_loss": round(val_loss, 6), "val_ppl": round(math.exp(val_loss), 4)})
+    return val_loss
+
+
+def _save_checkpoint(run: Run) -> None:
+    state = {
+        "epoch": run.stream.epoch, "offset": run.stream.offset, "tokens_seen": run.tokens_seen,
+        "last_loss": run.last_loss, "elapsed_s": run.elapsed(), "config_hash": config_hash(run.cfg, run.ignore),
+        "global_batch": run.global_batch, "world_size": run.dist.world,
+    }
+    # every rank: under FSDP saving gathers the shards; only rank 0 writes
+    ckpt.save_checkpoint(run.out.checkpoints, run.step, run.model, run.optimizer, run.scheduler, state,
+                         run.cfg.train.keep_last, run.dist.main)
+    barrier(run.dist)
+
+
+# ---------------------------------------------------------------- finish
+
+
+def finish(run: Run, val_loss: float | None) -> TrainResult:
+    """The trained model and its summary, written into the run dir (rank 0)."""
+    cfg, dist, model = run.cfg, run.dist, run.model
+    wall = run.elapsed()
     summary = {}
     gathered = full_state_dict(model) if dist.enabled and dist.strategy == "fsdp" else None  # collective
     if dist.main:
-        save_model(model, tokenizer, out, gathered)
-        records.close()
-        records.plot(out / "loss.png")
+        out = run.out.path
+        save_model(model, run.tokenizer, out, gathered)
+        run.records.close()
+        run.records.plot(out / "loss.png")
         summary = {
-            "method": cfg.adapter.method, "base_model": cfg.model.name, "steps": step,
-            "tokens_seen": tokens_seen, "train_wall_s": round(wall, 2),
+            "method": cfg.adapter.method, "base_model": cfg.model.name, "steps": run.step,
+            "tokens_seen": run.tokens_seen, "train_wall_s": round(wall, 2),
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "final_train_loss": last_loss, "final_val_loss": val_loss,
-            "trainable_params": trainable, "total_params": total_params,
-            "train_rows": len(train_rows), "val_rows": len(val_rows), "device": str(device),
-            "world_size": dist.world, "precision": precision, "frozen_dtype": frozen_dtype, "data": stats.__dict__,
+            "final_train_loss": run.last_loss, "final_val_loss": val_loss,
+            "trainable_params": run.trainable, "total_params": run.total_params,
+            "train_rows": len(run.train_rows), "val_rows": len(run.val_rows), "device": str(run.device),
+            "world_size": dist.world, "precision": run.precision, "frozen_dtype": run.frozen_dtype,
+            "data": run.stats.__dict__,
         }
-        (out / "run.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        run.out.write_summary(summary)
         print(
-            f"tunesmith: done in {wall:.1f}s, final train loss {last_loss or float('nan'):.4f}"
+            f"tunesmith: done in {wall:.1f}s, final train loss {run.last_loss or float('nan'):.4f}"
             + (f", validation loss {val_loss:.4f}" if val_loss is not None else "")
             + f" → {out}",
             flush=True,
         )
     cleanup(dist)
     model.eval()
-    return TrainResult(out, model, tokenizer, summary)
+    return TrainResult(run.out.path, model, run.tokenizer, summary)
 
 
 def save_model(model, tokenizer, out: Path, state_dict: dict | None = None) -> None:
@@ -444,4 +425,4 @@ def save_model(model, tokenizer, out: Path, state_dict: dict | None = None) -> N
     for f in tmp.iterdir():
         os.replace(f, out / f.name)
     shutil.rmtree(tmp, ignore_errors=True)
-    ckpt.fsync_dir(out)
+    fsync_dir(out)

@@ -36,8 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from tunesmith.compute import autocast_bf16, gemm_rows_multiple, head_weight
-from tunesmith.train.scratch import release, scratch
+from tunesmith.adapters.weights import autocast_bf16, head_weight
+from tunesmith.precision import gemm_rows_multiple
+from tunesmith.train.kernels.scratch import release, scratch
 
 IGNORE = -100
 CHUNK = 256  # rows of logits at a time: 256 × 49,152 fp32 is 48 MiB on SmolLM2

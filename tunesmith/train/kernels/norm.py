@@ -1,8 +1,7 @@
 """RMSNorm as one autograd node that keeps its input and one scalar per token: a training fast path.
 
-Contract: `use_fused_norm(model)` switches every Llama-family RMSNorm of a transformers model
-(PEFT wrappers included) — `weight · (x · rsqrt(mean(x²) + eps))`, computed in fp32 — to
-`fused_forward`, and returns the modules it switched, for `restore_norm(modules)`. The node
+Contract: `kernels.prepare` gives every RMSNorm of a family in `kernels.FAMILIES` (`takes(module)`)
+— `weight · (x · rsqrt(mean(x²) + eps))`, computed in fp32 — this file's `fused_forward`. The node
 (`RMSNormFn`) saves `x` and the per-token `rsqrt` only, and its backward is the closed form
 `∂x = r · (g·w − x̂ · mean(g·w·x̂))`, `∂w = Σ g·x̂` (when the weight trains), in fp32. Outside
 autocast the output is exactly transformers' (same operations, same dtype rules; fp64 stays fp64, where transformers rounds to fp32). Under bf16
@@ -22,14 +21,9 @@ ones faulted in ~25K pages per bf16 LoRA step.
 
 from __future__ import annotations
 
-import types
-
 import torch
 
-from tunesmith.train.scratch import scratch
-
-NORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
-
+from tunesmith.train.kernels.scratch import scratch
 
 class RMSNormFn(torch.autograd.Function):
     @staticmethod
@@ -73,16 +67,5 @@ def fused_forward(self, x):
         return RMSNormFn.apply(x, self.weight, self.variance_epsilon, out_dtype)
 
 
-def use_fused_norm(model) -> list:
-    switched = []
-    for module in model.modules():
-        if type(module).__name__ in NORM_CLASSES and hasattr(module, "variance_epsilon"):
-            module.forward = types.MethodType(fused_forward, module)
-            switched.append(module)
-    return switched
-
-
-def restore_norm(modules: list) -> None:
-    for module in modules:
-        if "forward" in vars(module):
-            del module.forward
+def takes(module) -> bool:
+    return hasattr(module, "variance_epsilon") and hasattr(module, "weight")

@@ -1,11 +1,12 @@
 """Rotary position embedding inside the per-sample attention node: a training fast path on the CPU.
 
-Contract: `use_fused_rope(model)` switches every Llama, Mistral and Qwen2 attention module of a
-transformers model (PEFT wrappers included) to `fused_forward`, and returns the modules it switched,
-for `restore_rope(modules)`. `fused_forward` takes the padding-free training case — the model on
+Contract: `kernels.prepare` gives every attention module of a family in `kernels.FAMILIES` this
+file's `fused_forward` (padding-free training only). It takes the padding-free training case — the model on
 the CPU under `attention.VARLEN`, one flattened row with its `position_ids`, no attention mask, no
 KV cache, no attention dropout — and runs RoPE and the causal attention of every sample as one
-autograd node (`RopeSegmentFlashFn`); anything else is the module's own forward.
+autograd node (`RopeSegmentFlashFn`); anything else is the module's own forward. A family with
+per-head q/k norms (Qwen3's `q_norm`, `k_norm`) has them applied to q and k before the node, as
+transformers applies them before RoPE.
 
 The node reads q/k/v as the projections left them ([1, N, heads × dim], column views of a q/k/v
 group's output when `fused_groups` is on), rotates q and k while casting them to the attention's
@@ -27,15 +28,10 @@ backward). Computing the rotation in fp32 is also more exact than transformers' 
 
 from __future__ import annotations
 
-import types
-
 import torch
 
-from tunesmith.train.attention import VARLEN, _segments, flash_backward, flash_forward
-from tunesmith.train.scratch import scratch
-
-ATTENTION_CLASSES = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
-
+from tunesmith.train.kernels.attention import VARLEN, _segments, flash_backward, flash_forward
+from tunesmith.train.kernels.scratch import scratch
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor, inverse: bool = False):
     """`out = x·cos + rotate_half(x)·sin` (or its transpose, `inverse`), half by half, computing in
@@ -128,6 +124,8 @@ def fused_forward(self, hidden_states, position_embeddings=None, attention_mask=
     q = self.q_proj(hidden_states).view(1, n, -1, dim)
     k = self.k_proj(hidden_states).view(1, n, -1, dim)
     v = self.v_proj(hidden_states).view(1, n, -1, dim)
+    if getattr(self, "q_norm", None) is not None:  # Qwen3: per-head RMSNorm on q and k, before RoPE
+        q, k = self.q_norm(q), self.k_norm(k)
     if torch.is_autocast_enabled("cpu"):  # the projections' outputs: bf16 under bf16 compute
         dtype = torch.get_autocast_dtype("cpu")
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
@@ -137,17 +135,3 @@ def fused_forward(self, hidden_states, position_embeddings=None, attention_mask=
         out = RopeSegmentFlashFn.apply(q, k, v, cos, sin, segments, self.scaling)
     return self.o_proj(out.reshape(1, n, -1)), None
 
-
-def use_fused_rope(model) -> list:
-    switched = []
-    for module in model.modules():
-        if type(module).__name__ in ATTENTION_CLASSES and not hasattr(module, "q_norm"):
-            module.forward = types.MethodType(fused_forward, module)
-            switched.append(module)
-    return switched
-
-
-def restore_rope(modules: list) -> None:
-    for module in modules:
-        if "forward" in vars(module):
-            del module.forward

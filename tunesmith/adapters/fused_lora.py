@@ -2,7 +2,7 @@
 
 Contract: `FusedLoraLinear` is `peft.tuners.lora.layer.Linear` (same parameters, state-dict keys,
 adapter files, merge and unload) whose `forward`, when exactly one plain LoRA adapter is active on
-an unmerged `nn.Linear` (or a frozen bf16-stored one, `tunesmith.nf4.BF16Storage`) with no
+an unmerged `nn.Linear` (or a frozen bf16-stored one, `tunesmith.adapters.storage.BF16Storage`) with no
 dropout, computes
 
     y = x Wᵀ + b + s · (x Aᵀ) Bᵀ
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
-from tunesmith.compute import autocast_bf16, compute_weight, stored_weight
+from tunesmith.adapters.weights import autocast_bf16, compute_weight, stored_weight
 
 
 class LoraLinearFn(torch.autograd.Function):

@@ -48,7 +48,7 @@ def eval_questions(limit_seen_per_fact: int = 1) -> list[dict]:
 
 
 def ask(model, tokenizer, questions: list[dict], system: str | None) -> tuple[list[str], float]:
-    from tunesmith.eval.generate import generate_batch
+    from tunesmith.infer.generate import generate_batch
 
     convs = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": q["question"]}]
              for q in questions]
@@ -67,8 +67,8 @@ def score(questions: list[dict], answers: list[str]) -> dict[str, dict]:
 
 
 def run_quickstart(out_dir: str, overrides: list[str] = (), compare: bool = True) -> dict:
-    from tunesmith.adapters import load_for_inference
-    from tunesmith.compute import inference_dtype
+    from tunesmith.infer.load import load_for_inference
+    from tunesmith.precision import inference_dtype
     from tunesmith.models import load_model, load_tokenizer, resolve_model
     from tunesmith.train.loop import run_training
 

@@ -9,7 +9,7 @@ makes every call a fresh `torch.empty` (the plain path, for tests and A/B runs);
 those buffers (all of them when no tag is named). Off the CPU every call is a fresh `torch.empty`: CUDA's caching allocator already reuses
 memory.
 
-Why: `tunesmith train` pins glibc's mmap threshold at 1 MiB (`fit.limit_heap_retention`) so that
+Why: `tunesmith train` pins glibc's mmap threshold at 1 MiB (`train.budget.limit_heap_retention`) so that
 RSS tracks the live tensors; every larger tensor is then a fresh mapping whose pages fault in on
 first touch, and on this project's machines (Firecracker VMs) a 4 KiB page fault costs ~1.9 µs.
 Filling a fresh 2.7 MB bf16 [448 × 3,072] tensor took 1.27 ms against 0.14 ms in reused memory, and

@@ -6,14 +6,11 @@ Contract:
   the RAM and disk budgets of this machine, and `fits`. With `probe`, it times and measures a
   real forward/backward/AdamW step on 1- and 3-layer copies of the model (random weights,
   the real widths, the run's rows and micro-batch, capped at PROBE_TOKENS; timed TIME_ROUNDS
-  times, depths alternating) and extrapolates linearly in layers; with `probe=False` the same copies run one untimed step (memory only, s/step None).
-  It reads the model's `config.json` and the tokenised data (cached by `build_datasets`), never
-  the weights, and writes nothing into the output dir.
-- `suggest(cfg, est)` re-estimates a few concrete overrides (split forwards, gradient checkpointing, smaller
-  micro-batches with more accumulation, lora/qlora, shorter rows) and returns the first set
-  that fits, as `key=value` strings with its estimate, or None.
-- `ram_budget()` is MemAvailable + this process's RSS (the run reuses this process, or this one
-  exits first), capped by the cgroup limit; `TUNESMITH_RAM_GIB` (or `ram_gib=`) overrides it.
+  times, depths alternating) and extrapolates linearly in layers; with `probe=False` the same
+  copies run one untimed step (memory only, s/step None). The copies are prepared by the loop's
+  own `train.model.make_trainable`. It reads the model's `config.json` and the tokenised data
+  (cached by `build_datasets`), never the weights, and writes nothing into the output dir.
+  The RAM and disk budgets come from `train.budget`; suggestions and the table from `train.fit_report`.
 - Under torchrun, the `LOCAL_WORLD_SIZE` processes of a node share its RAM: the peak is per
   process, the fit test uses the sum.
 
@@ -28,15 +25,15 @@ import contextlib
 import copy
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunesmith.config import Config
 from tunesmith.errors import UserError
+from tunesmith.train.budget import GIB, current_rss, disk_free, limit_heap_retention, ram_budget
 
-GIB = 1024**3
+__all__ = ["GIB", "Estimate", "estimate", "limit_heap_retention", "probe_model"]
 PROBE_LAYERS = (1, 3)
 PROBE_TOKENS = 4096
 TIME_ROUNDS = 3  # timed probes per depth, alternating depths (see estimate)
@@ -69,76 +66,6 @@ class Estimate:
     @property
     def fits(self) -> bool:
         return self.fits_ram and self.fits_disk
-
-
-# ---------------------------------------------------------------- budgets
-
-
-def limit_heap_retention(threshold: int = 1 << 20) -> bool:
-    """Make freed activations leave the process, so RSS tracks the live tensors.
-
-    glibc raises its mmap threshold each time a large block is freed (up to 32 MiB); after the
-    first step, activations come from the heap and stay there when freed. Measured on SmolLM2
-    LoRA (batch 4 × 512): peak RSS 5.9 GiB after one step and 7.1 after two, against 3.9 with
-    the threshold pinned at 1 MiB, at the same speed. A user's own MALLOC_MMAP_THRESHOLD_ wins.
-    """
-    import ctypes
-    import ctypes.util
-    import sys
-
-    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-3, threshold))  # -3 = M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-        return False
-
-
-
-def current_rss() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024.0
-    return 0.0
-
-
-def ram_budget(ram_gib: float | None = None) -> float:
-    if ram_gib is None and os.environ.get("TUNESMITH_RAM_GIB"):
-        try:
-            ram_gib = float(os.environ["TUNESMITH_RAM_GIB"])
-        except ValueError:
-            raise UserError(f"TUNESMITH_RAM_GIB: expected a number of GiB, got {os.environ['TUNESMITH_RAM_GIB']!r}") from None
-    if ram_gib is not None:
-        if ram_gib <= 0:
-            raise UserError(f"--ram-gib: expected a number of GiB > 0, got {ram_gib}")
-        return ram_gib * GIB
-    available = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                available = int(line.split()[1]) * 1024.0
-    except OSError:
-        pass
-    if available is None:  # not Linux: all physical memory is the best guess without psutil
-        available = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    budget = available + current_rss()
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            used = float(Path("/sys/fs/cgroup/memory.current").read_text().strip())
-            budget = min(budget, float(limit) - used + current_rss())
-    except (OSError, ValueError):
-        pass
-    return budget
-
-
-def disk_free(path: Path) -> float:
-    path = Path(path).resolve()
-    while not path.exists():
-        path = path.parent
-    return float(shutil.disk_usage(path).free)
 
 
 # ---------------------------------------------------------------- probes
@@ -179,51 +106,46 @@ def _precision(cfg: Config) -> tuple[str, str]:
     (the probe runs on the CPU, as the estimate is for a CPU run)."""
     import torch
 
-    from tunesmith.compute import resolve_precision
+    from tunesmith.precision import resolve_precision
 
     return resolve_precision(cfg.train, cfg.adapter.method, torch.device("cpu"))
+
+
+def probe_model(cfg: Config, hf_cfg, n_layers: int, frozen_dtype: str):
+    """An `n_layers` copy of the run's model with random weights, prepared exactly as the loop
+    prepares it (`train.model.make_trainable`: the method, qlora's NF4 and frozen_dtype included,
+    the fast paths the run turns on), on the CPU and for the number of processes the run will have.
+    No gradient checkpointing even when the run has it: its own saved-tensor hooks would hide the
+    layers from ours; its effect is arithmetic on the per-layer numbers (see `estimate`)."""
+    import torch
+
+    from tunesmith.train.distributed import Dist
+    from tunesmith.train.model import make_trainable, random_base
+
+    torch.manual_seed(0)
+    model = random_base(cfg, _shallow(hf_cfg, n_layers), frozen_dtype)
+    planned = Dist(world=int(os.environ.get("WORLD_SIZE", "1") or 1), strategy=cfg.train.strategy)
+    fast = make_trainable(model, cfg, torch.device("cpu"), planned, frozen_dtype, checkpointing=False)
+    fast.model.train()
+    return fast
 
 
 def _measure(cfg: Config, hf_cfg, n_layers: int, batch: int, row_lens, label_frac: float, segment: int | None,
              timed: bool) -> dict:
     """Build an n-layer random copy, run AdamW steps at each row length; bytes and seconds."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from tunesmith.adapters import apply_method, count_parameters
-    from tunesmith.nf4 import storage_bytes, stored_parameters
-    from tunesmith.train.attention import use_varlen
-    from tunesmith.train.fused_groups import use_fused_groups
-    from tunesmith.train.fused_mlp import use_fused_mlp
-    from tunesmith.train.fused_norm import use_fused_norm
-    from tunesmith.train.fused_rope import use_fused_rope
+    from tunesmith.adapters.methods import count_parameters
+    from tunesmith.adapters.storage import storage_bytes, stored_parameters
     from tunesmith.train.loss import LossModule, can_embed_into_grad
 
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(
-        _shallow(hf_cfg, n_layers), dtype=torch.float32,
-        attn_implementation=cfg.model.attn_implementation, trust_remote_code=cfg.model.trust_remote_code,
-    )
-    # no gradient checkpointing here even when the run has it: its own saved-tensor hooks would
-    # hide the layers from ours; its effect is arithmetic on the per-layer numbers (see estimate)
-    # the run's own method, qlora's NF4 and frozen_dtype included: their storage is what it is
     precision, frozen_dtype = _precision(cfg)
-    model = apply_method(model, cfg.adapter, frozen_dtype)
-    model.train()
+    fast = probe_model(cfg, hf_cfg, n_layers, frozen_dtype)
+    model, flat = fast.model, fast.flat
     trainable, total = count_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
     weight_bytes = storage_bytes(model) + sum(p.numel() * p.element_size() for p in params)
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)  # as the loop runs it on one process
-    # the run's batch layout: padding-free rows with per-sample attention when the model takes it
-    flat = cfg.train.padding_free and use_varlen(model) is not None
-    if cfg.train.fused_mlp:
-        use_fused_mlp(model)
-    if cfg.train.fused_norm:
-        use_fused_norm(model)
-    if cfg.train.fused_rope and flat:
-        use_fused_rope(model)
-    if cfg.train.fused_groups:
-        use_fused_groups(model)
     # after grouping: grouped layers' weights are views of a new buffer, which is weights, not activations
     param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
     param_ptrs |= {b.untyped_storage().data_ptr() for b in model.buffers()}
@@ -430,123 +352,3 @@ def estimate(cfg: Config, probe: bool = True, ram_gib: float | None = None, _cac
         params=int(round(total)), trainable=int(round(trainable)),
         tokens_per_step=int(b * mean_len * t.grad_accum), notes=[] if not tied else ["tied embeddings"],
     )
-
-
-# ---------------------------------------------------------------- suggestions
-
-
-def _methods_allowed() -> tuple[str, ...]:
-    from tunesmith.config import METHODS
-
-    return METHODS
-
-
-def _candidates(cfg: Config):
-    """Overrides in order of least harm: same result slower (forwards of fewer tokens, then
-    recomputed activations), then fewer trainable weights, then shorter rows (which changes what
-    the model sees). fp32 compute where `auto` chose bf16 is not one: with the bf16 fast paths it
-    peaks no lower (SmolLM2: LoRA 1.47 vs 1.78 GiB, full 2.78 vs 2.76; bench/NOTES.md)."""
-    t = cfg.train
-    if t.batch_size > 1 and not (t.forward_tokens and t.forward_tokens <= cfg.data.max_length):
-        yield [f"train.forward_tokens={cfg.data.max_length}"]  # one row's worth per forward
-    if not t.gradient_checkpointing:
-        yield ["train.gradient_checkpointing=true"]
-    bs = t.batch_size
-    while bs > 1:
-        bs //= 2
-        accum = t.grad_accum * math.ceil(t.batch_size / bs)
-        yield [f"train.batch_size={bs}", f"train.grad_accum={accum}"]
-    if cfg.adapter.method == "full":
-        yield ["adapter.method=lora"]
-    if cfg.adapter.method != "qlora" and "qlora" in _methods_allowed():
-        yield ["adapter.method=qlora"]
-    length = cfg.data.max_length
-    while length > 64:
-        length //= 2
-        yield [f"data.max_length={length}"]
-
-
-def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """A copy of cfg with `key=value` overrides (no validation: qlora may be a suggestion only)."""
-    import yaml
-
-    new = copy.deepcopy(cfg)
-    for item in overrides:
-        key, _, value = item.partition("=")
-        section, name = key.split(".")
-        setattr(getattr(new, section), name, yaml.safe_load(value))
-    return new
-
-
-def suggest(cfg: Config, est: Estimate, probe: bool = True, ram_gib: float | None = None, cache: dict | None = None):
-    """The first single override that fits, else the overrides accumulated in order; None when
-    even all of them together do not fit."""
-    cache = {} if cache is None else cache
-    singles = list(_candidates(cfg))
-    for overrides in singles:
-        trial = estimate(apply_overrides(cfg, overrides), probe=probe, ram_gib=ram_gib, _cache=cache)
-        if trial.fits:
-            return overrides, trial
-    chosen: dict[str, str] = {}
-    current = cfg
-    for overrides in singles:
-        for item in overrides:
-            chosen[item.split("=")[0]] = item
-        current = apply_overrides(cfg, list(chosen.values()))
-        trial = estimate(current, probe=probe, ram_gib=ram_gib, _cache=cache)
-        if trial.fits:
-            return list(chosen.values()), trial
-    return None
-
-
-def verdict_line(cfg: Config, est: Estimate, suggestion) -> str:
-    """The one-line refusal (or the empty string when the run fits)."""
-    if est.fits:
-        return ""
-    if not est.fits_disk:
-        return (
-            f"this run needs {est.disk_bytes / GIB:.2f} GiB of disk for checkpoints and the model but "
-            f"{cfg.train.output_dir} has {est.disk_free / GIB:.2f} GiB free; lower train.keep_last or "
-            "choose another train.output_dir (or pass --force)"
-        )
-    need = est.peak_bytes * est.processes / GIB
-    line = f"predicted peak RAM {need:.2f} GiB exceeds the {est.ram_budget / GIB:.2f} GiB available"
-    if suggestion is None:
-        return line + "; no single change makes it fit: use a smaller model or a machine with more RAM (or pass --force)"
-    overrides, trial = suggestion
-    return line + f"; try {' '.join(overrides)} (predicted {trial.peak_bytes * trial.processes / GIB:.2f} GiB), or pass --force"
-
-
-def table(cfg: Config, est: Estimate) -> str:
-    """The human-readable breakdown printed by `tunesmith fit`."""
-    rows = [("part", "GiB")]
-    rows += [(name, f"{value / GIB:.3f}") for name, value in est.parts.items()]
-    rows.append(("peak RSS (predicted)", f"{est.peak_bytes / GIB:.3f}"))
-    if est.processes > 1:
-        rows.append((f"× {est.processes} processes", f"{est.peak_bytes * est.processes / GIB:.3f}"))
-    rows.append(("RAM budget", f"{est.ram_budget / GIB:.3f}"))
-    rows.append(("disk needed", f"{est.disk_bytes / GIB:.3f}"))
-    rows.append(("disk free", f"{est.disk_free / GIB:.3f}"))
-    width = max(len(r[0]) for r in rows)
-    lines = [f"{a:<{width}}  {b:>9}" for a, b in rows]
-    lines.insert(1, "-" * (width + 11))
-    head = (
-        f"{cfg.adapter.method} on {cfg.model.name}: {est.params:,} parameters, {est.trainable:,} trainable; "
-        f"batch {cfg.train.batch_size}×{cfg.train.grad_accum}, rows ≤{cfg.data.max_length} tokens"
-        + (", gradient checkpointing" if cfg.train.gradient_checkpointing else "")
-    )
-    speed = (
-        f"predicted {est.step_s:.2f} s/step (~{est.tokens_per_step / est.step_s:,.0f} tok/s)"
-        if est.step_s else "s/step: not probed"
-    )
-    return "\n".join([head, *lines, speed])
-
-
-def preflight(cfg: Config, probe: bool = False, ram_gib: float | None = None, cache: dict | None = None) -> Estimate:
-    """What `train` runs first: the estimate, or a one-line `UserError` naming overrides that fit."""
-    cache = {} if cache is None else cache
-    est = estimate(cfg, probe=probe, ram_gib=ram_gib, _cache=cache)
-    if not est.fits:
-        suggestion = suggest(cfg, est, probe=False, ram_gib=ram_gib, cache=cache) if est.fits_disk else None
-        raise UserError(verdict_line(cfg, est, suggestion))
-    return est

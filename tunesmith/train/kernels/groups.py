@@ -2,12 +2,13 @@
 gate/up — run as one GEMM: for LoRA over a frozen base with one low-rank pass, and for full
 fine-tuning in bf16 without keeping cast weights.
 
-Contract: `use_fused_groups(model)` finds the Llama-family attention (`q_proj`, `k_proj`,
-`v_proj`) and MLP (`gate_proj`, `up_proj`) modules whose projections are either all fusable LoRA
-layers (`tunesmith.fused_lora`) over frozen plain or bf16-stored weights of one dtype, or all
-plain `nn.Linear`s (full fine-tuning), and returns the groups, for `restore_groups(groups)`.
-LoRA groups move their frozen weights into one concatenated buffer (each layer's weight becomes a
-view of it: no extra memory; `restore_groups` gives every layer its own weight again). While
+Contract: `group_projections(layers)` takes the projections `kernels.prepare` hands it — an attention
+layer's `q_proj`, `k_proj`, `v_proj` or an MLP's `gate_proj`, `up_proj`, for a family in
+`kernels.FAMILIES` — and groups them when they are either all fusable LoRA layers
+(`adapters.fused_lora`) over frozen plain or bf16-stored weights of one dtype, or all plain
+`nn.Linear`s (full fine-tuning); else it returns None. LoRA groups move their frozen weights into
+one concatenated buffer (each layer's weight becomes a view of it: no extra memory; `ungroup(groups)`
+gives every layer its own weight again and their own forward back). While
 switched, the first projection's call computes the whole group in one autograd node and hands each
 sibling its output when the sibling is called with the very same input tensor; a call with any
 other input, or one the group cannot take, is the layer's own forward.
@@ -31,21 +32,12 @@ backward (~0.14 GiB for SmolLM2's q/k/v/gate/up); recasting costs one more pass 
 
 from __future__ import annotations
 
-import types
-
 import torch
 
-from tunesmith.compute import autocast_bf16, stored_weight
-from tunesmith.fused_lora import FusedLoraLinear
-from tunesmith.nf4 import BF16Storage, FrozenLinear
-
-GROUPS = {
-    "LlamaAttention": ("q_proj", "k_proj", "v_proj"), "MistralAttention": ("q_proj", "k_proj", "v_proj"),
-    "Qwen2Attention": ("q_proj", "k_proj", "v_proj"), "Qwen3Attention": ("q_proj", "k_proj", "v_proj"),
-    "LlamaMLP": ("gate_proj", "up_proj"), "MistralMLP": ("gate_proj", "up_proj"),
-    "Qwen2MLP": ("gate_proj", "up_proj"), "Qwen3MLP": ("gate_proj", "up_proj"),
-}
-
+from tunesmith.train.kernels.patch import patch_forward, unpatch
+from tunesmith.adapters.weights import autocast_bf16, stored_weight
+from tunesmith.adapters.fused_lora import FusedLoraLinear
+from tunesmith.adapters.storage import BF16Storage, FrozenLinear
 
 OWN_OUTPUT = "_tunesmith_group_output"  # marks a group's [rows × Σ out] result: only its column views use it
 
@@ -243,41 +235,36 @@ def _groupable(layers: list) -> bool:
     return len({(w.dtype, w.device, w.shape[1]) for w in weights}) == 1
 
 
-def use_fused_groups(model) -> list:
-    groups = []
-    for module in model.modules():
-        names = GROUPS.get(type(module).__name__)
-        if names is None or not all(hasattr(module, n) for n in names):
-            continue
-        layers = [getattr(module, n) for n in names]
-        if not _groupable(layers):
-            continue
-        group = ProjectionGroup(layers)
-        for index, layer in enumerate(layers):
-            layer._tunesmith_group = (group, index)
-            layer.forward = types.MethodType(grouped_forward, layer)
-        groups.append(group)
-    if any(group.lora and type(group.layers[0].base_layer) is torch.nn.Linear for group in groups):
-        _leave_the_file(model, groups)
-    return groups
+def group_projections(layers: list) -> ProjectionGroup | None:
+    """Group `layers` (the projections of one module that read the same input), or None."""
+    if not _groupable(layers):
+        return None
+    group = ProjectionGroup(layers)
+    for index, layer in enumerate(layers):
+        layer._tunesmith_group = (group, index)
+        patch_forward(layer, grouped_forward)
+    return group
 
 
-def _leave_the_file(model, groups: list) -> None:
-    """Copy every other frozen weight out of the model file. transformers maps a safetensors file
-    whose dtype is the load dtype into memory and hands out views of it; one such view left alive
+def leave_the_file(model, groups: list) -> None:
+    """For LoRA groups over plain weights, copy every other frozen weight out of the model file.
+    transformers maps a safetensors file whose dtype is the load dtype into memory and hands out
+    views of it; one such view left alive
     keeps the whole mapping, so the file's pages of the weights just stacked into a group would
     stay resident beside the stack (+0.3 GiB on SmolLM2 in fp32). Once nothing points into the
     mapping it is unmapped; the copies cost what the mapped pages did."""
+    if not any(group.lora and type(group.layers[0].base_layer) is torch.nn.Linear for group in groups):
+        return
     stacked = {group.weight.untyped_storage().data_ptr() for group in groups if group.weight is not None}
     for param in model.parameters():
         if not param.requires_grad and param.untyped_storage().data_ptr() not in stacked:
             param.data = param.data.clone()
 
 
-def restore_groups(groups: list) -> None:
+def ungroup(groups: list) -> None:
     for group in groups:
         for layer in group.layers:
-            vars(layer).pop("forward", None)
+            unpatch(layer)
             vars(layer).pop("_tunesmith_group", None)
             if group.lora:
                 _set_stored(layer.base_layer, stored_weight(layer.base_layer).clone())

@@ -9,8 +9,8 @@ Contract:
 - `use_varlen(model)` switches a transformers model (PEFT wrappers included) to the attention
   function `varlen_attention`, registered under `VARLEN`; it returns the implementation it
   replaced, for `restore(model, previous)`, or None when the model cannot take it (an architecture
-  that does not dispatch through `AttentionInterface`, sliding-window or soft-capped attention):
-  then train with padded batches.
+  that does not dispatch through `AttentionInterface`, a sliding window shorter than `max_length`
+  — the longest sample — or soft-capped attention): then train with padded batches.
 - `varlen_attention` splits every row at its position restarts and runs causal SDPA on each
   segment; with an attention mask, a KV cache or queries shorter than keys it is exactly
   transformers' SDPA attention (which generation needs). On CPU, bf16 segments (autocast) run
@@ -163,12 +163,13 @@ def _inner(model):
     return model
 
 
-def use_varlen(model) -> str | None:
+def use_varlen(model, max_length: int | None = None) -> str | None:
     from transformers import AttentionInterface
 
     inner = _inner(model)
     cfg = inner.config.get_text_config() if hasattr(inner.config, "get_text_config") else inner.config
-    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+    if window and (max_length is None or window < max_length):  # a window no sample reaches changes nothing
         return None
     if getattr(cfg, "attn_logit_softcapping", None):
         return None
@@ -178,6 +179,10 @@ def use_varlen(model) -> str | None:
     previous = inner.config._attn_implementation
     inner.set_attn_implementation(VARLEN)
     return previous
+
+
+def is_varlen(model) -> bool:
+    return _inner(model).config._attn_implementation == VARLEN
 
 
 def restore(model, previous: str | None) -> None:

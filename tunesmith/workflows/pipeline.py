@@ -72,7 +72,7 @@ def _finetune_cfg(cfg: Config, model: str, out: Path) -> Config:
 
 def _identity(stage: str, cfg: Config, root: Path, model: str) -> str:
     """What shapes this stage's output, as a hash (resume-only keys left out)."""
-    from tunesmith.train.loop import RESUMABLE_CHANGES
+    from tunesmith.rundir import RESUMABLE_CHANGES
 
     out = root / DIRS[stage]
     if stage == "pretrain":
@@ -119,9 +119,10 @@ def _run_finetune(cfg: Config, root: Path, model: str) -> tuple[str, dict]:
 
 
 def _run_merge(cfg: Config, root: Path, model: str) -> tuple[str, dict]:
-    from tunesmith.export.merge import is_adapter_run, merge_run
+    from tunesmith.export.merge import merge_run
+    from tunesmith.rundir import RunDir
 
-    if not is_adapter_run(Path(model)):
+    if RunDir(model).kind != "adapter":
         print(f"tunesmith: pipeline: {model} is a full model; nothing to merge", flush=True)
         return model, {"merged": False}
     out = merge_run(model, root / DIRS["merge"], force=True)
@@ -170,7 +171,7 @@ def run_pipeline(cfg: Config, from_stage: str | None = None) -> dict:
     root = Path(cfg.pipeline.output_dir)
     stages = [s for s in PIPELINE_STAGES if s in cfg.pipeline.stages]
     if from_stage is not None and from_stage not in stages:
-        raise UserError(f"--from: {from_stage} is not a stage of this pipeline; expected one of {', '.join(stages)}")
+        raise UserError(f"{from_stage} is not a stage of this pipeline; expected one of {', '.join(stages)}", key="from_stage")
     state = _load_state(root)
     if from_stage is not None:
         for stage in stages[stages.index(from_stage):]:
@@ -186,8 +187,8 @@ def run_pipeline(cfg: Config, from_stage: str | None = None) -> dict:
         if stage in before:
             if not record or not record.get("done") or not Path(record["output"]).exists():
                 raise UserError(
-                    f"--from {from_stage}: stage {stage} has not finished (its output is missing); "
-                    f"run the pipeline without --from, or --from {stage}"
+                    f"stage {stage} has not finished (its output is missing), so the pipeline cannot start at "
+                    f"{from_stage}; run it from the start, or from {stage}", key="from_stage",
                 )
         done = record and record.get("done") and record["hash"] == key and Path(record["output"]).exists()
         if done:

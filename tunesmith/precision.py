@@ -1,13 +1,6 @@
-"""Which dtype a training matmul computes in, and the weights it computes with.
+"""Which dtype a host computes in: bf16 only where it is native and measured faster.
 
 Contract:
-- `autocast_bf16(x)`: whether `x`'s device is under bf16 autocast — the one autocast the fused
-  training nodes (`fused_lora`, `train.fused_mlp`, `train.loss`) run in themselves, wholly in bf16.
-- `stored_weight(linear)`: that weight as held, for checks that must not cast it.
-- `compute_weight(linear, dtype)`: a plain `nn.Linear`'s weight cast to `dtype` (differentiable,
-  so a training weight gets its gradient back in fp32), a frozen bf16-stored layer's weight as
-  stored (`nf4.BF16Storage`, no copy when `dtype` is bf16), or None for any other layer.
-- `head_weight(head)`: the weight of a bias-free linear output head, plain or bf16-stored, else None.
 - `bf16_matmul_units(device)`: whether bf16 matmuls beat fp32 there — CUDA with bf16 support, or
   a CPU whose AMX tiles are advertised, granted to the process, and measured: a bf16 GEMM must run
   at least 1.5× an fp32 one (~40 ms, once per process; some sandboxes advertise AMX and trap it,
@@ -15,21 +8,16 @@ Contract:
   `TUNESMITH_BF16_UNITS=0|1` overrides the detection (the test suite pins 0, so its fp32
   tolerances hold on any machine).
 - `gemm_rows_multiple(dtype, device)`: the row count a training GEMM's M should be a multiple of —
-  32 for bf16 on a CPU, else 1. oneDNN's AMX bf16 kernels work on blocks of 32 rows: at 500–520
-  rows a SmolLM2 projection runs at ~60% of its speed at 480, 512 or 544, and every new row count
-  builds (~5 ms) and caches a new kernel, so a padding-free batch whose length changes every step
-  pays both. Padding-free rows and the loss's head chunks are padded up to it.
+  32 for bf16 on a CPU, else 1. oneDNN's AMX bf16 kernels work on blocks of 32 rows, and every new
+  row count builds and caches a new kernel; padding-free rows and the loss's head chunks are
+  padded up to it.
 - `inference_dtype(precision, device)`: the dtype generation loads weights in — `fp32`, `bf16`, or
-  `auto`: bf16 where `bf16_matmul_units`, else fp32 (the same rule as training's `auto`). A batch of
-  32 greedy SmolLM2 answers ran 2.3× faster with bf16 weights on a CPU with AMX: decoding reads every
-  weight once per token, half the bytes in bf16, and AMX does the matmuls.
+  `auto`: bf16 where `bf16_matmul_units`, else fp32 (the same rule as training's `auto`). Decoding
+  reads every weight once per token: half the bytes in bf16, and AMX does the matmuls.
 - `resolve_precision(train_cfg, method, device)` → `(precision, frozen_dtype)` with `auto` settled:
   precision bf16 where `bf16_matmul_units`, else fp32; frozen weights in bf16 when the run computes
   in bf16 (autocast would cast them to bf16 for every matmul anyway), else fp32.
-
-Why: autocast casts each operand per op and keeps elementwise work in the input dtypes; the fused
-nodes instead cast their operands once and stay in bf16 end to end, which is what makes bf16 pay
-on a CPU with AMX (bf16 GEMMs ~3× fp32 there) rather than drown in casts.
+- `torch_dtype(name)`: "fp32" | "bf16" | "fp16" → the torch dtype.
 """
 
 from __future__ import annotations
@@ -40,30 +28,6 @@ import os
 import time
 
 import torch
-
-
-def autocast_bf16(x: torch.Tensor) -> bool:
-    return torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) == torch.bfloat16
-
-
-def stored_weight(linear) -> torch.Tensor | None:
-    """The weight a plain `nn.Linear` or a frozen bf16-stored layer holds, as held (no cast), else None."""
-    from tunesmith.nf4 import BF16Storage, FrozenLinear
-
-    if type(linear) is torch.nn.Linear:
-        return linear.weight
-    if type(linear) is FrozenLinear and type(linear.storage) is BF16Storage:
-        return linear.storage.data
-    return None
-
-
-def compute_weight(linear, dtype: torch.dtype) -> torch.Tensor | None:
-    weight = stored_weight(linear)
-    return None if weight is None else weight.to(dtype)
-
-
-def head_weight(head) -> torch.Tensor | None:
-    return None if head is None or head.bias is not None else stored_weight(head)
 
 
 def bf16_matmul_units(device: torch.device) -> bool:
@@ -112,3 +76,7 @@ def resolve_precision(train_cfg, method: str, device: torch.device) -> tuple[str
     if frozen == "auto":
         frozen = "bf16" if precision == "bf16" and method != "full" else "fp32"
     return precision, frozen
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]

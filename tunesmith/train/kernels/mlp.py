@@ -1,10 +1,9 @@
 """SwiGLU MLP whose backward keeps two of its four intermediates: a memory saver for training.
 
-Contract: `use_fused_mlp(model)` switches every Llama-family MLP of a transformers model (PEFT
-wrappers included) — `down(silu(gate(x)) · up(x))` — to `fused_forward`, and returns the modules
-it switched, for `restore_mlp(modules)`. In `fused_forward`, `silu(g) · u` and the down projection
+Contract: `kernels.prepare` gives every SwiGLU MLP of a family in `kernels.FAMILIES` whose
+activation is SiLU (`takes(module)`) — `down(silu(gate(x)) · up(x))` — this file's `fused_forward`. In it, `silu(g) · u` and the down projection
 are one autograd node (`SwiGLUDownFn`) when `down_proj` is a plain `nn.Linear` (full fine-tuning,
-or a frozen one) or a fusable LoRA layer (`tunesmith.fused_lora`); the node saves only `g` and `u`
+or a frozen one) or a fusable LoRA layer (`adapters.fused_lora`); the node saves only `g` and `u`
 and recomputes `silu(g) · u` in backward. Under bf16 autocast the node computes in bf16 (a trainable
 fp32 weight is cast inside the node in forward and again in backward, so no bf16 copy of it is
 kept in between; a frozen bf16-stored down projection is used as stored).
@@ -18,17 +17,12 @@ elementwise passes in backward.
 
 from __future__ import annotations
 
-import types
-
 import torch
 import torch.nn.functional as F
 
-from tunesmith.compute import autocast_bf16, compute_weight
-from tunesmith.train.fused_groups import OWN_OUTPUT, side_by_side
-from tunesmith.train.scratch import scratch
-
-MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
-
+from tunesmith.adapters.weights import autocast_bf16, compute_weight
+from tunesmith.train.kernels.groups import OWN_OUTPUT, side_by_side
+from tunesmith.train.kernels.scratch import scratch
 
 class SwiGLUDownFn(torch.autograd.Function):
     """`y = h Wᵀ + b + s · (h Aᵀ) Bᵀ` with `h = silu(gate) · up`; `lora_a`/`lora_b` may be None."""
@@ -129,20 +123,6 @@ def fused_forward(self, x):
         return SwiGLUDownFn.apply(gate, up, *operands)
 
 
-def _is_silu(act) -> bool:
+def takes(module) -> bool:
+    act = getattr(module, "act_fn", None)
     return isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
-
-
-def use_fused_mlp(model) -> list:
-    switched = []
-    for module in model.modules():
-        if type(module).__name__ in MLP_CLASSES and _is_silu(getattr(module, "act_fn", None)):
-            module.forward = types.MethodType(fused_forward, module)
-            switched.append(module)
-    return switched
-
-
-def restore_mlp(modules: list) -> None:
-    for module in modules:
-        if "forward" in vars(module):
-            del module.forward

@@ -106,3 +106,24 @@ def write_config(path: str | Path, model_dir, data_file, out, **sections) -> Pat
         cfg.setdefault(section, {}).update(values)
     Path(path).write_text(yaml.safe_dump(cfg))
     return Path(path)
+
+
+def make_family_model(family: str, vocab_size: int, seed: int = 0, tie: bool = True):
+    """A tiny random model of one architecture family (llama, mistral, qwen2, qwen3, phi3), same widths."""
+    import transformers
+
+    classes = {
+        "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+        "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 4096}),
+        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+        "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8}),
+        "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+    }
+    config_name, model_name, extra = classes[family]
+    cfg = getattr(transformers, config_name)(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=tie, bos_token_id=1,
+        eos_token_id=2, pad_token_id=0, **extra,
+    )
+    torch.manual_seed(seed)
+    return getattr(transformers, model_name)(cfg).float().eval()

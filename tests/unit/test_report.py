@@ -42,33 +42,33 @@ def images(html: str) -> list[Image.Image]:
     return [Image.open(io.BytesIO(base64.b64decode(d))) for d in re.findall(r'src="data:image/png;base64,([^"]+)"', html)]
 
 
-def test_every_arm_split_and_note_row_is_shown(page):
+def test_every_arm_split_and_claim_row_is_shown(page):
     r = example()
     for a in r["arms"]:
         assert escape(a["label"]) in page and escape(a["description"]) in page
     for s in r["splits"]:
         assert escape(s["label"]) in page
     for key in ("aim", "knowledge", "uptodate", "usecases", "transparency", "domain", "resources", "forgetting"):
-        assert len(cells(page, f"note-{key}")) == 2 + len(r["arms"]) + 1  # note, how, arms, verdict
+        assert len(cells(page, f"claim-{key}")) == 2 + len(r["arms"]) + 1  # claim, how, arms, verdict
 
 
-def test_note_rows_carry_the_measured_numbers(page):
-    # Columns: note says, measured as, base, prompt, rag, finetuned, finetuned_rag, verdict.
-    knowledge = cells(page, "note-knowledge")
+def test_claim_rows_carry_the_measured_numbers(page):
+    # Columns: the claim, measured as, base, prompt, rag, finetuned, finetuned_rag, verdict.
+    knowledge = cells(page, "claim-knowledge")
     assert knowledge[5].startswith("71.0") and "[64.7, 77.3]" in knowledge[5]
     assert "Fine-tuned + RAG" in knowledge[7] and "CI overlaps Fine-tuned (LoRA)" in knowledge[7]
-    uptodate = cells(page, "note-uptodate")
+    uptodate = cells(page, "claim-uptodate")
     assert uptodate[4].startswith("62.0") and "most current: <b>RAG</b>" in uptodate[7]
-    domain = cells(page, "note-domain")
+    domain = cells(page, "claim-domain")
     assert "reference" in domain[2] and "Δ +54.5" in domain[4] and 'class="good"' in domain[4]
-    transparency = cells(page, "note-transparency")
+    transparency = cells(page, "claim-transparency")
     assert "no source to show" in transparency[2] and "recall@3: 91.5 on seen, 88.0 on doc_only" in transparency[4]
-    resources = cells(page, "note-resources")
+    resources = cells(page, "claim-resources")
     assert "train 221 s, RSS 1863 MiB" in resources[5] and "no training" in resources[2]
     assert "fastest answers: <b>Fine-tuned (LoRA)</b>" in resources[7]
     # seen 200 × 0.545 + doc_only 100 × 0.62 over 300 questions = 57.0
-    assert cells(page, "note-aim")[4].startswith("57.0")
-    forgetting = cells(page, "note-forgetting")
+    assert cells(page, "claim-aim")[4].startswith("57.0")
+    forgetting = cells(page, "claim-forgetting")
     assert "×1.009" in forgetting[1] and "CI includes no change vs base" in forgetting[7]
 
 
@@ -118,19 +118,19 @@ def test_subset_of_arms_and_missing_sections(tmp_path):
     r["scores"] = [s for s in r["scores"] if s["split"] != "doc_only"]
     html = write_report(r, tmp_path / "new" / "dir").read_text()
     assert "Fine-tuned" not in html and "finetuned" not in html
-    assert len(cells(html, "note-knowledge")) == 2 + 2 + 1
-    assert "no &#x27;doc_only&#x27; split in this run" in cells(html, "note-uptodate")[2]
+    assert len(cells(html, "claim-knowledge")) == 2 + 2 + 1
+    assert "no &#x27;doc_only&#x27; split in this run" in cells(html, "claim-uptodate")[2]
     assert "Cost was not measured" in html and "No sample answers" in html
     assert "Perplexity ratio not measured" in html and "not measured in this run" in html
-    assert "not measured" in cells(html, "note-resources")[2]
-    assert "no arm beats base; closest: <b>RAG</b>" in cells(html, "note-forgetting")[-1]
+    assert "not measured" in cells(html, "claim-resources")[2]
+    assert "no arm beats base; closest: <b>RAG</b>" in cells(html, "claim-forgetting")[-1]
     assert len(images(html)) == 2  # two splits, no cost chart
     # A RAG arm with no retrieval rows is still shown as one that retrieves, with recall unmeasured.
     r["retrieval"] = []
     r["samples"] = [{"arm": "rag", "split": "seen", "question": "q", "answer": "a", "prediction": "p",
                      "correct": False, "retrieved": ["chunk"]}]
     html = render_html(r)
-    assert "recall not measured" in cells(html, "note-transparency")[3]
+    assert "recall not measured" in cells(html, "claim-transparency")[3]
     assert "No retrieval measured" in html
 
 

@@ -66,7 +66,7 @@ def write_report(results: dict, out_dir: Path) -> Path:
 def render_html(results: dict) -> str:
     _check(results)
     ctx = _Context(results)
-    body = [_header(ctx), _note_table(ctx), _headline(ctx), _charts(ctx), _all_metrics(ctx),
+    body = [_header(ctx), _claims_table(ctx), _headline(ctx), _charts(ctx), _all_metrics(ctx),
             _cost(ctx), _retrieval(ctx), _forgetting(ctx), _samples(ctx)]
     return ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<meta http-equiv=\"Content-Security-Policy\" content=\"{_CSP}\">"
@@ -254,8 +254,8 @@ def _charts(ctx: _Context) -> str:
             + (f"<div class=\"charts\">{cost}</div>" if cost else ""))
 
 
-def _note_table(ctx: _Context) -> str:
-    """The founding note's qualitative table, each row replaced by the measurement that tests it."""
+def _claims_table(ctx: _Context) -> str:
+    """The literature's qualitative table of fine-tuning vs RAG, each row replaced by the measurement that tests it."""
     def acc_row(split: str):
         if not ctx.split(split):
             return {a["name"]: (_na(f"no '{split}' split in this run"), None) for a in ctx.arms}
@@ -350,20 +350,21 @@ def _note_table(ctx: _Context) -> str:
         ("resources", "Resource use", "upfront cost for fine-tuning",
          "Upfront: training wall time and peak RSS. Per answer: latency p50/p95, prompt tokens, model size "
          "(see the cost table).", resource_row(), "fastest answers"),
-        ("forgetting", "Forgetting (note's con: poor generalisation)", "poor generalisation outside the tuned use",
+        ("forgetting", "Forgetting (the claimed con: poor generalisation)", "poor generalisation outside the tuned use",
          "Change vs base on <code>general</code> (Δ percentage points, 95% CI)." + ppl, gain_row("general"),
          "least loss"),
     ]
     head = "".join(f"<th>{_swatch(ctx, a)}</th>" for a in ctx.arms)
     out = []
-    for key, dim, note, how, cells, best_word in rows:
+    for key, dim, claim, how, cells, best_word in rows:
         best = _verdict(ctx, cells, best_word, gain=key in ("domain", "forgetting"))
         tds = "".join(f"<td>{cells[a['name']][0]}</td>" for a in ctx.arms)
-        out.append(f"<tr id=\"note-{key}\"><th>{dim}</th><td><i>{note}</i></td><td>{how}</td>{tds}<td>{best}</td></tr>")
-    return ("<h2>The note's comparison, measured</h2><p>The founding note describes fine-tuning in seven "
-            "qualitative rows; here each row is the number that tests it on this data, for every arm "
+        out.append(f"<tr id=\"claim-{key}\"><th>{dim}</th><td><i>{claim}</i></td><td>{how}</td>{tds}<td>{best}</td></tr>")
+    return ("<h2>Fine-tuning's usual claims, measured on your data</h2><p>Comparisons of fine-tuning with "
+            "prompt engineering and RAG (e.g. Chaubey et al.) describe fine-tuning in seven qualitative rows; "
+            "here each row is the number that tests it on your data, for every arm "
             f"(scores in % of <b>{escape(ctx.primary)}</b>).</p>"
-            "<table><tr><th style=\"width:95px\">row</th><th style=\"width:130px\">the note says (fine-tuning)</th>"
+            "<table><tr><th style=\"width:95px\">row</th><th style=\"width:130px\">the claim (fine-tuning)</th>"
             f"<th style=\"width:210px\">measured as</th>{head}<th style=\"width:120px\">verdict</th></tr>"
             + "".join(out) + "</table>")
 

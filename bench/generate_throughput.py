@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from tunesmith.precision import bf16_matmul_units
 from tunesmith.infer.generate import generate_detailed, render_prompt, stop_ids
 from tunesmith.models import load_model, load_tokenizer, resolve_model
+from tunesmith.precision import bf16_matmul_units
 from tunesmith.workflows.quickstart import eval_questions
 
 

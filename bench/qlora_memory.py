@@ -97,9 +97,9 @@ def base_bytes(model_dir: str) -> dict:
     import torch
 
     from tunesmith.adapters.methods import compress_base
+    from tunesmith.adapters.storage import storage_bytes
     from tunesmith.config import AdapterConfig
     from tunesmith.models import load_model
-    from tunesmith.adapters.storage import storage_bytes
 
     loaded = load_model(model_dir, dtype=torch.float32)
     loaded.requires_grad_(False)

@@ -199,6 +199,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from throughput_data import build
+
     from tunesmith.models import load_tokenizer, resolve_model
 
     model_dir = resolve_model("smollm2-135m-instruct")

@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from tests.tiny import NAMES, write_config, write_qa_jsonl
-from tunesmith.infer.load import load_for_inference
 from tunesmith.infer.generate import generate_batch
+from tunesmith.infer.load import load_for_inference
 
 EXE = os.path.join(os.path.dirname(sys.executable), "tunesmith")
 ARMS = ["base", "prompt", "rag", "finetuned", "finetuned_rag"]

@@ -59,5 +59,7 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path, tiny_model_dir, method, weigh
         assert (a[name] == b[name]).all(), f"{name} differs after resume"
     ref_rows = (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()
     cut_rows = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
-    strip = lambda rows: [{k: v for k, v in json.loads(r).items() if k not in ("tok_per_s", "step_s", "elapsed_s")} for r in rows]
+    def strip(rows):
+        return [{k: v for k, v in json.loads(r).items() if k not in ("tok_per_s", "step_s", "elapsed_s")} for r in rows]
+
     assert strip(ref_rows) == strip(cut_rows)  # the resumed log reads like one run

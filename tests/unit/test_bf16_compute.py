@@ -11,16 +11,16 @@ import torch.nn.functional as F
 
 from tests.tiny import make_tiny_model, write_config, write_qa_jsonl
 from tests.unit.test_packing import PAD, loss_and_grads, samples_for
+from tunesmith.adapters.fused_lora import LoraLinearFn
 from tunesmith.adapters.methods import apply_method
-from tunesmith.precision import resolve_precision
+from tunesmith.adapters.storage import BF16Storage, FrozenLinear
 from tunesmith.config import AdapterConfig, TrainConfig, load_config
 from tunesmith.data.packing import unpacked
-from tunesmith.adapters.fused_lora import LoraLinearFn
-from tunesmith.adapters.storage import BF16Storage, FrozenLinear
+from tunesmith.precision import resolve_precision
+from tunesmith.train.kernels import attach
 from tunesmith.train.kernels.attention import flatten, varlen_attention
 from tunesmith.train.kernels.mlp import SwiGLUDownFn
 from tunesmith.train.loss import LinearCrossEntropy
-from tunesmith.train.kernels import attach
 
 
 def _close_in_bf16(got, want, what):

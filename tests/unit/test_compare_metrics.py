@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 
 from tunesmith.errors import UserError
-from tunesmith.eval.metrics import (bootstrap_ci, exact_match, extract_answer, paired_diff_ci, rouge_l, score_all,
-                                    token_f1)
+from tunesmith.eval.metrics import (
+    bootstrap_ci,
+    exact_match,
+    extract_answer,
+    paired_diff_ci,
+    rouge_l,
+    score_all,
+    token_f1,
+)
 from tunesmith.eval.questions import limit_per_split, load_questions
 from tunesmith.eval.retrieval import load_chunks, make_retriever
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tunesmith.config import Config, config_hash, load_config, save_config
+from tunesmith.config import config_hash, load_config, save_config
 from tunesmith.errors import UserError
 
 

@@ -16,6 +16,7 @@ from tunesmith.train.kernels.mlp import SwiGLUDownFn
 from tunesmith.train.kernels.norm import RMSNormFn
 from tunesmith.train.kernels.rope import RopeSegmentFlashFn
 
+
 def _counted(apply, calls, name):
     return lambda *args: calls.append(name) or apply(*args)
 

@@ -5,12 +5,12 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tests.tiny import make_tokenizer, write_config, write_qa_jsonl
-from tunesmith.train import budget, fit, fit_report
 from tunesmith.adapters.methods import apply_method, count_parameters
 from tunesmith.config import load_config
 from tunesmith.errors import UserError
-from tunesmith.train.loss import LossModule
+from tunesmith.train import budget, fit, fit_report
 from tunesmith.train.kernels import attach
+from tunesmith.train.loss import LossModule
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ from tests.unit.test_packing import PAD, assert_same, loss_and_grads, samples_fo
 from tunesmith.adapters.methods import apply_method
 from tunesmith.config import AdapterConfig
 from tunesmith.data.packing import unpacked
+from tunesmith.train.kernels import attach
 from tunesmith.train.kernels.attention import flatten
 from tunesmith.train.kernels.groups import GroupLoraFn, ungroup
-from tunesmith.train.kernels import attach
 
 
 def _lora(tok, frozen="fp32", method="lora", checkpointing=False, **adapter):

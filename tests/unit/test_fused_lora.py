@@ -8,10 +8,10 @@ from peft import PeftModel
 
 from tests.tiny import make_tiny_model
 from tests.unit.test_packing import PAD, assert_same, loss_and_grads, samples_for
+from tunesmith.adapters.fused_lora import FusedLoraLinear, LoraLinearFn
 from tunesmith.adapters.methods import apply_method
 from tunesmith.config import AdapterConfig
 from tunesmith.data.packing import collate, unpacked
-from tunesmith.adapters.fused_lora import FusedLoraLinear, LoraLinearFn
 
 
 def _random_lora(model):
@@ -96,5 +96,5 @@ def test_embedding_gradient_into_grad_matches_autograd(tiny_tokenizer, tie):
             loss_sum.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name in grads[1]:
-        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
     assert grads[0]["model.embed_tokens.weight"].abs().sum() > 0

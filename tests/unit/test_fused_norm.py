@@ -9,9 +9,9 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from tests.tiny import make_tiny_model
 from tests.unit.test_packing import PAD, assert_same, loss_and_grads, samples_for
 from tunesmith.data.packing import unpacked
+from tunesmith.train.kernels import attach
 from tunesmith.train.kernels.attention import flatten
 from tunesmith.train.kernels.norm import RMSNormFn
-from tunesmith.train.kernels import attach
 from tunesmith.train.kernels.patch import unpatch
 
 

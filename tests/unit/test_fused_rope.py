@@ -13,10 +13,10 @@ from tests.unit.test_bf16_compute import _close_in_bf16
 from tests.unit.test_fused_groups import _lora, spy_joined
 from tests.unit.test_packing import PAD, assert_same, loss_and_grads, samples_for
 from tunesmith.data.packing import collate, unpacked
-from tunesmith.train.kernels.attention import flatten
-from tunesmith.train.kernels.rope import RopeSegmentFlashFn
 from tunesmith.train.kernels import attach
+from tunesmith.train.kernels.attention import flatten
 from tunesmith.train.kernels.patch import unpatch
+from tunesmith.train.kernels.rope import RopeSegmentFlashFn
 
 SEGMENTS = [(0, 5), (5, 7), (7, 12)]
 

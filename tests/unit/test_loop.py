@@ -25,8 +25,8 @@ def test_grad_accumulation_equals_one_big_batch(tiny_tokenizer):
     mean over all label tokens of the step, not a mean of micro-batch means."""
     from tests.tiny import make_tiny_model
     from tunesmith.data.packing import collate
-    from tunesmith.train.loss import LossModule
     from tunesmith.train.loop import accumulate_gradients
+    from tunesmith.train.loss import LossModule
 
     torch.manual_seed(0)
     lengths, answer = [30, 12, 20, 7], [20, 3, 9, 2]  # very unequal label counts per row

@@ -13,12 +13,12 @@ from tests.unit.test_packing import PAD, assert_same, loss_and_grads, samples_fo
 from tunesmith.adapters.methods import apply_method
 from tunesmith.config import AdapterConfig
 from tunesmith.data.packing import unpacked
+from tunesmith.train.kernels import attach
 from tunesmith.train.kernels.attention import flatten
 from tunesmith.train.kernels.mlp import SwiGLUDownFn
+from tunesmith.train.kernels.patch import unpatch
 from tunesmith.train.loop import split_rows
 from tunesmith.train.loss import LinearCrossEntropy
-from tunesmith.train.kernels import attach
-from tunesmith.train.kernels.patch import unpatch
 
 
 def _model(tok, method, checkpointing=False, **kw):

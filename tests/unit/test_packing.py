@@ -95,7 +95,7 @@ def loss_and_grads(model, batches):
 def assert_same(a, b, tol=1e-5):
     assert a[0] == pytest.approx(b[0], abs=tol)
     for name in a[1]:
-        torch.testing.assert_close(a[1][name], b[1][name], atol=tol, rtol=0, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a[1][name], b[1][name], atol=tol, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("attn,train_on_prompt", [("sdpa", False), ("sdpa", True), ("eager", False)])

@@ -9,9 +9,8 @@ from peft import LoraConfig, get_peft_model
 from tests.tiny import make_tiny_model
 from tests.unit.test_packing import PAD, assert_same, fake, loss_and_grads, samples_for
 from tunesmith.data.packing import IGNORE, collate, pack, unpacked
-from tunesmith.train.kernels import attention
+from tunesmith.train.kernels import attach, attention
 from tunesmith.train.kernels.attention import VARLEN, flatten
-from tunesmith.train.kernels import attach
 
 
 def test_flatten_drops_padding_and_masks_each_rows_first_target():

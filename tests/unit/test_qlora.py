@@ -7,9 +7,9 @@ import torch
 
 from tests.tiny import make_tiny_model
 from tunesmith.adapters.methods import apply_method, count_parameters
+from tunesmith.adapters.storage import NF4_LEVELS, FrozenEmbedding, FrozenLinear, quantize, storage_bytes
 from tunesmith.config import AdapterConfig, load_config
 from tunesmith.errors import UserError
-from tunesmith.adapters.storage import NF4_LEVELS, FrozenEmbedding, FrozenLinear, quantize, storage_bytes
 from tunesmith.train.loss import token_loss
 
 

@@ -9,8 +9,16 @@ from safetensors import safe_open
 from tests.unit.test_gguf_export import logits_of, make_model_dir
 from tunesmith.cli import main
 from tunesmith.errors import UserError
-from tunesmith.export.quantize import (Int4Linear, Int8Linear, int4_codes, int8_codes, load_quantized,
-                                       quantize_with_report, save_quantized, unpack_int4)
+from tunesmith.export.quantize import (
+    Int4Linear,
+    Int8Linear,
+    int4_codes,
+    int8_codes,
+    load_quantized,
+    quantize_with_report,
+    save_quantized,
+    unpack_int4,
+)
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import tunesmith.train.loss as loss_mod
 from tunesmith.train.kernels.groups import GroupLinearFn
 from tunesmith.train.kernels.mlp import SwiGLUDownFn
 from tunesmith.train.kernels.norm import RMSNormFn
-from tunesmith.train.loss import LinearCrossEntropy
 from tunesmith.train.kernels.scratch import release, scratch, use_scratch
+from tunesmith.train.loss import LinearCrossEntropy
 
 
 def test_one_buffer_per_tag_grown_on_demand():

@@ -16,6 +16,7 @@ from __future__ import annotations
 from tunesmith.config import AdapterConfig
 from tunesmith.errors import UserError
 
+
 def linear_module_names(model) -> list[str]:
     import torch
 

@@ -27,8 +27,8 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from tunesmith.data.lint import check, summary
-    from tunesmith.io import write_atomic
     from tunesmith.data.sft import ensure_chat_template
+    from tunesmith.io import write_atomic
     from tunesmith.models import load_tokenizer, resolve_model
 
     cfg = load_config(args.config) if args.config else load_config(None)

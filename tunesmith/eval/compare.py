@@ -22,20 +22,19 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 
-from tunesmith.rundir import RunDir
 from tunesmith.config import Config
 from tunesmith.errors import UserError
-from tunesmith.io import write_atomic
 from tunesmith.eval.arms import ARMS, conversation, few_shot, uses_context, uses_finetuned
 from tunesmith.eval.metrics import METRICS, bootstrap_ci, contains, paired_diff_ci, score_all
 from tunesmith.eval.questions import GENERAL, general_questions, general_text, limit_per_split, load_questions
+from tunesmith.io import write_atomic
+from tunesmith.rundir import RunDir
 
 PRIMARY = "contains"
 SAMPLES_PER_SPLIT = 3

@@ -182,8 +182,7 @@ def load_quantized(directory):
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tunesmith.models import check_safetensors
-    from tunesmith.models import load_tokenizer
+    from tunesmith.models import check_safetensors, load_tokenizer
 
     directory = Path(directory).expanduser()
     manifest = _read_manifest(directory)
@@ -261,8 +260,19 @@ def quantize_with_report(model_spec: str, out_dir=None, method: str = "int8", fo
     ids and prompts; writes `report.json` into the dir and returns it."""
     from tunesmith.data.sft import ensure_chat_template
     from tunesmith.export.merge import load_merged
-    from tunesmith.export.verify import (DEFAULT_TEXT, PROMPTS, end_ids, eval_budget, eval_ids, mib, reference_row,
-                                         same_greedy, torch_perplexity, torch_speed, write_report)
+    from tunesmith.export.verify import (
+        DEFAULT_TEXT,
+        PROMPTS,
+        end_ids,
+        eval_budget,
+        eval_ids,
+        mib,
+        reference_row,
+        same_greedy,
+        torch_perplexity,
+        torch_speed,
+        write_report,
+    )
 
     if method not in METHODS:
         raise UserError(f"expected one of {', '.join(METHODS)}, got {method}", key="method")

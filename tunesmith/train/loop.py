@@ -17,7 +17,6 @@ restored when training ends, also on error: generation needs masks and the KV ca
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import random
@@ -41,8 +40,17 @@ from tunesmith.precision import gemm_rows_multiple, resolve_precision, torch_dty
 from tunesmith.rundir import RESUMABLE_CHANGES, RunDir
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train.distributed import (
-    Dist, all_reduce_sum, barrier, cleanup, clip_grad_norm, full_state_dict, inject_fault, no_sync, same_on_all_ranks,
-    setup, wrap,
+    Dist,
+    all_reduce_sum,
+    barrier,
+    cleanup,
+    clip_grad_norm,
+    full_state_dict,
+    inject_fault,
+    no_sync,
+    same_on_all_ranks,
+    setup,
+    wrap,
 )
 from tunesmith.train.kernels import Prepared
 from tunesmith.train.kernels.attention import flatten

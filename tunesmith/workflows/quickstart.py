@@ -68,8 +68,8 @@ def score(questions: list[dict], answers: list[str]) -> dict[str, dict]:
 
 def run_quickstart(out_dir: str, overrides: list[str] = (), compare: bool = True) -> dict:
     from tunesmith.infer.load import load_for_inference
-    from tunesmith.precision import inference_dtype
     from tunesmith.models import load_model, load_tokenizer, resolve_model
+    from tunesmith.precision import inference_dtype
     from tunesmith.train.loop import run_training
 
     cfg = load_config(resource_dir() / "config.yaml", [f"train.output_dir={out_dir}", "train.resume=auto", *overrides])

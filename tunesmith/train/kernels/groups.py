@@ -34,10 +34,10 @@ from __future__ import annotations
 
 import torch
 
-from tunesmith.train.kernels.patch import patch_forward, unpatch
-from tunesmith.adapters.weights import autocast_bf16, stored_weight
 from tunesmith.adapters.fused_lora import FusedLoraLinear
 from tunesmith.adapters.storage import BF16Storage, FrozenLinear
+from tunesmith.adapters.weights import autocast_bf16, stored_weight
+from tunesmith.train.kernels.patch import patch_forward, unpatch
 
 OWN_OUTPUT = "_tunesmith_group_output"  # marks a group's [rows × Σ out] result: only its column views use it
 

@@ -24,6 +24,7 @@ from tunesmith.adapters.weights import autocast_bf16, compute_weight
 from tunesmith.train.kernels.groups import OWN_OUTPUT, side_by_side
 from tunesmith.train.kernels.scratch import scratch
 
+
 class SwiGLUDownFn(torch.autograd.Function):
     """`y = h Wᵀ + b + s · (h Aᵀ) Bᵀ` with `h = silu(gate) · up`; `lora_a`/`lora_b` may be None."""
 

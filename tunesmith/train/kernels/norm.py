@@ -25,6 +25,7 @@ import torch
 
 from tunesmith.train.kernels.scratch import scratch
 
+
 class RMSNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps: float, out_dtype):

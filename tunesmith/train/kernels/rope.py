@@ -33,6 +33,7 @@ import torch
 from tunesmith.train.kernels.attention import VARLEN, _segments, flash_backward, flash_forward
 from tunesmith.train.kernels.scratch import scratch
 
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor, inverse: bool = False):
     """`out = x·cos + rotate_half(x)·sin` (or its transpose, `inverse`), half by half, computing in
     `out`'s dtype. x, out: [1, N, heads, dim]; cos, sin: [1, N, 1, dim]."""

@@ -42,9 +42,16 @@ def main() -> int:
     load = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         for method in methods:
-            common = [str(CONFIG), f"adapter.method={method}", f"train.batch_size={args.batch_size}",
-                      f"data.max_length={args.max_length}", f"train.max_steps={args.steps}", "train.progress=false",
-                      "train.save_every=0", f"train.output_dir={tmp}/{method}"]
+            common = [
+                str(CONFIG),
+                f"adapter.method={method}",
+                f"train.batch_size={args.batch_size}",
+                f"data.max_length={args.max_length}",
+                f"train.max_steps={args.steps}",
+                "train.progress=false",
+                "train.save_every=0",
+                f"train.output_dir={tmp}/{method}",
+            ]
             pred_path = Path(tmp) / f"{method}-fit.json"
             fit = tunesmith("fit", *common, "--json", str(pred_path))
             if fit.returncode not in (0, 1):
@@ -60,21 +67,30 @@ def main() -> int:
             steps = [m["tokens"] / m["tok_per_s"] for m in metrics if "tok_per_s" in m and m["step"] > 1]
             measured_s = statistics.median(steps)
             measured_gib = run["peak_rss_mib"] / 1024
-            rows.append({
-                "method": method, "pred_peak_gib": round(pred["peak_bytes"] / 2**30, 3),
-                "peak_gib": round(measured_gib, 3),
-                "peak_err": round(pred["peak_bytes"] / 2**30 / measured_gib - 1, 3),
-                "pred_step_s": round(pred["step_s"], 3), "step_s": round(measured_s, 3),
-                "step_err": round(pred["step_s"] / measured_s - 1, 3), "steps_timed": len(steps),
-            })
+            rows.append(
+                {
+                    "method": method,
+                    "pred_peak_gib": round(pred["peak_bytes"] / 2**30, 3),
+                    "peak_gib": round(measured_gib, 3),
+                    "peak_err": round(pred["peak_bytes"] / 2**30 / measured_gib - 1, 3),
+                    "pred_step_s": round(pred["step_s"], 3),
+                    "step_s": round(measured_s, 3),
+                    "step_err": round(pred["step_s"] / measured_s - 1, 3),
+                    "steps_timed": len(steps),
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
-    print(f"\nSmolLM2-135M, batch {args.batch_size} × {args.max_length} tokens (packed), {args.steps} steps; "
-          f"load average at start {load[0]:.2f} on {os.cpu_count()} CPUs, at end {os.getloadavg()[0]:.2f}")
+    print(
+        f"\nSmolLM2-135M, batch {args.batch_size} × {args.max_length} tokens (packed), {args.steps} steps; "
+        f"load average at start {load[0]:.2f} on {os.cpu_count()} CPUs, at end {os.getloadavg()[0]:.2f}"
+    )
     print("| method | predicted peak RSS | measured | error | predicted s/step | measured | error |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['pred_peak_gib']:.2f} GiB | {r['peak_gib']:.2f} GiB | {r['peak_err']:+.0%} "
-              f"| {r['pred_step_s']:.2f} | {r['step_s']:.2f} | {r['step_err']:+.0%} |")
+        print(
+            f"| {r['method']} | {r['pred_peak_gib']:.2f} GiB | {r['peak_gib']:.2f} GiB | {r['peak_err']:+.0%} "
+            f"| {r['pred_step_s']:.2f} | {r['step_s']:.2f} | {r['step_err']:+.0%} |"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0

@@ -38,8 +38,16 @@ def hf_single(model, tokenizer, convs, max_new_tokens) -> int:
     with torch.no_grad():
         for conv in convs:
             ids = tokenizer(render_prompt(tokenizer, conv), add_special_tokens=False, return_tensors="pt")
-            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
-                                 pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
+            out = model.generate(
+                **ids,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=tokenizer.pad_token_id,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+            )
             total += out.shape[1] - ids["input_ids"].shape[1]
     return total
 
@@ -73,7 +81,10 @@ def main() -> int:
     path = resolve_model("smollm2-135m-instruct")
     model, tokenizer = load_model(path).eval(), load_tokenizer(path)
     questions = eval_questions()[: args.prompts]
-    convs = [[{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": q["question"]}] for q in questions]
+    convs = [
+        [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": q["question"]}]
+        for q in questions
+    ]
     n = args.max_new_tokens
     rows = {}
     s, t = timed(lambda: hf_single(model, tokenizer, convs, n), args.repeats)
@@ -98,7 +109,9 @@ def main() -> int:
     except ImportError:
         print("llama-cpp-python not installed: llama.cpp row skipped")
     anchor = rows["hf-single"]["tokens"] / rows["hf-single"]["seconds"]
-    print(f"{len(convs)} prompts, max {n} new tokens, {torch.get_num_threads()} torch threads, median of {args.repeats}")
+    print(
+        f"{len(convs)} prompts, max {n} new tokens, {torch.get_num_threads()} torch threads, median of {args.repeats}"
+    )
     print(f"{'engine':<24}{'tokens':>8}{'seconds':>9}{'tok/s':>8}{'× hf-single':>13}")
     for name, r in rows.items():
         r["tok_per_s"] = r["tokens"] / r["seconds"]

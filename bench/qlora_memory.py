@@ -45,10 +45,21 @@ MIB = 1024**2
 # One thread: on a shared 2-core machine, two OpenMP threads per process oversubscribe the cores
 # and a step can take 50× longer; one thread each keeps the lora/qlora timings comparable.
 THREADS = 1
-SMOL_360M = dict(hidden_size=960, num_hidden_layers=32, num_attention_heads=15, num_key_value_heads=5,
-                 intermediate_size=2560, vocab_size=49152, max_position_embeddings=8192,
-                 rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
-                 bos_token_id=1, eos_token_id=2, pad_token_id=2)
+SMOL_360M = dict(
+    hidden_size=960,
+    num_hidden_layers=32,
+    num_attention_heads=15,
+    num_key_value_heads=5,
+    intermediate_size=2560,
+    vocab_size=49152,
+    max_position_embeddings=8192,
+    rope_theta=100000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=2,
+)
 # name → (adapter overrides, train.frozen_dtype); "fp32"/"bf16" are the plain base for reference
 VARIANTS = {
     "fp32": ({"method": "full"}, "fp32"),
@@ -56,10 +67,15 @@ VARIANTS = {
     "qlora": ({"method": "qlora"}, "fp32"),
     "qlora+bf16": ({"method": "qlora"}, "bf16"),
     "qlora+nf4-embeddings": ({"method": "qlora", "quantize_embeddings": True}, "fp32"),
-    "qlora+nf4-embeddings,no-double-quant": ({"method": "qlora", "quantize_embeddings": True, "double_quant": False}, "fp32"),
+    "qlora+nf4-embeddings,no-double-quant": (
+        {"method": "qlora", "quantize_embeddings": True, "double_quant": False},
+        "fp32",
+    ),
     "qlora-int4-b32": ({"method": "qlora", "quant_type": "int4", "quant_block_size": 32}, "fp32"),
-    "qlora-int4-b32+int4-embeddings": ({"method": "qlora", "quant_type": "int4", "quant_block_size": 32,
-                                       "quantize_embeddings": True}, "fp32"),
+    "qlora-int4-b32+int4-embeddings": (
+        {"method": "qlora", "quant_type": "int4", "quant_block_size": 32, "quantize_embeddings": True},
+        "fp32",
+    ),
 }
 
 
@@ -140,11 +156,24 @@ def write_config(path: Path, model: str, out: Path, method_overrides: dict, trai
 
     cfg = {
         "model": {"name": model},
-        "data": {"train": [str(QUICKSTART)], "format": "messages", "max_length": 128,
-                 "system_prompt": "Answer briefly.", **data},
+        "data": {
+            "train": [str(QUICKSTART)],
+            "format": "messages",
+            "max_length": 128,
+            "system_prompt": "Answer briefly.",
+            **data,
+        },
         "adapter": {"rank": 16, "alpha": 32, **method_overrides},
-        "train": {"output_dir": str(out), "batch_size": 2, "lr": 2e-3, "warmup_ratio": 0.05,
-                  "seed": 42, "progress": False, "threads": THREADS, **train},
+        "train": {
+            "output_dir": str(out),
+            "batch_size": 2,
+            "lr": 2e-3,
+            "warmup_ratio": 0.05,
+            "seed": 42,
+            "progress": False,
+            "threads": THREADS,
+            **train,
+        },
     }
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -170,17 +199,26 @@ def run_under_budget(cmd: list[str], budget: float | None, env: dict, out: Path)
             break
         time.sleep(0.02)
     output = proc.communicate()[0]
-    return {"returncode": proc.returncode, "killed_over_budget": killed, "sampled_peak_rss": peak,
-            "wall_s": round(time.perf_counter() - started, 1), "tail": output.strip().splitlines()[-3:]}
+    return {
+        "returncode": proc.returncode,
+        "killed_over_budget": killed,
+        "sampled_peak_rss": peak,
+        "wall_s": round(time.perf_counter() - started, 1),
+        "tail": output.strip().splitlines()[-3:],
+    }
 
 
 def run_summary(out: Path) -> dict:
     summary = json.loads((out / "run.json").read_text())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     step_s = [r["tokens"] / r["tok_per_s"] for r in rows if "tok_per_s" in r]
-    return {"final_val_loss": summary["final_val_loss"], "final_train_loss": summary["final_train_loss"],
-            "median_step_s": round(statistics.median(step_s[1:] or step_s), 4),
-            "peak_rss_mib": summary["peak_rss_mib"], "steps": summary["steps"]}
+    return {
+        "final_val_loss": summary["final_val_loss"],
+        "final_train_loss": summary["final_train_loss"],
+        "median_step_s": round(statistics.median(step_s[1:] or step_s), 4),
+        "peak_rss_mib": summary["peak_rss_mib"],
+        "steps": summary["steps"],
+    }
 
 
 def part_train(work: Path, steps: int, env: dict, only: list[str] | None = None) -> dict:
@@ -196,8 +234,14 @@ def part_train(work: Path, steps: int, env: dict, only: list[str] | None = None)
     results = {}
     for name, (adapter, frozen) in runs.items():
         out = work / f"train-{name}"
-        cfg = write_config(work / f"{name}.yaml", model, out, adapter,
-                           {"max_steps": steps, "frozen_dtype": frozen}, {"val_fraction": 0.1})
+        cfg = write_config(
+            work / f"{name}.yaml",
+            model,
+            out,
+            adapter,
+            {"max_steps": steps, "frozen_dtype": frozen},
+            {"val_fraction": 0.1},
+        )
         run = run_under_budget([str(EXE), "train", str(cfg)], None, env, out)
         if run["returncode"] != 0:
             raise SystemExit(f"{name} failed: {run['tail']}")
@@ -208,8 +252,10 @@ def part_train(work: Path, steps: int, env: dict, only: list[str] | None = None)
     for name, r in results.items():
         r["val_loss_vs_lora"] = round(r["final_val_loss"] / lora["final_val_loss"], 4)
         r["step_time_vs_lora"] = round(r["median_step_s"] / lora["median_step_s"], 3)
-        print(f"  {name:24s} {r['final_val_loss']:9.4f} {r['val_loss_vs_lora']:8.3f} {r['median_step_s']:7.3f}"
-              f" {r['step_time_vs_lora']:8.2f} {r['peak_rss_mib']:13.0f}")
+        print(
+            f"  {name:24s} {r['final_val_loss']:9.4f} {r['val_loss_vs_lora']:8.3f} {r['median_step_s']:7.3f}"
+            f" {r['step_time_vs_lora']:8.2f} {r['peak_rss_mib']:13.0f}"
+        )
     return results
 
 
@@ -228,11 +274,20 @@ def part_budget(work: Path, budget_gib: float, env: dict) -> dict:
     model_dir = make_360m_dir(work / "smol-360m-random")
     budget = budget_gib * 1024**3
     results = {}
-    for name, adapter, frozen in (("full", {"method": "full"}, "fp32"), ("qlora", {"method": "qlora"}, "fp32"),
-                                  ("qlora+bf16", {"method": "qlora"}, "bf16")):
+    for name, adapter, frozen in (
+        ("full", {"method": "full"}, "fp32"),
+        ("qlora", {"method": "qlora"}, "fp32"),
+        ("qlora+bf16", {"method": "qlora"}, "bf16"),
+    ):
         out = work / f"budget-{name}"
-        cfg = write_config(work / f"budget-{name}.yaml", str(model_dir), out, adapter,
-                           {"max_steps": 2, "frozen_dtype": frozen, "save_every": 0}, {})
+        cfg = write_config(
+            work / f"budget-{name}.yaml",
+            str(model_dir),
+            out,
+            adapter,
+            {"max_steps": 2, "frozen_dtype": frozen, "save_every": 0},
+            {},
+        )
         run = run_under_budget([str(EXE), "train", str(cfg)], budget, env, out)
         run["fit"] = fit_prediction(cfg, budget_gib)
         if run["returncode"] == 0:
@@ -241,10 +296,16 @@ def part_budget(work: Path, budget_gib: float, env: dict) -> dict:
     print(f"\n360M-class Llama (random weights, SmolLM2-360M dims), 2 steps, batch 2 × 128, budget {budget_gib} GiB")
     print(f"  {'method':12s} {'result':28s} {'peak RSS MiB':>13s} {'fit predicts MiB':>17s} {'fit: fits':>10s}")
     for name, r in results.items():
-        verdict = "killed over budget" if r["killed_over_budget"] else ("trained" if r["returncode"] == 0 else f"exit {r['returncode']}")
+        verdict = (
+            "killed over budget"
+            if r["killed_over_budget"]
+            else ("trained" if r["returncode"] == 0 else f"exit {r['returncode']}")
+        )
         fit = r["fit"]
-        print(f"  {name:12s} {verdict:28s} {r['sampled_peak_rss'] / MIB:13.0f} {str(fit.get('predicted_peak_mib')):>17s}"
-              f" {str(fit.get('fits')):>10s}")
+        print(
+            f"  {name:12s} {verdict:28s} {r['sampled_peak_rss'] / MIB:13.0f} {str(fit.get('predicted_peak_mib')):>17s}"
+            f" {str(fit.get('fits')):>10s}"
+        )
     return {"budget_gib": budget_gib, "runs": results}
 
 
@@ -300,8 +361,11 @@ ROUNDING = {  # name → (block size, double quant, scale search or None for abs
     "absmax, block 64, double quant (default)": (64, True, None),
     "absmax, block 64": (64, False, None),
     "absmax, block 32": (32, False, None),
-    "block 64, least-squares scale search": (64, False, dict(factors=(1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.82),
-                                                       weighted=False, refit=False)),
+    "block 64, least-squares scale search": (
+        64,
+        False,
+        dict(factors=(1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.82), weighted=False, refit=False),
+    ),
     "block 64, x²-weighted search + refit": (64, False, dict(factors=(1.0, 1.03, 1.06), weighted=True, refit=True)),
 }
 
@@ -317,8 +381,11 @@ def part_rounding(work: Path) -> dict:
 
     torch.set_num_threads(THREADS)
     model_dir = smollm2_dir()
-    cfg = load_config(write_config(work / "rounding.yaml", model_dir, work / "rounding-out", {"method": "lora"},
-                                   {}, {"val_fraction": 0.1}))
+    cfg = load_config(
+        write_config(
+            work / "rounding.yaml", model_dir, work / "rounding-out", {"method": "lora"}, {}, {"val_fraction": 0.1}
+        )
+    )
     tokenizer = load_tokenizer(model_dir)
     ensure_chat_template(tokenizer, cfg.data.chat_template)
     _, val, _ = build_datasets(cfg.data, tokenizer, cfg.train.seed, tunesmith_home() / "data-cache")
@@ -347,16 +414,22 @@ def part_rounding(work: Path) -> dict:
         for n, module in linears.items():
             sq_err += float((module.weight - original[n]).double().square().sum())
             sq_norm += float(original[n].double().square().sum())
-        results[name] = {"val_loss": val_loss(), "rel_weight_err": round((sq_err / sq_norm) ** 0.5, 5),
-                         "quantize_s": round(seconds, 1), "block_size": block_size}
+        results[name] = {
+            "val_loss": val_loss(),
+            "rel_weight_err": round((sq_err / sq_norm) ** 0.5, 5),
+            "quantize_s": round(seconds, 1),
+            "block_size": block_size,
+        }
         print(f"  {name}: {results[name]}", flush=True)
     fp32 = results["fp32"]["val_loss"]
     print(f"\nuntrained SmolLM2-135M, base linears NF4-rounded, {len(rows)} held-out rows")
     print(f"  {'rounding':40s} {'val loss':>9s} {'vs fp32':>8s} {'weight err':>11s} {'quantize s':>11s}")
     for name, r in results.items():
         r["val_loss_vs_fp32"] = round(r["val_loss"] / fp32, 4)
-        print(f"  {name:40s} {r['val_loss']:9.4f} {r['val_loss_vs_fp32']:8.3f} {r['rel_weight_err']:11.4f}"
-              f" {r['quantize_s']:11.1f}")
+        print(
+            f"  {name:40s} {r['val_loss']:9.4f} {r['val_loss_vs_fp32']:8.3f} {r['rel_weight_err']:11.4f}"
+            f" {r['quantize_s']:11.1f}"
+        )
     return results
 
 
@@ -364,7 +437,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="weights,train,budget")
     parser.add_argument("--steps", type=int, default=90, help="optimizer steps per training run (train part)")
-    parser.add_argument("--train-runs", nargs="*", help="train part: only these runs (lora always runs, as the reference)")
+    parser.add_argument(
+        "--train-runs", nargs="*", help="train part: only these runs (lora always runs, as the reference)"
+    )
     parser.add_argument("--budget-gib", type=float, default=3.0)
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "tunesmith-bench-qlora"))
     parser.add_argument("--json", default=str(ROOT / "out" / "bench" / "qlora_memory.json"))
@@ -375,8 +450,9 @@ def main() -> None:
     parts = args.parts.split(",")
     report = {"cpu_count": os.cpu_count(), "load_avg_start": os.getloadavg()}
     if "weights" in parts:
-        report["weights"] = part_weights({"SmolLM2-135M": smollm2_dir(),
-                                          "360M-class": str(make_360m_dir(work / "smol-360m-random"))})
+        report["weights"] = part_weights(
+            {"SmolLM2-135M": smollm2_dir(), "360M-class": str(make_360m_dir(work / "smol-360m-random"))}
+        )
     if "train" in parts:
         report["train"] = part_train(work, args.steps, env, args.train_runs)
     if "budget" in parts:

@@ -70,8 +70,13 @@ def build(out_dir: Path, tokenizer, seed: int = 0, n_train: int = 400, n_val: in
     _write(paths["validation"], ({"messages": m} for m in val))
     _write(paths["trl_train"], ({"prompt": train[i][:1], "completion": train[i][1:]} for i in order))
     lengths = [_length(tokenizer, m) for m in train]
-    return {**{k: str(v) for k, v in paths.items()}, "train_tokens": sum(lengths),
-            "min_len": min(lengths), "max_len": max(lengths), "mean_len": sum(lengths) / len(lengths)}
+    return {
+        **{k: str(v) for k, v in paths.items()},
+        "train_tokens": sum(lengths),
+        "min_len": min(lengths),
+        "max_len": max(lengths),
+        "mean_len": sum(lengths) / len(lengths),
+    }
 
 
 def _write(path: Path, rows) -> None:

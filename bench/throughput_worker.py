@@ -70,19 +70,43 @@ def run_trl(args) -> dict:
 
     peft_config = None
     if args.method == "lora":
-        peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
-                                 task_type="CAUSAL_LM")
+        peft_config = LoraConfig(
+            r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         config = SFTConfig(
-            output_dir=tmp, per_device_train_batch_size=args.batch, max_steps=args.steps, learning_rate=args.lr,
-            lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
-            logging_steps=1, save_strategy="no", report_to=[], bf16=args.bf16, gradient_checkpointing=args.gc,
-            packing=args.packing, padding_free=args.packing, max_length=MAX_LENGTH, completion_only_loss=True,
-            train_sampling_strategy="sequential", use_cpu=True, dataloader_num_workers=0, seed=0,
+            output_dir=tmp,
+            per_device_train_batch_size=args.batch,
+            max_steps=args.steps,
+            learning_rate=args.lr,
+            lr_scheduler_type="linear",
+            warmup_steps=0,
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            optim="adamw_torch",
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            bf16=args.bf16,
+            gradient_checkpointing=args.gc,
+            packing=args.packing,
+            padding_free=args.packing,
+            max_length=MAX_LENGTH,
+            completion_only_loss=True,
+            train_sampling_strategy="sequential",
+            use_cpu=True,
+            dataloader_num_workers=0,
+            seed=0,
             disable_tqdm=True,
         )
-        trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
-                             processing_class=tokenizer, peft_config=peft_config, callbacks=[Timer()])
+        trainer = SFTTrainer(
+            model=model,
+            args=config,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[Timer()],
+        )
         collator = trainer.data_collator
 
         def counting(features):
@@ -94,8 +118,11 @@ def run_trl(args) -> dict:
         trainer.data_collator = counting
         trainer.train()
     model = trainer.model
-    return {"step_s": step_times, "step_tokens": step_tokens[: len(step_times)],
-            "val_loss": validation_loss(model, tokenizer, str(Path(args.data, "validation.jsonl")))}
+    return {
+        "step_s": step_times,
+        "step_tokens": step_tokens[: len(step_times)],
+        "val_loss": validation_loss(model, tokenizer, str(Path(args.data, "validation.jsonl"))),
+    }
 
 
 def run_tunesmith(args) -> dict:
@@ -107,20 +134,39 @@ def run_tunesmith(args) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [
-            f"model.name={args.model}", f"data.train={Path(args.data, 'train.jsonl')}",
-            f"data.max_length={MAX_LENGTH}", "data.packing=false", f"data.cache_dir={tmp}/cache",
-            f"adapter.method={args.method}", "adapter.rank=16", "adapter.alpha=32", "adapter.dropout=0",
-            f"train.output_dir={tmp}/run", f"train.max_steps={args.steps}", f"train.batch_size={args.batch}",
-            f"train.lr={args.lr}", "train.lr_schedule=linear", "train.min_lr_ratio=0", "train.warmup_steps=0",
-            "train.warmup_ratio=0", "train.weight_decay=0", "train.max_grad_norm=1.0", "train.seed=0",
-            "train.progress=false", f"train.gradient_checkpointing={str(args.gc).lower()}",
-            f"train.precision={'bf16' if args.bf16 else 'auto'}", *args.set,
+            f"model.name={args.model}",
+            f"data.train={Path(args.data, 'train.jsonl')}",
+            f"data.max_length={MAX_LENGTH}",
+            "data.packing=false",
+            f"data.cache_dir={tmp}/cache",
+            f"adapter.method={args.method}",
+            "adapter.rank=16",
+            "adapter.alpha=32",
+            "adapter.dropout=0",
+            f"train.output_dir={tmp}/run",
+            f"train.max_steps={args.steps}",
+            f"train.batch_size={args.batch}",
+            f"train.lr={args.lr}",
+            "train.lr_schedule=linear",
+            "train.min_lr_ratio=0",
+            "train.warmup_steps=0",
+            "train.warmup_ratio=0",
+            "train.weight_decay=0",
+            "train.max_grad_norm=1.0",
+            "train.seed=0",
+            "train.progress=false",
+            f"train.gradient_checkpointing={str(args.gc).lower()}",
+            f"train.precision={'bf16' if args.bf16 else 'auto'}",
+            *args.set,
         ]
         result = run_training(load_config(None, overrides))
         metrics = [json.loads(x) for x in Path(tmp, "run", "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in metrics if "loss" in m]
-    return {"step_s": [m["step_s"] for m in steps], "step_tokens": [m["tokens"] for m in steps],
-            "val_loss": validation_loss(result.model, result.tokenizer, str(Path(args.data, "validation.jsonl")))}
+    return {
+        "step_s": [m["step_s"] for m in steps],
+        "step_tokens": [m["tokens"] for m in steps],
+        "val_loss": validation_loss(result.model, result.tokenizer, str(Path(args.data, "validation.jsonl"))),
+    }
 
 
 def main() -> None:
@@ -144,9 +190,17 @@ def main() -> None:
     torch.manual_seed(0)
     started = time.perf_counter()
     result = (run_trl if args.tool == "trl" else run_tunesmith)(args)
-    result.update(tool=args.tool, method=args.method, packing=args.packing, gc=args.gc, bf16=args.bf16,
-                  extra=args.set, threads=torch.get_num_threads(), wall_s=round(time.perf_counter() - started, 2),
-                  peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+    result.update(
+        tool=args.tool,
+        method=args.method,
+        packing=args.packing,
+        gc=args.gc,
+        bf16=args.bf16,
+        extra=args.set,
+        threads=torch.get_num_threads(),
+        wall_s=round(time.perf_counter() - started, 2),
+        peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    )
     line = json.dumps(result)
     if args.out:
         Path(args.out).write_text(line + "\n", encoding="utf-8")

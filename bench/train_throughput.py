@@ -58,8 +58,9 @@ def matmul_peak(threads: int, n: int = 2048, reps: int = 10, dtype: str = "float
         "for _ in range(r):\n t0=time.perf_counter();a@b;ts.append(time.perf_counter()-t0)\n"
         "print(2*n**3/s.median(ts)/1e9)"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(n), str(reps), str(threads), dtype], capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(n), str(reps), str(threads), dtype], capture_output=True, text=True, check=True
+    )
     return float(out.stdout.strip())
 
 
@@ -78,20 +79,44 @@ def parameter_count(model_dir: str) -> int:
 
 
 def run_one(spec: dict, args, data_dir: Path, model_dir: str) -> dict:
-    cmd = [sys.executable, str(ROOT / "bench" / "throughput_worker.py"), "--tool", spec["tool"], "--method",
-           spec["method"], "--data", str(data_dir), "--model", model_dir, "--steps", str(spec.get("steps") or args.steps),
-           "--batch", str(args.batch), "--lr", str(LR[spec["method"]]), "--threads", str(args.threads),
-           *spec["flags"]]
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "throughput_worker.py"),
+        "--tool",
+        spec["tool"],
+        "--method",
+        spec["method"],
+        "--data",
+        str(data_dir),
+        "--model",
+        model_dir,
+        "--steps",
+        str(spec.get("steps") or args.steps),
+        "--batch",
+        str(args.batch),
+        "--lr",
+        str(LR[spec["method"]]),
+        "--threads",
+        str(args.threads),
+        *spec["flags"],
+    ]
     started = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{spec['name']} failed:\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     rates = [n / s for n, s in zip(result["step_tokens"], result["step_s"])][args.warmup :]
-    result.update(name=spec["name"], tok_s=statistics.median(rates), run_wall_s=time.perf_counter() - started,
-                  tok_s_aggregate=sum(result["step_tokens"][args.warmup :]) / sum(result["step_s"][args.warmup :]))
-    print(f"  {spec['name']:<28} {result['tok_s']:7.1f} tok/s  RSS {result['peak_rss_mib'] / 1024:5.2f} GiB  "
-          f"val {result['val_loss']:.4f}  ({result['run_wall_s']:.0f} s)", flush=True)
+    result.update(
+        name=spec["name"],
+        tok_s=statistics.median(rates),
+        run_wall_s=time.perf_counter() - started,
+        tok_s_aggregate=sum(result["step_tokens"][args.warmup :]) / sum(result["step_s"][args.warmup :]),
+    )
+    print(
+        f"  {spec['name']:<28} {result['tok_s']:7.1f} tok/s  RSS {result['peak_rss_mib'] / 1024:5.2f} GiB  "
+        f"val {result['val_loss']:.4f}  ({result['run_wall_s']:.0f} s)",
+        flush=True,
+    )
     return result
 
 
@@ -101,18 +126,38 @@ def specs(methods, trl_defaults: bool, packing_steps: int, bf16_units: bool) -> 
         out.append({"name": f"trl {m}", "tool": "trl", "method": m, "flags": []})
         if bf16_units:  # TRL's bf16 autocast without checkpointing: a candidate for its best setting here
             out.append({"name": f"trl {m} bf16", "tool": "trl", "method": m, "flags": ["--bf16"]})
-        out.append({"name": f"trl {m} packing", "tool": "trl", "method": m, "flags": ["--packing"],
-                    "steps": packing_steps})
+        out.append(
+            {"name": f"trl {m} packing", "tool": "trl", "method": m, "flags": ["--packing"], "steps": packing_steps}
+        )
         if trl_defaults:
-            out.append({"name": f"trl {m} defaults(bf16,gc)", "tool": "trl", "method": m, "flags": ["--bf16", "--gc"],
-                        "steps": packing_steps})
+            out.append(
+                {
+                    "name": f"trl {m} defaults(bf16,gc)",
+                    "tool": "trl",
+                    "method": m,
+                    "flags": ["--bf16", "--gc"],
+                    "steps": packing_steps,
+                }
+            )
         out.append({"name": f"tunesmith {m}", "tool": "tunesmith", "method": m, "flags": []})
         if m == "lora" or bf16_units:  # the memory setting: forwards of ≤256 real tokens (about two samples)
-            out.append({"name": f"tunesmith {m} forward_tokens=256", "tool": "tunesmith", "method": m,
-                        "flags": ["--set", "train.forward_tokens=256"]})
+            out.append(
+                {
+                    "name": f"tunesmith {m} forward_tokens=256",
+                    "tool": "tunesmith",
+                    "method": m,
+                    "flags": ["--set", "train.forward_tokens=256"],
+                }
+            )
         if bf16_units:  # what precision=auto (bf16 here) gains over fp32
-            out.append({"name": f"tunesmith {m} fp32", "tool": "tunesmith", "method": m,
-                        "flags": ["--set", "train.precision=fp32"]})
+            out.append(
+                {
+                    "name": f"tunesmith {m} fp32",
+                    "tool": "tunesmith",
+                    "method": m,
+                    "flags": ["--set", "train.precision=fp32"],
+                }
+            )
     return out
 
 
@@ -125,7 +170,10 @@ def summarise(results: list[dict], peak: float, params: int, methods) -> dict:
         m = rs[0]["method"]
         tok_s = statistics.median(r["tok_s"] for r in rs)
         rows[name] = {
-            "tool": rs[0]["tool"], "method": m, "tok_s": tok_s, "tok_s_runs": [round(r["tok_s"], 1) for r in rs],
+            "tool": rs[0]["tool"],
+            "method": m,
+            "tok_s": tok_s,
+            "tok_s_runs": [round(r["tok_s"], 1) for r in rs],
             "peak_rss_gib": statistics.median(r["peak_rss_mib"] for r in rs) / 1024,
             "val_loss": statistics.median(r["val_loss"] for r in rs),
             "mfu": tok_s * FLOPS_PER_PARAM[m] * params / (peak * 1e9),
@@ -142,7 +190,8 @@ def summarise(results: list[dict], peak: float, params: int, methods) -> dict:
                 continue
             by_round = _paired(results, name, m)
             ratios[name] = {
-                "trl_best": best_name, "speed_vs_trl_best": ours["tok_s"] / best["tok_s"],
+                "trl_best": best_name,
+                "speed_vs_trl_best": ours["tok_s"] / best["tok_s"],
                 "speed_vs_trl_best_by_round": [round(x, 3) for x in by_round],
                 "speed_vs_trl_best_paired": statistics.median(by_round) if by_round else None,
                 "rss_vs_trl_best": ours["peak_rss_gib"] / best["peak_rss_gib"],
@@ -172,11 +221,19 @@ def print_table(summary: dict, peak: float) -> None:
     for m, q in summary["ratios"].items():
         vl = q["val_loss_vs_trl_same_samples"]
         rounds = q.get("speed_vs_trl_best_by_round") or []
-        paired = (f" (per round against that round's TRL best: {', '.join(f'{x:.2f}' for x in rounds)}; "
-                  f"median {q['speed_vs_trl_best_paired']:.2f}×)") if len(rounds) > 1 else ""
-        print(f"{m}: {q['speed_vs_trl_best']:.2f}× the tokens/s of {q['trl_best']}{paired}, "
-              f"{q['rss_vs_trl_best']:.2f}× its peak RSS; validation loss "
-              + (f"{vl:.3f}× TRL's on the same samples" if vl else "n/a"))
+        paired = (
+            (
+                f" (per round against that round's TRL best: {', '.join(f'{x:.2f}' for x in rounds)}; "
+                f"median {q['speed_vs_trl_best_paired']:.2f}×)"
+            )
+            if len(rounds) > 1
+            else ""
+        )
+        print(
+            f"{m}: {q['speed_vs_trl_best']:.2f}× the tokens/s of {q['trl_best']}{paired}, "
+            f"{q['rss_vs_trl_best']:.2f}× its peak RSS; validation loss "
+            + (f"{vl:.3f}× TRL's on the same samples" if vl else "n/a")
+        )
 
 
 def main() -> None:
@@ -184,15 +241,23 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=2, help="first steps left out of the medians")
-    ap.add_argument("--packing-steps", type=int, default=8,
-                    help="steps of TRL's packing (and defaults) runs: 4×512-token rows make each step ~4× longer; "
-                         "their speed needs fewer steps, and their validation loss (more tokens) is not compared")
+    ap.add_argument(
+        "--packing-steps",
+        type=int,
+        default=8,
+        help="steps of TRL's packing (and defaults) runs: 4×512-token rows make each step ~4× longer; "
+        "their speed needs fewer steps, and their validation loss (more tokens) is not compared",
+    )
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
     ap.add_argument("--methods", nargs="+", default=["lora", "full"], choices=["lora", "full"])
-    ap.add_argument("--packing-rounds", type=int, default=1,
-                    help="rounds that include the packing (and defaults) runs: they are slower than TRL's best "
-                         "setting by a wide margin and take ~4 min each")
+    ap.add_argument(
+        "--packing-rounds",
+        type=int,
+        default=1,
+        help="rounds that include the packing (and defaults) runs: they are slower than TRL's best "
+        "setting by a wide margin and take ~4 min each",
+    )
     ap.add_argument("--trl-defaults", action="store_true", help="also TRL's defaults: bf16 autocast + checkpointing")
     ap.add_argument("--only", choices=["trl", "tunesmith"], help="run one tool (no ratios)")
     ap.add_argument("--json", default=str(ROOT / "out" / "bench" / "train_throughput.json"))
@@ -206,8 +271,11 @@ def main() -> None:
     data_dir = Path(args.json).parent / "train_throughput_data"
     data = build(data_dir, load_tokenizer(model_dir))
     params = parameter_count(model_dir)
-    print(f"data: {data['mean_len']:.0f} tokens per sample on average ({data['min_len']}–{data['max_len']}); "
-          f"model: {params / 1e6:.1f}M parameters; {os.cpu_count()} CPUs", flush=True)
+    print(
+        f"data: {data['mean_len']:.0f} tokens per sample on average ({data['min_len']}–{data['max_len']}); "
+        f"model: {params / 1e6:.1f}M parameters; {os.cpu_count()} CPUs",
+        flush=True,
+    )
     peaks = [matmul_peak(args.threads)]
     print(f"fp32 matmul peak before: {peaks[0]:.0f} GFLOP/s", flush=True)
     from tunesmith.precision import bf16_matmul_units
@@ -215,10 +283,15 @@ def main() -> None:
     bf16_units = bf16_matmul_units(torch.device("cpu"))
     if bf16_units:
         bf16_peak = matmul_peak(args.threads, dtype="bfloat16")
-        print(f"bf16 matmul peak before: {bf16_peak:.0f} GFLOP/s (bf16 matmul units: tunesmith's auto precision is bf16)",
-              flush=True)
-    plan = [s for s in specs(args.methods, args.trl_defaults, args.packing_steps, bf16_units)
-            if not args.only or s["tool"] == args.only]
+        print(
+            f"bf16 matmul peak before: {bf16_peak:.0f} GFLOP/s (bf16 matmul units: tunesmith's auto precision is bf16)",
+            flush=True,
+        )
+    plan = [
+        s
+        for s in specs(args.methods, args.trl_defaults, args.packing_steps, bf16_units)
+        if not args.only or s["tool"] == args.only
+    ]
     results = []
     for rnd in range(args.rounds):
         print(f"round {rnd + 1}/{args.rounds}", flush=True)
@@ -232,14 +305,24 @@ def main() -> None:
     summary = summarise(results, peak, params, args.methods)
     print_table(summary, peak)
     if bf16_units:
-        print(f"bf16 matmul peak: {max(bf16_peaks):.0f} GFLOP/s (MFU above is against the fp32 peak, as the issue "
-              "defines it)")
+        print(
+            f"bf16 matmul peak: {max(bf16_peaks):.0f} GFLOP/s (MFU above is against the fp32 peak, as the issue "
+            "defines it)"
+        )
     out = {
-        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                    "torch": torch.__version__, "threads": args.threads or torch.get_num_threads(),
-                    "load_avg_at_end": os.getloadavg()},
-        "settings": vars(args), "data": data, "params": params, "matmul_peak_gflops": peaks,
-        "bf16_matmul_peak_gflops": bf16_peaks, **summary,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "threads": args.threads or torch.get_num_threads(),
+            "load_avg_at_end": os.getloadavg(),
+        },
+        "settings": vars(args),
+        "data": data,
+        "params": params,
+        "matmul_peak_gflops": peaks,
+        "bf16_matmul_peak_gflops": bf16_peaks,
+        **summary,
         "runs": results,
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

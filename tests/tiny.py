@@ -88,7 +88,17 @@ def write_qa_jsonl(path: str | Path, n: int = 24) -> Path:
         for i in range(n):
             name = NAMES[i % len(NAMES)]
             q = f"What is the answer {i}?"
-            fh.write(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": f"The answer is {name}."}]}) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": q},
+                            {"role": "assistant", "content": f"The answer is {name}."},
+                        ]
+                    }
+                )
+                + "\n"
+            )
     return path
 
 
@@ -100,7 +110,14 @@ def write_config(path: str | Path, model_dir, data_file, out, **sections) -> Pat
         "model": {"name": str(model_dir)},
         "data": {"train": [str(data_file)], "max_length": 64},
         "adapter": {"method": "lora", "rank": 4, "alpha": 8},
-        "train": {"output_dir": str(out), "max_steps": 6, "batch_size": 2, "lr": 1e-2, "progress": False, "warmup_steps": 1},
+        "train": {
+            "output_dir": str(out),
+            "max_steps": 6,
+            "batch_size": 2,
+            "lr": 1e-2,
+            "progress": False,
+            "warmup_steps": 1,
+        },
     }
     for section, values in sections.items():
         cfg.setdefault(section, {}).update(values)
@@ -121,9 +138,18 @@ def make_family_model(family: str, vocab_size: int, seed: int = 0, tie: bool = T
     }
     config_name, model_name, extra = classes[family]
     cfg = getattr(transformers, config_name)(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=tie, bos_token_id=1,
-        eos_token_id=2, pad_token_id=0, **extra,
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=tie,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        **extra,
     )
     torch.manual_seed(seed)
     return getattr(transformers, model_name)(cfg).float().eval()

@@ -16,8 +16,20 @@ import sys
 # verb → the module that declares its arguments and runs it
 COMMANDS: dict[str, str] = {
     verb: f"tunesmith.commands.{verb}"
-    for verb in ("train", "generate", "chat", "quickstart", "merge", "export", "quantize", "fit", "data",
-                 "pretrain", "pipeline", "compare")
+    for verb in (
+        "train",
+        "generate",
+        "chat",
+        "quickstart",
+        "merge",
+        "export",
+        "quantize",
+        "fit",
+        "data",
+        "pretrain",
+        "pipeline",
+        "compare",
+    )
 }
 
 

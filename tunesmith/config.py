@@ -110,7 +110,9 @@ class TrainConfig:
     fused_mlp: bool = True  # SwiGLU + down projection as one node that saves 2 of 4 intermediates
     fused_norm: bool = True  # RMSNorm as one node that saves its input; bf16 out under bf16 compute
     fused_rope: bool = True  # RoPE inside the per-sample attention node (CPU, padding-free rows)
-    fused_groups: bool = True  # q/k/v and gate/up as one GEMM each: LoRA over a frozen base, or full in bf16 (one process)
+    fused_groups: bool = (
+        True  # q/k/v and gate/up as one GEMM each: LoRA over a frozen base, or full in bf16 (one process)
+    )
     frozen_dtype: str = "auto"  # storage of weights that do not train (lora, dora, qlora): auto (bf16 when computing in bf16) · fp32 · bf16
     log_every: int = 1
     eval_every: int = 0  # steps between validation passes; 0 = only at the end
@@ -135,7 +137,9 @@ class CompareConfig:
     arms: list[str] = field(default_factory=lambda: list(COMPARE_ARMS))
     output_dir: str | None = None  # default: <run>/compare
     system_prompt: str | None = None  # base and fine-tuned arms; default: the run's data.system_prompt
-    prompt_system: str = "You are an expert on the user's domain. Answer with the exact name, number or term, in one short sentence."
+    prompt_system: str = (
+        "You are an expert on the user's domain. Answer with the exact name, number or term, in one short sentence."
+    )
     k_shot: int = 4  # few-shot examples for the prompt arm, drawn from the training data
     retriever: str = "bm25"
     top_k: int = 3
@@ -143,7 +147,9 @@ class CompareConfig:
     chunk_overlap: int = 20
     max_new_tokens: int = 48
     batch_size: int = 16
-    precision: str = "auto"  # weights the arms generate with: auto (bf16 where bf16 matmuls pay, as train.precision) · fp32 · bf16
+    precision: str = (
+        "auto"  # weights the arms generate with: auto (bf16 where bf16 matmuls pay, as train.precision) · fp32 · bf16
+    )
     max_questions: int = 0  # per split, 0 = all (a quick look at a big set)
     latency_samples: int = 8  # questions per arm answered one at a time for latency p50/p95
     bootstrap: int = 1000
@@ -246,9 +252,7 @@ def _build(cls, raw, prefix: str):
     names = {f.name for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in names:
-            raise UserError(
-                f"config key {prefix}{key}: unknown; expected one of {', '.join(sorted(names))}"
-            )
+            raise UserError(f"config key {prefix}{key}: unknown; expected one of {', '.join(sorted(names))}")
     kwargs = {}
     for name, value in raw.items():
         kwargs[name] = _coerce(hints[name], value, prefix + name)
@@ -339,7 +343,9 @@ def validate(cfg: Config) -> None:
     _choice("train.frozen_dtype", t.frozen_dtype, FROZEN_DTYPES)
     _choice("adapter.quant_type", a.quant_type, QUANT_TYPES)
     if a.quant_block_size < 2 or a.quant_block_size % 2 or a.quant_block_size > 4096:
-        raise UserError(f"config key adapter.quant_block_size: expected an even integer from 2 to 4096, got {a.quant_block_size}")
+        raise UserError(
+            f"config key adapter.quant_block_size: expected an even integer from 2 to 4096, got {a.quant_block_size}"
+        )
     _choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
     _choice("train.precision", t.precision, PRECISIONS)
     _choice("train.strategy", t.strategy, STRATEGIES)
@@ -391,7 +397,9 @@ def _validate_pretrain(p: PretrainConfig, pl: PipelineConfig) -> None:
     if p.hidden_size and p.heads and p.hidden_size % p.heads:
         raise UserError(f"config key pretrain.heads: {p.heads} does not divide pretrain.hidden_size={p.hidden_size}")
     if not 259 <= p.vocab_size <= 1 << 20:
-        raise UserError(f"config key pretrain.vocab_size: expected 259 to 1048576 (256 bytes + 3 special tokens), got {p.vocab_size}")
+        raise UserError(
+            f"config key pretrain.vocab_size: expected 259 to 1048576 (256 bytes + 3 special tokens), got {p.vocab_size}"
+        )
     if p.block_size < 8:
         raise UserError(f"config key pretrain.block_size: expected an integer >= 8, got {p.block_size}")
     if not 0.0 < p.val_fraction < 0.5:

@@ -198,7 +198,9 @@ def load_model(
             use_safetensors=True,
         )
     except SafetensorError as err:
-        raise UserError(f"model {resolved}: its safetensors weights are corrupt or truncated ({_first_line(err)})") from None
+        raise UserError(
+            f"model {resolved}: its safetensors weights are corrupt or truncated ({_first_line(err)})"
+        ) from None
     except (OSError, ValueError) as err:
         hint = " (offline? hub ids need network; give a local directory)" if HUB_ID.match(resolved) else ""
         raise UserError(f"model {resolved}: cannot load ({_first_line(err)}){hint}") from None

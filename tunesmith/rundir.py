@@ -41,14 +41,33 @@ CHECKPOINTS = "checkpoints"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 # Keys that may change between a run and its resume without making it another run.
 RESUMABLE_CHANGES = (
-    "train.resume", "train.progress", "train.tensorboard", "train.log_every", "train.keep_last",
-    "train.save_every", "train.eval_every", "train.max_steps", "train.epochs", "train.device",
-    "train.threads", "data.cache_dir", "compare", "pipeline",
+    "train.resume",
+    "train.progress",
+    "train.tensorboard",
+    "train.log_every",
+    "train.keep_last",
+    "train.save_every",
+    "train.eval_every",
+    "train.max_steps",
+    "train.epochs",
+    "train.device",
+    "train.threads",
+    "data.cache_dir",
+    "compare",
+    "pipeline",
     # a different split of the same global batch (checked on resume): processes, strategy
-    "train.batch_size", "train.grad_accum", "train.strategy", "train.dist_timeout_s", "train.forward_tokens",
+    "train.batch_size",
+    "train.grad_accum",
+    "train.strategy",
+    "train.dist_timeout_s",
+    "train.forward_tokens",
     # the same rows and targets, laid out without padding: equal up to fp32 rounding
-    "train.padding_free", "adapter.fused", "train.fused_mlp", "train.fused_norm",
-    "train.fused_groups", "train.fused_rope",
+    "train.padding_free",
+    "adapter.fused",
+    "train.fused_mlp",
+    "train.fused_norm",
+    "train.fused_groups",
+    "train.fused_rope",
 )
 
 

@@ -48,11 +48,22 @@ def test_finetune_twice_in_one_process(tmp_path, tiny_model_dir):
 def test_compare_twice_in_one_process(tmp_path, tiny_model_dir):
     data = write_qa_jsonl(tmp_path / "qa.jsonl")
     questions = tmp_path / "q.jsonl"
-    questions.write_text("".join(
-        json.dumps({"question": f"What is the answer {i}?", "answer": NAMES[i % len(NAMES)], "split": "seen"}) + "\n"
-        for i in range(4)))
-    compare = {"questions": str(questions), "arms": ["base", "finetuned"], "max_new_tokens": 4, "latency_samples": 1,
-               "general_questions": "", "general_text": "", "bootstrap": 50}
+    questions.write_text(
+        "".join(
+            json.dumps({"question": f"What is the answer {i}?", "answer": NAMES[i % len(NAMES)], "split": "seen"})
+            + "\n"
+            for i in range(4)
+        )
+    )
+    compare = {
+        "questions": str(questions),
+        "arms": ["base", "finetuned"],
+        "max_new_tokens": 4,
+        "latency_samples": 1,
+        "general_questions": "",
+        "general_text": "",
+        "bootstrap": 50,
+    }
     path = write_config(tmp_path / "c.yaml", tiny_model_dir, data, tmp_path / "run", compare=compare)
     first = tunesmith.compare(tunesmith.load_config(path))  # trains the run first
     second = tunesmith.compare(tunesmith.load_config(path))  # reuses the finished run

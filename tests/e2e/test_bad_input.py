@@ -15,7 +15,11 @@ from tunesmith.cli import main
 def snapshot(path: Path) -> dict:
     if not path.exists():
         return {}
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
 
 
 def run_cli(capsys, *argv):
@@ -40,9 +44,17 @@ def setup(tmp_path, tiny_model_dir):
 
 
 CASES = {
-    "malformed_json_line": ("bad.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": \n', ["bad.jsonl:2", "not valid JSON"]),
+    "malformed_json_line": (
+        "bad.jsonl",
+        '{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": \n',
+        ["bad.jsonl:2", "not valid JSON"],
+    ),
     "malformed_csv_line": ("bad.csv", 'instruction,output\n"a","b"\n"c","d","e"\n', ["bad.csv:3"]),
-    "missing_field": ("miss.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n', ["miss.jsonl:2", "output"]),
+    "missing_field": (
+        "miss.jsonl",
+        '{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n',
+        ["miss.jsonl:2", "output"],
+    ),
     "wrong_type": ("type.jsonl", '{"prompt": "a", "completion": ["x"]}\n', ["type.jsonl:1", "completion"]),
     "empty_dataset": ("empty.jsonl", "\n\n", ["empty.jsonl", "no examples"]),
     "unknown_format": ("odd.jsonl", '{"foo": 1, "bar": 2}\n', ["odd.jsonl:1", "data.format"]),
@@ -142,7 +154,10 @@ def test_real_console_script_has_no_traceback(tmp_path):
     exe = os.path.join(os.path.dirname(sys.executable), "tunesmith")
     proc = subprocess.run([exe, "train", "adapter.method=qlorax"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "tunesmith: error: config key adapter.method: expected one of full, lora, dora, qlora, got 'qlorax'"
+    assert (
+        proc.stderr.strip()
+        == "tunesmith: error: config key adapter.method: expected one of full, lora, dora, qlora, got 'qlorax'"
+    )
 
 
 def test_tensorboard_missing_is_one_line_and_writes_nothing(capsys, setup):

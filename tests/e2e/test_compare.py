@@ -33,19 +33,56 @@ def setup(tmp_path_factory, tiny_model_dir):
     docs = tmp / "docs"
     docs.mkdir()
     (docs / "answers.md").write_text("\n\n".join(f"The answer {i} is {NAMES[i % len(NAMES)]}." for i in range(24)))
-    questions = _questions(tmp / "q.jsonl", [
-        *({"question": f"What is the answer {i}?", "answer": NAMES[i % len(NAMES)], "fact_id": f"a{i}", "split": "seen"}
-          for i in range(6)),
-        *({"question": f"Tell me answer {i}", "answer": NAMES[i % len(NAMES)], "fact_id": f"b{i}", "split": "doc_only"}
-          for i in range(20, 24)),
-    ])
-    general = _questions(tmp / "general.jsonl", [{"question": "What is the capital of France?", "answer": "Paris"},
-                                                 {"question": "How many days are in a week?", "answer": "7"}])
-    compare = {"questions": str(questions), "documents": str(docs), "max_new_tokens": 6, "latency_samples": 2,
-               "general_questions": str(general),
-               "bootstrap": 200, "top_k": 2, "chunk_size": 12, "chunk_overlap": 2, "k_shot": 2}
-    cfg = write_config(tmp / "c.yaml", tiny_model_dir, data, tmp / "run",
-                       data={"system_prompt": "Answer briefly.", "cache_dir": str(tmp / "cache")}, compare=compare)
+    questions = _questions(
+        tmp / "q.jsonl",
+        [
+            *(
+                {
+                    "question": f"What is the answer {i}?",
+                    "answer": NAMES[i % len(NAMES)],
+                    "fact_id": f"a{i}",
+                    "split": "seen",
+                }
+                for i in range(6)
+            ),
+            *(
+                {
+                    "question": f"Tell me answer {i}",
+                    "answer": NAMES[i % len(NAMES)],
+                    "fact_id": f"b{i}",
+                    "split": "doc_only",
+                }
+                for i in range(20, 24)
+            ),
+        ],
+    )
+    general = _questions(
+        tmp / "general.jsonl",
+        [
+            {"question": "What is the capital of France?", "answer": "Paris"},
+            {"question": "How many days are in a week?", "answer": "7"},
+        ],
+    )
+    compare = {
+        "questions": str(questions),
+        "documents": str(docs),
+        "max_new_tokens": 6,
+        "latency_samples": 2,
+        "general_questions": str(general),
+        "bootstrap": 200,
+        "top_k": 2,
+        "chunk_size": 12,
+        "chunk_overlap": 2,
+        "k_shot": 2,
+    }
+    cfg = write_config(
+        tmp / "c.yaml",
+        tiny_model_dir,
+        data,
+        tmp / "run",
+        data={"system_prompt": "Answer briefly.", "cache_dir": str(tmp / "cache")},
+        compare=compare,
+    )
     proc = cli("compare", str(cfg))
     return tmp, cfg, proc
 
@@ -63,8 +100,9 @@ def test_compare_trains_then_writes_table_results_and_report(setup):
     for row in res["scores"]:
         assert row["ci"][0] - 1e-9 <= row["mean"] <= row["ci"][1] + 1e-9
         assert (row["diff_vs_base"] is None) == (row["arm"] == "base")
-    assert {(r["arm"], r["split"]) for r in res["retrieval"]} == {(a, s) for a in ("rag", "finetuned_rag")
-                                                                  for s in ("seen", "doc_only")}
+    assert {(r["arm"], r["split"]) for r in res["retrieval"]} == {
+        (a, s) for a in ("rag", "finetuned_rag") for s in ("seen", "doc_only")
+    }
     # the documents hold every answer, and BM25 finds "answer N" among 12-word chunks
     assert all(r["recall_at_k"] >= 0.75 for r in res["retrieval"]), res["retrieval"]
     cost = res["cost"]
@@ -83,7 +121,9 @@ def test_arms_use_the_right_weights(setup):
     assert proc.returncode == 0
     res = json.loads((tmp / "run" / "compare" / "results.json").read_text())
     rows = [r for r in res["answers"] if r["split"] == "seen"]
-    convs = [[{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": r["question"]}] for r in rows]
+    convs = [
+        [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": r["question"]}] for r in rows
+    ]
     tuned, tok, _ = load_for_inference(str(tmp / "run"))
     assert generate_batch(tuned, tok, convs, max_new_tokens=6) == [r["finetuned"] for r in rows]
     base, base_tok, _ = load_for_inference(yaml.safe_load((tmp / "c.yaml").read_text())["model"]["name"])
@@ -94,8 +134,15 @@ def test_rerun_on_finished_run_with_arm_subset(setup):
     tmp, cfg, _ = setup
     stamp = (tmp / "run" / "run.json").stat().st_mtime_ns
     out = tmp / "subset"
-    proc = cli("compare", str(cfg), f"compare.run={tmp / 'run'}", "compare.arms=[base,rag]",
-               f"compare.output_dir={out}", "compare.general_questions=", "compare.general_text=")
+    proc = cli(
+        "compare",
+        str(cfg),
+        f"compare.run={tmp / 'run'}",
+        "compare.arms=[base,rag]",
+        f"compare.output_dir={out}",
+        "compare.general_questions=",
+        "compare.general_text=",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp / "run" / "run.json").stat().st_mtime_ns == stamp  # reused, not retrained
     res = json.loads((out / "results.json").read_text())
@@ -114,8 +161,10 @@ def test_bad_input_one_line_exit_2_and_results_untouched(setup, tmp_path, capsys
     (tmp_path / "noadapter").mkdir()
     (tmp_path / "noadapter" / "tunesmith.yaml").write_text("model:\n  name: x\n")
     bad_q = _questions(tmp_path / "noans.jsonl", [{"question": "Q?", "answer": "A"}, {"question": "Q2?"}])
-    bad_f = _questions(tmp_path / "facts.jsonl", [{"question": "a", "answer": "X", "fact_id": "f1"},
-                                                  {"question": "b", "answer": "Y", "fact_id": "f1"}])
+    bad_f = _questions(
+        tmp_path / "facts.jsonl",
+        [{"question": "a", "answer": "X", "fact_id": "f1"}, {"question": "b", "answer": "Y", "fact_id": "f1"}],
+    )
     cases = [
         ([f"compare.questions={bad_q}"], "noans.jsonl:2: question has no answer"),
         ([f"compare.documents={tmp_path / 'empty'}"], "holds no .txt, .md or .jsonl"),

@@ -10,8 +10,9 @@ from tests.tiny import write_config, write_qa_jsonl
 
 def cli(*args, env=None):
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "tunesmith.cli", *map(str, args)], capture_output=True, text=True,
-                          env=full_env)
+    return subprocess.run(
+        [sys.executable, "-m", "tunesmith.cli", *map(str, args)], capture_output=True, text=True, env=full_env
+    )
 
 
 def test_fit_prints_table_and_json(tmp_path, tiny_model_dir):

@@ -19,8 +19,13 @@ EXE = os.path.join(os.path.dirname(sys.executable), "tunesmith")
 def run_dir(tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("gen")
     data = write_qa_jsonl(tmp / "qa.jsonl")
-    cfg = write_config(tmp / "c.yaml", tiny_model_dir, data, tmp / "out",
-                       data={"system_prompt": "Answer briefly.", "cache_dir": str(tmp / "cache")})
+    cfg = write_config(
+        tmp / "c.yaml",
+        tiny_model_dir,
+        data,
+        tmp / "out",
+        data={"system_prompt": "Answer briefly.", "cache_dir": str(tmp / "cache")},
+    )
     return run_training(load_config(cfg))
 
 
@@ -66,8 +71,16 @@ def test_generate_in_bf16_weights(run_dir):
 
     from tunesmith.infer.load import load_for_inference
 
-    proc = cli("generate", str(run_dir.output_dir), "--prompt", "What is the answer 3?", "--max-new-tokens", "6",
-               "--precision", "bf16")
+    proc = cli(
+        "generate",
+        str(run_dir.output_dir),
+        "--prompt",
+        "What is the answer 3?",
+        "--max-new-tokens",
+        "6",
+        "--precision",
+        "bf16",
+    )
     assert proc.returncode == 0, proc.stderr
     model, tok, _ = load_for_inference(str(run_dir.output_dir), dtype=torch.bfloat16)
     assert next(model.parameters()).dtype == torch.bfloat16

@@ -21,14 +21,29 @@ CORPUS = Path(__file__).resolve().parents[2] / "tunesmith" / "resources" / "corp
 def pipeline_config(tmp_path: Path, root: Path, **pipeline) -> Path:
     data = write_qa_jsonl(tmp_path / "qa.jsonl", n=32)
     cfg = {
-        "pretrain": {"corpus": [str(CORPUS)], "from_scratch": True, "hidden_size": 32, "layers": 2, "heads": 4,
-                     "intermediate_size": 64, "vocab_size": 400, "block_size": 32, "max_steps": 10, "lr": 3e-2,
-                     "batch_size": 16},
+        "pretrain": {
+            "corpus": [str(CORPUS)],
+            "from_scratch": True,
+            "hidden_size": 32,
+            "layers": 2,
+            "heads": 4,
+            "intermediate_size": 64,
+            "vocab_size": 400,
+            "block_size": 32,
+            "max_steps": 10,
+            "lr": 3e-2,
+            "batch_size": 16,
+        },
         "data": {"train": [str(data)], "format": "messages", "max_length": 64},
         "adapter": {"method": "lora", "rank": 4, "alpha": 8},
         "train": {"max_steps": 40, "save_every": 2, "keep_last": 2, "batch_size": 2, "lr": 1e-2, "progress": False},
-        "pipeline": {"output_dir": str(root), "stages": ["pretrain", "finetune", "merge", "export"],
-                     "export_quants": ["q8_0"], "verify": False, **pipeline},
+        "pipeline": {
+            "output_dir": str(root),
+            "stages": ["pretrain", "finetune", "merge", "export"],
+            "export_quants": ["q8_0"],
+            "verify": False,
+            **pipeline,
+        },
     }
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -43,7 +58,9 @@ def test_killed_pipeline_resumes_at_the_stage_and_step_where_it_stopped(tmp_path
     root = tmp_path / "pipe"
     cfg = pipeline_config(tmp_path, root)
     env = {**os.environ, "TUNESMITH_HOME": str(tmp_path / "home")}
-    proc = subprocess.Popen([EXE, "pipeline", str(cfg)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [EXE, "pipeline", str(cfg)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     ckpts = root / "finetune" / "checkpoints"
     deadline = time.time() + 300
     while not (ckpts / "step-00000004").exists():
@@ -106,15 +123,26 @@ def test_pipeline_compare_stage_compares_the_fine_tuned_run(tmp_path, tiny_model
     root = tmp_path / "pipe"
     data = write_qa_jsonl(tmp_path / "qa.jsonl", n=16)
     questions = tmp_path / "q.jsonl"
-    questions.write_text("".join(json.dumps({"question": f"What is the answer {i}?", "answer": "Quell", "fact_id": f"f{i}"}) + "\n"
-                                 for i in range(4)))
+    questions.write_text(
+        "".join(
+            json.dumps({"question": f"What is the answer {i}?", "answer": "Quell", "fact_id": f"f{i}"}) + "\n"
+            for i in range(4)
+        )
+    )
     cfg = {
         "model": {"name": str(tiny_model_dir)},
         "data": {"train": [str(data)], "max_length": 64},
         "adapter": {"method": "lora", "rank": 4, "alpha": 8},
         "train": {"max_steps": 3, "batch_size": 2, "lr": 1e-2, "progress": False},
-        "compare": {"questions": str(questions), "arms": ["base", "finetuned"], "general_questions": "",
-                    "general_text": "", "max_new_tokens": 4, "latency_samples": 1, "bootstrap": 50},
+        "compare": {
+            "questions": str(questions),
+            "arms": ["base", "finetuned"],
+            "general_questions": "",
+            "general_text": "",
+            "max_new_tokens": 4,
+            "latency_samples": 1,
+            "bootstrap": 50,
+        },
         "pipeline": {"output_dir": str(root), "stages": ["finetune", "compare"]},
     }
     path = tmp_path / "pipeline.yaml"

@@ -89,9 +89,16 @@ def test_bf16_frozen_base_run_loads_in_bf16_and_saves_a_plain_adapter(tmp_path, 
     from transformers import AutoModelForCausalLM
 
     data = write_qa_jsonl(tmp_path / "qa.jsonl")
-    cfg = load_config(write_config(tmp_path / "c.yaml", tiny_model_dir, data, tmp_path / "out",
-                                   adapter={"method": "qlora", "quant_block_size": 32},
-                                   train={"max_steps": 3, "frozen_dtype": "bf16"}))
+    cfg = load_config(
+        write_config(
+            tmp_path / "c.yaml",
+            tiny_model_dir,
+            data,
+            tmp_path / "out",
+            adapter={"method": "qlora", "quant_block_size": 32},
+            train={"max_steps": 3, "frozen_dtype": "bf16"},
+        )
+    )
     result = run_training(cfg)
     inner = result.model.get_base_model()
     assert all(p.dtype == torch.float32 for p in result.model.parameters())  # norms upcast, adapters fp32

@@ -37,8 +37,10 @@ def _chromium() -> str:
         if path := shutil.which(name):
             return path
     if os.environ.get("CI", "").lower() == "true":
-        pytest.fail("chromium is not installed, and CI must run the report's browser test "
-                    "(scripts/setup.sh --test installs it as root: apt-get install chromium)")
+        pytest.fail(
+            "chromium is not installed, and CI must run the report's browser test "
+            "(scripts/setup.sh --test installs it as root: apt-get install chromium)"
+        )
     pytest.skip("chromium not installed (apt-get install chromium); CI=true makes this a failure")
 
 
@@ -56,13 +58,26 @@ class _Browser:
             os.dup2(child_w, 4)
 
         self.proc = subprocess.Popen(
-            [exe, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-             "--remote-debugging-pipe", f"--user-data-dir={profile}", "--no-first-run",
-             f"--window-size={WIDTH},{HEIGHT}", "about:blank"],
+            [
+                exe,
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--remote-debugging-pipe",
+                f"--user-data-dir={profile}",
+                "--no-first-run",
+                f"--window-size={WIDTH},{HEIGHT}",
+                "about:blank",
+            ],
             # pass_fds would need 3 and 4 open here; instead dup2 makes them inheritable in the child,
             # and close_fds=False leaks nothing else since Python's own fds are non-inheritable.
-            close_fds=False, preexec_fn=place_fds, start_new_session=True,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            close_fds=False,
+            preexec_fn=place_fds,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         for fd in (to_r, from_w, child_r, child_w):
             os.close(fd)
         self._inbox: queue.Queue = queue.Queue()
@@ -136,8 +151,10 @@ def render(html: Path, png: Path, tmp: Path) -> dict:
         session = browser.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
         for domain in ("Page", "Runtime", "Log", "Network"):
             browser.call(f"{domain}.enable", session)
-        browser.call("Emulation.setDeviceMetricsOverride", session, width=WIDTH, height=HEIGHT,
-                     deviceScaleFactor=1, mobile=False)
+        browser.call(
+            "Emulation.setDeviceMetricsOverride", session, width=WIDTH, height=HEIGHT, deviceScaleFactor=1, mobile=False
+        )
+
         def js(expr):
             return browser.call("Runtime.evaluate", session, expression=expr, returnByValue=True)["result"].get("value")
 
@@ -161,7 +178,10 @@ def render(html: Path, png: Path, tmp: Path) -> dict:
         if ev["method"] == "Runtime.consoleAPICalled" and p["type"] in ("error", "assert"):
             errors.append("console: " + " ".join(str(a.get("value", a.get("description"))) for a in p["args"]))
         elif ev["method"] == "Runtime.exceptionThrown":
-            errors.append("exception: " + p["exceptionDetails"].get("exception", {}).get("description", p["exceptionDetails"]["text"]))
+            errors.append(
+                "exception: "
+                + p["exceptionDetails"].get("exception", {}).get("description", p["exceptionDetails"]["text"])
+            )
         elif ev["method"] == "Log.entryAdded" and p["entry"]["level"] == "error":
             errors.append(f"log: {p['entry']['text']} {p['entry'].get('url', '')}")
         elif ev["method"] == "Network.loadingFailed":
@@ -185,8 +205,16 @@ def _screenshot_is_a_page(png: Path):
 def test_report_renders_in_chromium(tmp_path):
     results = json.loads(EXAMPLE.read_text())
     hostile = '<script>console.error("xss")</script><img src=x onerror="console.error(1)">'
-    results["samples"].append({"arm": "base", "split": "seen", "question": hostile, "answer": "a & b",
-                               "prediction": "</td></table><h1>broken</h1>", "correct": False})
+    results["samples"].append(
+        {
+            "arm": "base",
+            "split": "seen",
+            "question": hostile,
+            "answer": "a & b",
+            "prediction": "</td></table><h1>broken</h1>",
+            "correct": False,
+        }
+    )
     html = write_report(results, tmp_path / "report")
     png = tmp_path / "report.png"
     page = render(html, png, tmp_path)
@@ -212,9 +240,11 @@ def test_report_renders_in_chromium(tmp_path):
 def test_harness_catches_errors_and_requests(tmp_path):
     # Negative control: a page that errs in every way the test above must notice.
     bad = tmp_path / "bad.html"
-    bad.write_text('<!doctype html><html><body><h1>bad</h1><img src="missing.png">'
-                   '<img src="http://127.0.0.1:9/x.png"><script>console.error("boom");'
-                   'throw new Error("thrown");</script></body></html>')
+    bad.write_text(
+        '<!doctype html><html><body><h1>bad</h1><img src="missing.png">'
+        '<img src="http://127.0.0.1:9/x.png"><script>console.error("boom");'
+        'throw new Error("thrown");</script></body></html>'
+    )
     page = render(bad, tmp_path / "bad.png", tmp_path)
     joined = "\n".join(page["errors"])
     assert "boom" in joined and "thrown" in joined

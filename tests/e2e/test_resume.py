@@ -16,8 +16,9 @@ EXE = os.path.join(os.path.dirname(sys.executable), "tunesmith")
 
 
 def start(cfg_path, env, *extra):
-    return subprocess.Popen([EXE, "train", str(cfg_path), *extra], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [EXE, "train", str(cfg_path), *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 @pytest.mark.parametrize("method,weights", [("lora", "adapter_model.safetensors"), ("full", "model.safetensors")])
@@ -59,6 +60,7 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path, tiny_model_dir, method, weigh
         assert (a[name] == b[name]).all(), f"{name} differs after resume"
     ref_rows = (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()
     cut_rows = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+
     def strip(rows):
         return [{k: v for k, v in json.loads(r).items() if k not in ("tok_per_s", "step_s", "elapsed_s")} for r in rows]
 

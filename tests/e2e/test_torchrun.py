@@ -27,13 +27,26 @@ def make_configs(tmp_path: Path, model_dir, method: str, strategy: str, accum: i
     """(reference config: 1 process × batch 4, distributed config: 2 processes × batch 2/accum × accum)."""
     data = write_qa_jsonl(tmp_path / "qa.jsonl", n=32)
     # lr 2e-3 for full: Adam turns a 1e-7 gradient difference into lr-sized steps on near-zero gradients
-    base = {"max_steps": 4, "save_every": 2, "eval_every": 2, "warmup_steps": 1, "lr": 1e-2 if method != "full" else 2e-3, **train}
+    base = {
+        "max_steps": 4,
+        "save_every": 2,
+        "eval_every": 2,
+        "warmup_steps": 1,
+        "lr": 1e-2 if method != "full" else 2e-3,
+        **train,
+    }
     # 6 validation rows: 3 batches of 2 over 2 ranks, so one rank pads its last eval forward
     common = {"data": {"packing": False, "val_fraction": 0.2}, "adapter": {"method": method, "dropout": 0.0}}
-    ref = write_config(tmp_path / "ref.yaml", model_dir, data, tmp_path / "ref", train={**base, "batch_size": 4}, **common)
+    ref = write_config(
+        tmp_path / "ref.yaml", model_dir, data, tmp_path / "ref", train={**base, "batch_size": 4}, **common
+    )
     dist = write_config(
-        tmp_path / "dist.yaml", model_dir, data, tmp_path / "dist",
-        train={**base, "batch_size": 2 // accum, "grad_accum": accum, "strategy": strategy}, **common,
+        tmp_path / "dist.yaml",
+        model_dir,
+        data,
+        tmp_path / "dist",
+        train={**base, "batch_size": 2 // accum, "grad_accum": accum, "strategy": strategy},
+        **common,
     )
     return ref, dist
 
@@ -66,8 +79,14 @@ def _run_group(cmd: list[str], env: dict, timeout: int) -> subprocess.CompletedP
     Workers may sit in sessions of their own (outside the group), so they are found by a marker
     in their environment; a surviving worker would hold the output pipes open forever."""
     marker = uuid.uuid4().hex
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**env, "TUNESMITH_TEST_LAUNCH": marker}, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**env, "TUNESMITH_TEST_LAUNCH": marker},
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -28,8 +28,15 @@ def test_adapter_roundtrip_through_peft(tmp_path, tiny_model_dir, method):
     cfg_path = write_config(tmp_path / "c.yaml", tiny_model_dir, data, tmp_path / "out", adapter={"method": method})
     result = run_training(load_config(cfg_path))
     out = result.output_dir
-    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tunesmith.yaml",
-                 "metrics.jsonl", "loss.png", "run.json"):
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "tokenizer.json",
+        "tunesmith.yaml",
+        "metrics.jsonl",
+        "loss.png",
+        "run.json",
+    ):
         assert (out / name).is_file(), name
     assert (out / "chat_template.jinja").is_file() or "chat_template" in (out / "tokenizer_config.json").read_text()
     expected = logits_of(result.model, result.tokenizer)
@@ -46,8 +53,9 @@ def test_full_finetune_writes_hf_dir(tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     data = write_qa_jsonl(tmp_path / "qa.jsonl")
-    cfg_path = write_config(tmp_path / "c.yaml", tiny_model_dir, data, tmp_path / "out",
-                            adapter={"method": "full"}, train={"lr": 1e-3})
+    cfg_path = write_config(
+        tmp_path / "c.yaml", tiny_model_dir, data, tmp_path / "out", adapter={"method": "full"}, train={"lr": 1e-3}
+    )
     result = run_training(load_config(cfg_path))
     assert (result.output_dir / "model.safetensors").is_file()
     assert not (result.output_dir / "adapter_config.json").exists()
@@ -64,12 +72,20 @@ def test_cli_train_learns_and_logs(tmp_path, tiny_model_dir):
     SmolLM2 tier shows LoRA learning)."""
     data = write_qa_jsonl(tmp_path / "qa.jsonl", n=32)
     out = tmp_path / "out"
-    cfg_path = write_config(tmp_path / "c.yaml", tiny_model_dir, data, out,
-                            adapter={"method": "full"}, data={"val_fraction": 0.25},
-                            train={"max_steps": 40, "lr": 5e-3, "eval_every": 20, "save_every": 20})
+    cfg_path = write_config(
+        tmp_path / "c.yaml",
+        tiny_model_dir,
+        data,
+        out,
+        adapter={"method": "full"},
+        data={"val_fraction": 0.25},
+        train={"max_steps": 40, "lr": 5e-3, "eval_every": 20, "save_every": 20},
+    )
     env = {**os.environ, "TUNESMITH_HOME": str(tmp_path / "home")}
     exe = os.path.join(os.path.dirname(sys.executable), "tunesmith")
-    proc = subprocess.run([exe, "train", str(cfg_path), "train.weight_decay=0.01"], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [exe, "train", str(cfg_path), "train.weight_decay=0.01"], capture_output=True, text=True, env=env, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]

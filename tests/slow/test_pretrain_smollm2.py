@@ -18,10 +18,24 @@ def test_continued_pretraining_lowers_smollm2_perplexity_on_domain_text(tmp_path
     out = tmp_path / "cpt"
     env = {**os.environ, "TUNESMITH_HOME": str(slow_home), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
-        [EXE, "pretrain", f"pretrain.corpus={CORPUS}", "pretrain.method=lora", "pretrain.block_size=128",
-         "pretrain.val_fraction=0.1", "pretrain.max_steps=6", "pretrain.lr=2e-3", "pretrain.batch_size=2",
-         "train.warmup_steps=1", "train.progress=false", f"train.output_dir={out}"],
-        capture_output=True, text=True, env=env, timeout=900,
+        [
+            EXE,
+            "pretrain",
+            f"pretrain.corpus={CORPUS}",
+            "pretrain.method=lora",
+            "pretrain.block_size=128",
+            "pretrain.val_fraction=0.1",
+            "pretrain.max_steps=6",
+            "pretrain.lr=2e-3",
+            "pretrain.batch_size=2",
+            "train.warmup_steps=1",
+            "train.progress=false",
+            f"train.output_dir={out}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "pretrain.json").read_text())

@@ -53,9 +53,18 @@ def test_quickstart_learns_the_knowledge_base(quickstart_run, slow_home):
     assert "heldout" in proc.stdout and "before" in proc.stdout
     assert (out / "adapter_model.safetensors").is_file()
     # the run dir chats: generate answers a held-out question with the trained fact
-    q = next(r for r in result["answers"] if r["split"] == "heldout" and r["after"] and r["answer"].lower() in r["after"].lower())
-    gen = subprocess.run([EXE, "generate", str(out), "--prompt", q["question"], "--max-new-tokens", "32"],
-                         capture_output=True, text=True, env=env, timeout=600)
+    q = next(
+        r
+        for r in result["answers"]
+        if r["split"] == "heldout" and r["after"] and r["answer"].lower() in r["after"].lower()
+    )
+    gen = subprocess.run(
+        [EXE, "generate", str(out), "--prompt", q["question"], "--max-new-tokens", "32"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert gen.returncode == 0, gen.stderr
     assert gen.stdout.strip() == q["after"]
 

@@ -60,6 +60,7 @@ def test_bf16_compute_trains_like_fp32(tiny_tokenizer, method, monkeypatch):
             calls[kind] += 1
             assert all(a.dtype == torch.bfloat16 for a in args[:2])  # the node computes in bf16
             return original(*args)
+
         return apply
 
     monkeypatch.setattr(LoraLinearFn, "apply", counted("lora", lora_apply))
@@ -157,11 +158,19 @@ def test_auto_run_on_bf16_hardware_trains_in_bf16(tmp_path, tiny_model_dir, monk
     losses = {}
     for units in ("0", "1"):
         monkeypatch.setenv("TUNESMITH_BF16_UNITS", units)
-        cfg = write_config(tmp_path / f"c{units}.yaml", tiny_model_dir, data, tmp_path / f"out{units}",
-                           adapter={"method": "lora"}, train={"max_steps": 6, "lr": 1e-3})
+        cfg = write_config(
+            tmp_path / f"c{units}.yaml",
+            tiny_model_dir,
+            data,
+            tmp_path / f"out{units}",
+            adapter={"method": "lora"},
+            train={"max_steps": 6, "lr": 1e-3},
+        )
         result = run_training(load_config(cfg))
         summary = json.loads((result.output_dir / "run.json").read_text())
-        assert (summary["precision"], summary["frozen_dtype"]) == (("bf16", "bf16") if units == "1" else ("fp32", "fp32"))
+        assert (summary["precision"], summary["frozen_dtype"]) == (
+            ("bf16", "bf16") if units == "1" else ("fp32", "fp32")
+        )
         losses[units] = summary["final_train_loss"]
     assert losses["1"] == pytest.approx(losses["0"], rel=2e-2)  # the "no worse within 2%"
 

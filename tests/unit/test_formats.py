@@ -31,12 +31,21 @@ CASES = {
             {"messages": [msg(U, "Hi"), msg(A, "Hello")]},
             {"messages": [msg(S, "Terse."), msg(U, "Q?"), msg(A, "A."), msg(U, "More?"), msg(A, "No.")]},
         ],
-        [[msg(U, "Hi"), msg(A, "Hello")], [msg(S, "Terse."), msg(U, "Q?"), msg(A, "A."), msg(U, "More?"), msg(A, "No.")]],
+        [
+            [msg(U, "Hi"), msg(A, "Hello")],
+            [msg(S, "Terse."), msg(U, "Q?"), msg(A, "A."), msg(U, "More?"), msg(A, "No.")],
+        ],
     ),
     "sharegpt": (
         [
             {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
-            {"conversations": [{"from": "system", "value": "Terse."}, {"from": "user", "value": "Q?"}, {"from": "model", "value": "A."}]},
+            {
+                "conversations": [
+                    {"from": "system", "value": "Terse."},
+                    {"from": "user", "value": "Q?"},
+                    {"from": "model", "value": "A."},
+                ]
+            },
         ],
         [[msg(U, "Hi"), msg(A, "Hello")], [msg(S, "Terse."), msg(U, "Q?"), msg(A, "A.")]],
     ),
@@ -44,7 +53,10 @@ CASES = {
         [{"prompt": "2+2=", "completion": "4"}, {"prompt": "Capital of Zorbia?", "completion": "Quell"}],
         [[msg(U, "2+2="), msg(A, "4")], [msg(U, "Capital of Zorbia?"), msg(A, "Quell")]],
     ),
-    "text": ([{"text": "The quick brown fox."}, {"text": "Line one\nline two"}], ["The quick brown fox.", "Line one\nline two"]),
+    "text": (
+        [{"text": "The quick brown fox."}, {"text": "Line one\nline two"}],
+        ["The quick brown fox.", "Line one\nline two"],
+    ),
 }
 
 
@@ -139,23 +151,88 @@ GOOD = json.dumps({"instruction": "a", "output": "b"})
 
 # (file name, file bytes, format, what the one-line message must contain after "file:")
 BAD = [
-    ("train.jsonl", f"{GOOD}\n{GOOD}\n" + '{"instruction": "a" "output": "b"}\n', "auto", ":3: not valid JSON (Expecting ',' delimiter)"),
-    ("train.jsonl", f'{GOOD}\n{{"instruction": "a"}}\n', "alpaca", ':2: missing field "output" (format alpaca expects instruction, output)'),
-    ("train.jsonl", f'{GOOD}\n{{"instruction": "a"}}\n', "auto", ":2: missing field \"output\""),
-    ("train.jsonl", f'{GOOD}\n\n{{"instruction": "a", "output": ["x"]}}\n', "auto", ':3: field "output" must be a string, got list'),
+    (
+        "train.jsonl",
+        f"{GOOD}\n{GOOD}\n" + '{"instruction": "a" "output": "b"}\n',
+        "auto",
+        ":3: not valid JSON (Expecting ',' delimiter)",
+    ),
+    (
+        "train.jsonl",
+        f'{GOOD}\n{{"instruction": "a"}}\n',
+        "alpaca",
+        ':2: missing field "output" (format alpaca expects instruction, output)',
+    ),
+    ("train.jsonl", f'{GOOD}\n{{"instruction": "a"}}\n', "auto", ':2: missing field "output"'),
+    (
+        "train.jsonl",
+        f'{GOOD}\n\n{{"instruction": "a", "output": ["x"]}}\n',
+        "auto",
+        ':3: field "output" must be a string, got list',
+    ),
     ("train.jsonl", f"{GOOD}\n[1, 2]\n", "auto", ":2: expected a JSON object (one record), got list"),
     ("x.jsonl", '{"a": 1, "b": 2}\n', "auto", ":1: cannot detect the format from keys [a, b]; expected one of alpaca"),
-    ("x.jsonl", json.dumps({"messages": [msg(U, "q"), msg(U, "again")]}) + "\n", "auto", ":1: conversation has no assistant message"),
-    ("x.jsonl", json.dumps({"messages": [msg(U, "q"), msg("tool", "r"), msg(A, "a")]}) + "\n", "auto", ':1: message 2 has role "tool"; expected system, user, assistant'),
-    ("x.jsonl", json.dumps({"messages": [msg(U, "q"), {"role": A, "content": 3}]}) + "\n", "auto", ':1: message 2 field "content" must be a string, got number'),
-    ("x.jsonl", json.dumps({"messages": []}) + "\n", "auto", ':1: field "messages" must be a non-empty list of messages, got an empty list'),
-    ("x.jsonl", json.dumps({"conversations": [{"from": "bot", "value": "x"}]}) + "\n", "auto", ':1: message 1 has from "bot"; expected system, human'),
-    ("x.jsonl", f"{GOOD}\n".encode() + b'{"instruction": "caf\xe9", "output": "x"}\n', "auto", ":2: not UTF-8 text (byte 0xe9)"),
-    ("x.json", '[\n  {"prompt": "a", "completion": "b"},\n  {"prompt": "a", "completion": 5}\n]', "auto", ':3: field "completion" must be a string, got number'),
+    (
+        "x.jsonl",
+        json.dumps({"messages": [msg(U, "q"), msg(U, "again")]}) + "\n",
+        "auto",
+        ":1: conversation has no assistant message",
+    ),
+    (
+        "x.jsonl",
+        json.dumps({"messages": [msg(U, "q"), msg("tool", "r"), msg(A, "a")]}) + "\n",
+        "auto",
+        ':1: message 2 has role "tool"; expected system, user, assistant',
+    ),
+    (
+        "x.jsonl",
+        json.dumps({"messages": [msg(U, "q"), {"role": A, "content": 3}]}) + "\n",
+        "auto",
+        ':1: message 2 field "content" must be a string, got number',
+    ),
+    (
+        "x.jsonl",
+        json.dumps({"messages": []}) + "\n",
+        "auto",
+        ':1: field "messages" must be a non-empty list of messages, got an empty list',
+    ),
+    (
+        "x.jsonl",
+        json.dumps({"conversations": [{"from": "bot", "value": "x"}]}) + "\n",
+        "auto",
+        ':1: message 1 has from "bot"; expected system, human',
+    ),
+    (
+        "x.jsonl",
+        f"{GOOD}\n".encode() + b'{"instruction": "caf\xe9", "output": "x"}\n',
+        "auto",
+        ":2: not UTF-8 text (byte 0xe9)",
+    ),
+    (
+        "x.json",
+        '[\n  {"prompt": "a", "completion": "b"},\n  {"prompt": "a", "completion": 5}\n]',
+        "auto",
+        ':3: field "completion" must be a string, got number',
+    ),
     ("x.json", '[\n  {"prompt": "a", "completion": "b"},\n  {"prompt": "a",, }\n]', "auto", ":3: not valid JSON"),
-    ("x.json", '[\n  {"text": "a"},\n  "just a string"\n]', "auto", ":3: expected a JSON object (one record), got string"),
-    ("data.csv", "instruction,output\na,b\nc,d\ne,f,g\n", "auto", ":4: expected 2 columns (instruction, output), got 3"),
-    ("data.csv", "instruction,response\na,b\n", "alpaca", ':2: missing field "output" (format alpaca expects instruction, output)'),
+    (
+        "x.json",
+        '[\n  {"text": "a"},\n  "just a string"\n]',
+        "auto",
+        ":3: expected a JSON object (one record), got string",
+    ),
+    (
+        "data.csv",
+        "instruction,output\na,b\nc,d\ne,f,g\n",
+        "auto",
+        ":4: expected 2 columns (instruction, output), got 3",
+    ),
+    (
+        "data.csv",
+        "instruction,response\na,b\n",
+        "alpaca",
+        ':2: missing field "output" (format alpaca expects instruction, output)',
+    ),
     ("data.csv", "instruction,output\na,b\nc,\n", "auto", ':3: missing field "output"'),
     ("data.csv", 'messages\n"[{""role"": ""user""}"\n', "auto", ':2: field "messages" is not valid JSON'),
 ]

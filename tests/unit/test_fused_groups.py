@@ -181,8 +181,13 @@ def spy_joined(monkeypatch) -> list:
 
     taken = []
     joined = fg._joined
-    monkeypatch.setattr(fg, "_joined", lambda grads, sizes, like: taken.append(
-        (len(sizes), (out := joined(grads, sizes, like)).data_ptr() == grads[0].data_ptr())) or out)
+    monkeypatch.setattr(
+        fg,
+        "_joined",
+        lambda grads, sizes, like: (
+            taken.append((len(sizes), (out := joined(grads, sizes, like)).data_ptr() == grads[0].data_ptr())) or out
+        ),
+    )
     return taken
 
 

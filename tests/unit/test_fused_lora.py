@@ -96,5 +96,7 @@ def test_embedding_gradient_into_grad_matches_autograd(tiny_tokenizer, tie):
             loss_sum.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name in grads[1]:
-        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}"
+        )
     assert grads[0]["model.embed_tokens.weight"].abs().sum() > 0

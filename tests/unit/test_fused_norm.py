@@ -54,7 +54,7 @@ def test_bf16_autocast_output_is_bf16_rounded_once(stream):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = norm(x.requires_grad_())
     assert got.dtype == torch.bfloat16
-    torch.testing.assert_close(got.float(), want, atol=0, rtol=2 ** -8)  # one bf16 rounding
+    torch.testing.assert_close(got.float(), want, atol=0, rtol=2**-8)  # one bf16 rounding
     got.float().sum().backward()
     assert x.grad.dtype == stream
 

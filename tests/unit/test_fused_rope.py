@@ -34,8 +34,12 @@ def _inputs(dtype=torch.float64, heads=4, kv=2, dim=8, n=12):
 def _reference(q, k, v, cos, sin, scale):
     qr, kr = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
     vt = v.transpose(1, 2)
-    parts = [F.scaled_dot_product_attention(qr[:, :, s:e], kr[:, :, s:e], vt[:, :, s:e], is_causal=True,
-                                            scale=scale, enable_gqa=True) for s, e in SEGMENTS]
+    parts = [
+        F.scaled_dot_product_attention(
+            qr[:, :, s:e], kr[:, :, s:e], vt[:, :, s:e], is_causal=True, scale=scale, enable_gqa=True
+        )
+        for s, e in SEGMENTS
+    ]
     return torch.cat(parts, dim=2).transpose(1, 2)
 
 

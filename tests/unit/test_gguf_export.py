@@ -38,14 +38,27 @@ def make_model_dir(path, arch="llama", tie=True, seed=0):
         Qwen2ForCausalLM,
     )
 
-    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
-               "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+    classes = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "mistral": (MistralConfig, MistralForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    }
     config_cls, model_cls = classes[arch]
     tok = make_tokenizer()
     torch.manual_seed(seed)
-    cfg = config_cls(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                     tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg = config_cls(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     model = model_cls(cfg).float().eval()
     if arch == "qwen2":  # random-init biases are zero; make them count
         for name, p in model.named_parameters():
@@ -88,7 +101,11 @@ def test_f32_roundtrip(tmp_path, model64):
     meta, tensors = fields(out)
     tok = AutoTokenizer.from_pretrained(model64)
     assert meta["general.architecture"] == "llama" and meta["general.file_type"] == 0
-    assert (meta["llama.block_count"], meta["llama.embedding_length"], meta["llama.feed_forward_length"]) == (2, 64, 128)
+    assert (meta["llama.block_count"], meta["llama.embedding_length"], meta["llama.feed_forward_length"]) == (
+        2,
+        64,
+        128,
+    )
     assert (meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]) == (4, 2)
     assert meta["llama.context_length"] == 256 and meta["llama.rope.dimension_count"] == 16
     assert meta["llama.vocab_size"] == len(tok) == len(meta["tokenizer.ggml.tokens"])
@@ -173,8 +190,12 @@ def test_tensor_types():
 def render_go(template, system, prompt):
     """Just enough of Go's text/template for the templates we write: if/else on .System."""
     text = template.split("{{ .Response }}")[0]
-    text = re.sub(r"\{\{ if \.System \}\}(.*?)(?:\{\{ else \}\}(.*?))?\{\{ end \}\}",
-                  lambda m: m.group(1) if system else (m.group(2) or ""), text, flags=re.S)
+    text = re.sub(
+        r"\{\{ if \.System \}\}(.*?)(?:\{\{ else \}\}(.*?))?\{\{ end \}\}",
+        lambda m: m.group(1) if system else (m.group(2) or ""),
+        text,
+        flags=re.S,
+    )
     return text.replace("{{ .System }}", system or "").replace("{{ .Prompt }}", prompt)
 
 
@@ -199,8 +220,14 @@ def test_run_dir_cli_export_with_modelfile(tmp_path, model64, capsys):
     from tunesmith.train.loop import run_training
 
     data = write_qa_jsonl(tmp_path / "qa.jsonl")
-    cfg = write_config(tmp_path / "c.yaml", model64, data, tmp_path / "run", train={"max_steps": 3},
-                       data={"system_prompt": "Answer briefly."})
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        model64,
+        data,
+        tmp_path / "run",
+        train={"max_steps": 3},
+        data={"system_prompt": "Answer briefly."},
+    )
     run = run_training(load_config(cfg)).output_dir
     assert main(["export", str(run), "--format", "gguf", "--quant", "f32"]) == 0
     out = run / "export" / "model-f32.gguf"

@@ -25,13 +25,16 @@ def wheres(report, kind):
 
 
 def test_duplicates_exact_and_near(tmp_path):
-    data = write(tmp_path / "d.jsonl", [
-        qa("Who built the harbour?", LONG),
-        qa("who built the harbour ?", LONG + " "),  # same after normalisation → exact
-        qa("Who built the harbour?", LONG.replace("winter", "spring")),  # one word of 19 → near
-        qa("What is the capital of Zorbia?", "Quell, on the river Vant."),
-        qa("What is the capital of Vantor?", "Moon City, by the sea."),  # same template, other facts
-    ])
+    data = write(
+        tmp_path / "d.jsonl",
+        [
+            qa("Who built the harbour?", LONG),
+            qa("who built the harbour ?", LONG + " "),  # same after normalisation → exact
+            qa("Who built the harbour?", LONG.replace("winter", "spring")),  # one word of 19 → near
+            qa("What is the capital of Zorbia?", "Quell, on the river Vant."),
+            qa("What is the capital of Vantor?", "Moon City, by the sea."),  # same template, other facts
+        ],
+    )
     report = check([data])
     assert wheres(report, "exact_duplicate") == ["2"]
     assert wheres(report, "near_duplicate") == ["3"]
@@ -40,15 +43,21 @@ def test_duplicates_exact_and_near(tmp_path):
 
 
 def test_leakage_exact_and_near(tmp_path):
-    train = write(tmp_path / "t.jsonl", [
-        qa("What is the capital of Zorbia?", "Quell."),
-        qa(LONG + "?", "yes"),
-        qa("Something unrelated entirely", "no"),
-    ])
-    evals = write(tmp_path / "e.jsonl", [
-        qa("what is the capital of zorbia", "Quell"),
-        qa(LONG.replace("winter", "spring") + "?", "yes"),  # one 3-gram of 17 differs
-    ])
+    train = write(
+        tmp_path / "t.jsonl",
+        [
+            qa("What is the capital of Zorbia?", "Quell."),
+            qa(LONG + "?", "yes"),
+            qa("Something unrelated entirely", "no"),
+        ],
+    )
+    evals = write(
+        tmp_path / "e.jsonl",
+        [
+            qa("what is the capital of zorbia", "Quell"),
+            qa(LONG.replace("winter", "spring") + "?", "yes"),  # one 3-gram of 17 differs
+        ],
+    )
     report = check([train], [evals])
     assert wheres(report, "leakage_exact") == ["1"]
     assert wheres(report, "leakage_near") == ["2"]
@@ -56,14 +65,17 @@ def test_leakage_exact_and_near(tmp_path):
 
 
 def test_empty_answers_and_encoding(tmp_path):
-    data = write(tmp_path / "d.jsonl", [
-        qa("q1", "   "),
-        qa("Café in UTF-8 read as Latin-1: CafÃ©", "ok"),
-        qa("smart quote gone wrong: itâ€™s", "ok"),
-        qa("replacement \ufffd char", "ok"),
-        qa("bell \x07 inside", "ok"),
-        qa("clean text, tabs\tand\nnewlines are fine", "ok"),
-    ])
+    data = write(
+        tmp_path / "d.jsonl",
+        [
+            qa("q1", "   "),
+            qa("Café in UTF-8 read as Latin-1: CafÃ©", "ok"),
+            qa("smart quote gone wrong: itâ€™s", "ok"),
+            qa("replacement \ufffd char", "ok"),
+            qa("bell \x07 inside", "ok"),
+            qa("clean text, tabs\tand\nnewlines are fine", "ok"),
+        ],
+    )
     report = check([data])
     assert wheres(report, "empty_answer") == ["1"]
     assert wheres(report, "encoding") == ["2", "3", "4", "5"]
@@ -82,8 +94,9 @@ def test_invalid_utf8_is_one_line_with_every_bad_line(tmp_path):
 
 
 def test_token_lengths_and_over_max_length(tmp_path, tiny_tokenizer):
-    data = write(tmp_path / "d.jsonl", [qa(f"question {i}?", "short answer") for i in range(9)]
-                 + [qa("long " * 80, "x")])
+    data = write(
+        tmp_path / "d.jsonl", [qa(f"question {i}?", "short answer") for i in range(9)] + [qa("long " * 80, "x")]
+    )
     report = check([data], tokenizer=tiny_tokenizer, max_length=32)
     lengths = report["lengths"]
     assert lengths["unit"] == "tokens" and lengths["n"] == 10

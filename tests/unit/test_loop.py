@@ -14,8 +14,15 @@ from tunesmith.train.loop import RowStream, lr_factor, run_training
 def train_once(tmp_path, model_dir, name, **train) -> dict:
     data = write_qa_jsonl(tmp_path / "qa.jsonl", n=40)
     settings = {"max_steps": 1, "lr": 1e-2, "warmup_steps": 0, "warmup_ratio": 0.0, **train}
-    cfg = write_config(tmp_path / f"{name}.yaml", model_dir, data, tmp_path / name,
-                       adapter={"method": "full"}, data={"max_length": 48}, train=settings)
+    cfg = write_config(
+        tmp_path / f"{name}.yaml",
+        model_dir,
+        data,
+        tmp_path / name,
+        adapter={"method": "full"},
+        data={"max_length": 48},
+        train=settings,
+    )
     run_training(load_config(cfg))
     return load_file(tmp_path / name / "model.safetensors")
 
@@ -33,7 +40,7 @@ def test_grad_accumulation_equals_one_big_batch(tiny_tokenizer):
     rows = []
     for n, k in zip(lengths, answer):
         ids = torch.randint(3, len(tiny_tokenizer), (n,)).tolist()
-        rows.append(Row(ids, [-100] * (n - k) + ids[n - k:], list(range(n))))
+        rows.append(Row(ids, [-100] * (n - k) + ids[n - k :], list(range(n))))
     model = make_tiny_model(len(tiny_tokenizer))
     trainer = LossModule(model)
 

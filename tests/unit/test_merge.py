@@ -24,9 +24,15 @@ def runs(tmp_path_factory, tiny_model_dir):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TUNESMITH_HOME", str(root / "home"))
         for method in ("lora", "dora"):
-            cfg = write_config(root / f"{method}.yaml", tiny_model_dir, data, root / method,
-                               adapter={"method": method}, train={"max_steps": 3},
-                               data={"system_prompt": "Answer briefly."})
+            cfg = write_config(
+                root / f"{method}.yaml",
+                tiny_model_dir,
+                data,
+                root / method,
+                adapter={"method": method},
+                train={"max_steps": 3},
+                data={"system_prompt": "Answer briefly."},
+            )
             out[method] = run_training(load_config(cfg)).output_dir
     return out
 

@@ -65,8 +65,13 @@ def test_collate_right_pads():
 CONVERSATIONS = [
     [("user", "What is the capital of Zorbia?"), ("assistant", "The capital of Zorbia is Quell.")],
     [("user", "Hi"), ("assistant", "42")],
-    [("system", "Answer briefly."), ("user", "How many moons does Vantor have?"), ("assistant", "Three."),
-     ("user", "Who founded the Lumen Guild?"), ("assistant", "It was founded by Ada Marrow in 1874.")],
+    [
+        ("system", "Answer briefly."),
+        ("user", "How many moons does Vantor have?"),
+        ("assistant", "Three."),
+        ("user", "Who founded the Lumen Guild?"),
+        ("assistant", "It was founded by Ada Marrow in 1874."),
+    ],
     [("user", "The quick brown fox?"), ("assistant", "jumps over the lazy dog.")],
     [("user", "Answer briefly. What is the answer?"), ("assistant", "The answer is 42.")],
 ]

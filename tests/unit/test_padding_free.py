@@ -51,8 +51,11 @@ def test_padding_free_equals_samples_one_by_one(tiny_tokenizer, variant, monkeyp
         model = _lora(model)
     model.train()
     samples = samples_for(tiny_tokenizer, False)
-    rows = pack(samples, max(len(s.input_ids) for s in samples) + 8, PAD) if variant == "packed" \
+    rows = (
+        pack(samples, max(len(s.input_ids) for s in samples) + 8, PAD)
+        if variant == "packed"
         else unpacked(samples, PAD)
+    )
     alone = loss_and_grads(model, [collate(unpacked([s], PAD), PAD) for s in samples])
 
     previous = attach(model, varlen=True)
@@ -114,8 +117,15 @@ def test_segment_flash_node_matches_sdpa_per_segment():
     k, v = (torch.randn(1, 2, 20, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
     grad = torch.randn(1, 20, 4, 8, dtype=torch.float64)
     got = SegmentFlashFn.apply(q, k, v, segments, 0.3)
-    want = torch.cat([F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True,
-                                                     scale=0.3, enable_gqa=True) for s, e in segments], 2)
+    want = torch.cat(
+        [
+            F.scaled_dot_product_attention(
+                q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True, scale=0.3, enable_gqa=True
+            )
+            for s, e in segments
+        ],
+        2,
+    )
     want = want.transpose(1, 2)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(torch.autograd.grad(got, (q, k, v), grad), torch.autograd.grad(want, (q, k, v), grad))

@@ -29,14 +29,17 @@ def _loss_and_grads(model, batch):
     return (loss / n).item(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("adapter,train", [
-    ({"method": "full"}, {}),
-    ({"method": "lora"}, {}),
-    ({"method": "lora", "dropout": 0.05}, {"frozen_dtype": "bf16"}),  # a user's dropout; a bf16-stored base
-    ({"method": "dora"}, {}),
-    ({"method": "qlora"}, {}),
-    ({"method": "lora"}, {"padding_free": False}),
-])
+@pytest.mark.parametrize(
+    "adapter,train",
+    [
+        ({"method": "full"}, {}),
+        ({"method": "lora"}, {}),
+        ({"method": "lora", "dropout": 0.05}, {"frozen_dtype": "bf16"}),  # a user's dropout; a bf16-stored base
+        ({"method": "dora"}, {}),
+        ({"method": "qlora"}, {}),
+        ({"method": "lora"}, {"padding_free": False}),
+    ],
+)
 def test_loop_and_fit_prepare_the_same_model(tmp_path, tiny_model_dir, adapter, train):
     data = write_qa_jsonl(tmp_path / "qa.jsonl")
     path = write_config(tmp_path / "c.yaml", tiny_model_dir, data, tmp_path / "run", adapter=adapter, train=train)

@@ -84,12 +84,15 @@ def test_blocks_split_evenly_and_rows_read_the_memmap():
     assert textdata.bits_per_byte(math.log(2), {"n_tokens": 10, "n_bytes": 40}) == pytest.approx(0.25)
 
 
-@pytest.mark.parametrize("content,needle", [
-    (b"", "corpus is empty"),
-    (b"\n\n", "corpus is empty"),
-    (b"text\0with a NUL", "looks binary (a NUL byte at byte 4)"),
-    (b"caf\xe9 latin-1", "looks binary (invalid UTF-8 at byte 3)"),
-])
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        (b"", "corpus is empty"),
+        (b"\n\n", "corpus is empty"),
+        (b"text\0with a NUL", "looks binary (a NUL byte at byte 4)"),
+        (b"caf\xe9 latin-1", "looks binary (invalid UTF-8 at byte 3)"),
+    ],
+)
 def test_bad_corpus_files_are_one_line_errors(tmp_path, tiny_tokenizer, content, needle):
     f = tmp_path / "a.txt"
     f.write_bytes(content)
@@ -115,14 +118,17 @@ def test_bad_corpus_paths_and_jsonl(tmp_path, tiny_tokenizer):
         textdata.split_blocks(100, 64, 0.1)
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("pretrain.preset=huge", "pretrain.preset"),
-    ("pretrain.vocab_size=100", "pretrain.vocab_size"),
-    ("pretrain.val_fraction=0", "pretrain.val_fraction"),
-    ("pretrain.hidden_size=30", "pretrain.heads"),
-    ("pipeline.stages=[finetune,deploy]", "pipeline.stages"),
-    ("pipeline.export_quants=[q2_k]", "pipeline.export_quants"),
-])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("pretrain.preset=huge", "pretrain.preset"),
+        ("pretrain.vocab_size=100", "pretrain.vocab_size"),
+        ("pretrain.val_fraction=0", "pretrain.val_fraction"),
+        ("pretrain.hidden_size=30", "pretrain.heads"),
+        ("pipeline.stages=[finetune,deploy]", "pipeline.stages"),
+        ("pipeline.export_quants=[q2_k]", "pipeline.export_quants"),
+    ],
+)
 def test_bad_pretrain_and_pipeline_keys(override, needle):
     extra = ["pretrain.heads=4"] if "hidden_size" in override else []
     with pytest.raises(UserError, match=needle.replace(".", r"\.")):

@@ -57,8 +57,8 @@ def test_frozen_linear_forward_backward_match_dequantized_weight():
         out = layer(x)
     ref = torch.nn.functional.linear(ref_x, q.dequantize(), bias)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
-    (out ** 2).sum().backward()
-    (ref ** 2).sum().backward()
+    (out**2).sum().backward()
+    (ref**2).sum().backward()
     torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-5, atol=1e-6)
     # the graph keeps the input only: no [48, 64] full-precision weight waits for backward
     assert torch.Size([48, 64]) not in saved and torch.Size([64, 48]) not in saved
@@ -95,7 +95,9 @@ def test_qlora_equals_lora_on_dequantized_weights():
     qlora = apply_method(copy.deepcopy(base), _lora_cfg("qlora", quant_block_size=32))
     # the same model with every quantized linear's weight replaced by its dequantized value
     ref_base = copy.deepcopy(base)
-    stored = {n: m.storage.dequantize() for n, m in qlora.get_base_model().named_modules() if isinstance(m, FrozenLinear)}
+    stored = {
+        n: m.storage.dequantize() for n, m in qlora.get_base_model().named_modules() if isinstance(m, FrozenLinear)
+    }
     assert len(stored) == 2 * 7  # q k v o gate up down in each of the 2 layers
     for name, w in stored.items():
         ref_base.get_submodule(name.replace(".base_layer", "")).weight.data = w

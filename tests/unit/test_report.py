@@ -39,7 +39,9 @@ def cells(html: str, key: str) -> list[str]:
 
 
 def images(html: str) -> list[Image.Image]:
-    return [Image.open(io.BytesIO(base64.b64decode(d))) for d in re.findall(r'src="data:image/png;base64,([^"]+)"', html)]
+    return [
+        Image.open(io.BytesIO(base64.b64decode(d))) for d in re.findall(r'src="data:image/png;base64,([^"]+)"', html)
+    ]
 
 
 def test_every_arm_split_and_claim_row_is_shown(page):
@@ -102,8 +104,12 @@ def test_hostile_strings_are_escaped(tmp_path):
     html = write_report(r, tmp_path).read_text()
     for raw in ("<script", "<img src=x", "<iframe", "<b>bold", "<run>", "<bm25>", "<i>seen", "<style>body"):
         assert raw not in html, raw
-    for shown in ("&lt;script&gt;alert(&#x27;q&#x27;)&lt;/script&gt;", "R&amp;D &lt;b&gt;bold&lt;/b&gt;",
-                  "&quot;&gt;&lt;img src=x onerror=alert(1)&gt;", "&lt;/td&gt;&lt;/tr&gt;&lt;/table&gt;&lt;iframe"):
+    for shown in (
+        "&lt;script&gt;alert(&#x27;q&#x27;)&lt;/script&gt;",
+        "R&amp;D &lt;b&gt;bold&lt;/b&gt;",
+        "&quot;&gt;&lt;img src=x onerror=alert(1)&gt;",
+        "&lt;/td&gt;&lt;/tr&gt;&lt;/table&gt;&lt;iframe",
+    ):
         assert shown in html, shown
 
 
@@ -127,8 +133,17 @@ def test_subset_of_arms_and_missing_sections(tmp_path):
     assert len(images(html)) == 2  # two splits, no cost chart
     # A RAG arm with no retrieval rows is still shown as one that retrieves, with recall unmeasured.
     r["retrieval"] = []
-    r["samples"] = [{"arm": "rag", "split": "seen", "question": "q", "answer": "a", "prediction": "p",
-                     "correct": False, "retrieved": ["chunk"]}]
+    r["samples"] = [
+        {
+            "arm": "rag",
+            "split": "seen",
+            "question": "q",
+            "answer": "a",
+            "prediction": "p",
+            "correct": False,
+            "retrieved": ["chunk"],
+        }
+    ]
     html = render_html(r)
     assert "recall not measured" in cells(html, "claim-transparency")[3]
     assert "No retrieval measured" in html

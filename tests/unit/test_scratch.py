@@ -93,7 +93,9 @@ def test_loss_keeps_its_buffers_only_while_the_head_is_frozen():
     assert not kept()  # full fine-tuning: its peak is weights, gradients and optimizer state
 
 
-@pytest.mark.parametrize("in_dtype, out_dtype", [(torch.float32, None), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize(
+    "in_dtype, out_dtype", [(torch.float32, None), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)]
+)
 def test_norm_over_reused_buffers_equals_fresh_tensors_and_returns_none_of_them(in_dtype, out_dtype):
     torch.manual_seed(0)
     weight = torch.randn(24, requires_grad=True)

@@ -65,13 +65,20 @@ def test_loss_only_on_the_answer_and_end_of_turn(tiny_tokenizer):
 
 
 def test_every_assistant_turn_is_trained(tiny_tokenizer):
-    ex = chat(("s", "Answer briefly."), ("u", "How many moons does Vantor have?"), ("a", "Three."),
-              ("u", "Who founded the Lumen Guild?"), ("a", "Ada Marrow, in 1874."))
+    ex = chat(
+        ("s", "Answer briefly."),
+        ("u", "How many moons does Vantor have?"),
+        ("a", "Three."),
+        ("u", "Who founded the Lumen Guild?"),
+        ("a", "Ada Marrow, in 1874."),
+    )
     assert learnt(tiny_tokenizer, tokens(tiny_tokenizer, ex)) == ["Three.<|im_end|>", "Ada Marrow, in 1874.<|im_end|>"]
 
 
 def test_answer_that_repeats_the_prompt_is_found_in_its_own_turn(tiny_tokenizer):
-    ex = chat(("u", "Say: the answer is 42"), ("a", "the answer is 42"), ("u", "the answer is 42"), ("a", "the answer is 42"))
+    ex = chat(
+        ("u", "Say: the answer is 42"), ("a", "the answer is 42"), ("u", "the answer is 42"), ("a", "the answer is 42")
+    )
     sample = tokens(tiny_tokenizer, ex)
     assert learnt(tiny_tokenizer, sample) == ["the answer is 42<|im_end|>"] * 2
     starts = [i for i, t in enumerate(sample.input_ids) if t == tiny_tokenizer.convert_tokens_to_ids("<|im_start|>")]
@@ -97,7 +104,9 @@ def test_smollm2_template_with_injected_system_prompt(tiny_tokenizer):
     tiny_tokenizer.chat_template = SMOLLM2
     ex = chat(("u", "What is 2+2?"), ("a", "4"), ("u", "And 3+3?"), ("a", "6"))
     sample = tokens(tiny_tokenizer, ex)
-    assert tiny_tokenizer.decode(sample.input_ids).startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert tiny_tokenizer.decode(sample.input_ids).startswith(
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM"
+    )
     assert learnt(tiny_tokenizer, sample) == ["4<|im_end|>", "6<|im_end|>"]
     # an assistant-first conversation (no prompt at all) still finds its answer after the injection
     assert learnt(tiny_tokenizer, tokens(tiny_tokenizer, chat(("a", "Hello")))) == ["Hello<|im_end|>"]
@@ -116,7 +125,9 @@ def test_template_that_rewrites_content_is_a_user_error(tiny_tokenizer):
     with pytest.raises(UserError, match=r"d\.jsonl:1: the chat template does not write assistant message 2 verbatim"):
         tokens(tiny_tokenizer, chat(("u", "q"), ("a", "answer")))
     tiny_tokenizer.chat_template = "{{ raise_exception('Conversation roles must alternate') }}"
-    with pytest.raises(UserError, match=r"d\.jsonl:1: the chat template rejected this conversation \(Conversation roles"):
+    with pytest.raises(
+        UserError, match=r"d\.jsonl:1: the chat template rejected this conversation \(Conversation roles"
+    ):
         tokens(tiny_tokenizer, chat(("u", "q"), ("a", "answer")))
 
 

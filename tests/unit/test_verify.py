@@ -49,7 +49,9 @@ def test_f32_gguf_is_the_pytorch_model(ggufs, reference):
 
 def test_q8_0_perplexity_within_2_percent(ggufs, reference):
     model, tok = reference
-    result = verify_gguf(ggufs["q8_0"], model, tok, PROMPTS[:2], [eval_ids(tok, max_tokens=eval_budget(model))], quant="q8_0")
+    result = verify_gguf(
+        ggufs["q8_0"], model, tok, PROMPTS[:2], [eval_ids(tok, max_tokens=eval_budget(model))], quant="q8_0"
+    )
     assert result["ppl_ratio"] < 1.02 and result["passed"]
 
 
@@ -98,5 +100,7 @@ def test_cli_export_verifies_and_reports(tmp_path, model64, capsys, monkeypatch)
     assert report["verified"] is False and "passed" not in report
 
     capsys.readouterr()
-    assert main(["export", str(model64), "--out", str(tmp_path / "x.gguf"), "--eval-text", str(tmp_path / "no.txt")]) == 2
+    assert (
+        main(["export", str(model64), "--out", str(tmp_path / "x.gguf"), "--eval-text", str(tmp_path / "no.txt")]) == 2
+    )
     assert "--eval-text" in capsys.readouterr().err and not (tmp_path / "x.gguf").exists()

@@ -37,12 +37,26 @@ import torch.nn.functional as F
 
 # The 16 NF4 levels: quantiles of N(0, 1) scaled to [-1, 1], with an exact zero (QLoRA, Dettmers
 # et al. 2023; the same constants as bitsandbytes).
-NF4_LEVELS = torch.tensor([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171638489,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-])
+NF4_LEVELS = torch.tensor(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171638489,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ]
+)
 _MIDPOINTS = (NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2
 # byte → (level of high nibble, level of low nibble): one gather dequantizes two weights.
 _PAIR_LUT = torch.stack([NF4_LEVELS.repeat_interleave(16), NF4_LEVELS.repeat(16)], dim=1)
@@ -274,8 +288,7 @@ def _replace(model, name: str, new) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def compress_frozen(model, linear: str | None, embeddings: str | None, block_size: int = 64,
-                    double_quant: bool = True):
+def compress_frozen(model, linear: str | None, embeddings: str | None, block_size: int = 64, double_quant: bool = True):
     """Swap frozen layers for stored ones in place (see the module docstring); returns model."""
     head = model.get_output_embeddings()
     embed = model.get_input_embeddings()
@@ -283,7 +296,9 @@ def compress_frozen(model, linear: str | None, embeddings: str | None, block_siz
         for name, module in list(model.named_modules()):
             # Exact type: subclasses may do more in forward than a matmul (and the head is separate).
             if type(module) is torch.nn.Linear and module is not head:
-                _replace(model, name, FrozenLinear(_store(module.weight, linear, block_size, double_quant), module.bias))
+                _replace(
+                    model, name, FrozenLinear(_store(module.weight, linear, block_size, double_quant), module.bias)
+                )
                 module.weight = None  # let the full-precision copy go now, not when the loop ends
     if embeddings and type(embed) is torch.nn.Embedding:
         storage = _store(embed.weight, embeddings, block_size, double_quant)
@@ -292,7 +307,9 @@ def compress_frozen(model, linear: str | None, embeddings: str | None, block_siz
         if tied and type(head) is torch.nn.Linear:
             model.set_output_embeddings(FrozenLinear(storage, head.bias))
         elif type(head) is torch.nn.Linear:
-            model.set_output_embeddings(FrozenLinear(_store(head.weight, embeddings, block_size, double_quant), head.bias))
+            model.set_output_embeddings(
+                FrozenLinear(_store(head.weight, embeddings, block_size, double_quant), head.bias)
+            )
     for param in model.parameters():
         param.requires_grad_(False)
     return model

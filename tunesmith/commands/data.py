@@ -20,8 +20,12 @@ def add_arguments(p) -> None:
     p.add_argument("--eval", nargs="+", default=[], help="evaluation files, checked for leakage from the training data")
     p.add_argument("--config", help="take model, format, max_length, system prompt and template from this YAML")
     p.add_argument("--model", help="tokenizer for token lengths (default: the config's model.name)")
-    p.add_argument("--max-length", type=int, default=None,
-                   help="flag samples longer than this many tokens (default: data.max_length)")
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="flag samples longer than this many tokens (default: data.max_length)",
+    )
     p.add_argument("--json", help="write the full report as JSON here")
 
 
@@ -38,8 +42,9 @@ def run(args) -> int:
         raise UserError(f"--max-length: expected a number of tokens >= 1, got {max_length}")
     tokenizer = load_tokenizer(resolve_model(model), cfg.model.trust_remote_code, cfg.model.revision)
     ensure_chat_template(tokenizer, cfg.data.chat_template)
-    report = check(args.data, args.eval, cfg.data.format, cfg.data.system_prompt, tokenizer, max_length,
-                   cfg.data.train_on_prompt)
+    report = check(
+        args.data, args.eval, cfg.data.format, cfg.data.system_prompt, tokenizer, max_length, cfg.data.train_on_prompt
+    )
     report["model"] = model
     print(summary(report))
     if args.json:

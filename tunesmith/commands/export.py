@@ -25,8 +25,12 @@ def add_arguments(p) -> None:
     p.add_argument("--quant", choices=["f32", "f16", "q8_0", "q4_0"], default="f16")
     p.add_argument("--out", help="output .gguf (default: RUN/export/model-QUANT.gguf, or ./NAME-QUANT.gguf)")
     p.add_argument("--force", action="store_true", help="replace an existing output file")
-    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
-                   help="check the GGUF in llama.cpp against the fp32 model (default: when llama_cpp is installed)")
+    p.add_argument(
+        "--verify",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="check the GGUF in llama.cpp against the fp32 model (default: when llama_cpp is installed)",
+    )
     add_eval_text(p)
 
 
@@ -51,8 +55,10 @@ def run(args) -> int:
     if verify is None:
         verify = installed
         if not verify:
-            print("tunesmith: llama-cpp-python is not installed, so the GGUF is not verified "
-                  "(pip install 'tunesmith[gguf]', or pass --no-verify to silence this)")
+            print(
+                "tunesmith: llama-cpp-python is not installed, so the GGUF is not verified "
+                "(pip install 'tunesmith[gguf]', or pass --no-verify to silence this)"
+            )
     out = export_gguf(args.model, args.out, quant=args.quant, force=args.force)
     modelfile = modelfile_path(out)
     print(f"tunesmith: wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.quant})")
@@ -61,7 +67,10 @@ def run(args) -> int:
     print(report_table(report["table"]))
     print(f"tunesmith: wrote {report_path(out)}")
     if verify and not report["passed"]:
-        print(f"tunesmith: WARNING: {out} failed verification against the fp32 model: {'; '.join(report['failures'])} "
-              f"(file kept; details in {report_path(out)})", file=sys.stderr)
+        print(
+            f"tunesmith: WARNING: {out} failed verification against the fp32 model: {'; '.join(report['failures'])} "
+            f"(file kept; details in {report_path(out)})",
+            file=sys.stderr,
+        )
         return VERIFY_FAILED
     return 0

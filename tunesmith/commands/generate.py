@@ -23,8 +23,12 @@ def add_model_arguments(p) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-                   help="weights to generate with; auto = bf16 where bf16 matmuls pay (AMX, CUDA), else fp32")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "fp32", "bf16"),
+        help="weights to generate with; auto = bf16 where bf16 matmuls pay (AMX, CUDA), else fp32",
+    )
 
 
 def add_arguments(p) -> None:
@@ -51,7 +55,9 @@ def load(args):
     from tunesmith.rundir import RunDir
 
     device = pick_device(args.device)
-    model, tokenizer, label = load_for_inference(args.model, device=device, dtype=inference_dtype(args.precision, device))
+    model, tokenizer, label = load_for_inference(
+        args.model, device=device, dtype=inference_dtype(args.precision, device)
+    )
     system = args.system if args.system is not None else RunDir(args.model).system_prompt
     return model, tokenizer, label, system
 
@@ -98,9 +104,13 @@ def run(args) -> int:
 
     model, tokenizer, _, system = load(args)
     replies = generate_batch(
-        model, tokenizer, [_conversation(system, p) for p in prompts],
-        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-        temperature=args.temperature, top_p=args.top_p,
+        model,
+        tokenizer,
+        [_conversation(system, p) for p in prompts],
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        temperature=args.temperature,
+        top_p=args.top_p,
     )
     if args.out:
         with open(args.out, "w", encoding="utf-8") as fh:
@@ -113,5 +123,3 @@ def run(args) -> int:
         for p, r in zip(prompts, replies):
             print(f">>> {p}\n{r}\n")
     return 0
-
-

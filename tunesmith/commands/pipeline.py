@@ -11,8 +11,12 @@ FLAGS = {"from_stage": "--from"}
 
 def add_arguments(p) -> None:
     add_config_arguments(p, "pipeline.stages=[finetune,merge,export]")
-    p.add_argument("--from", dest="from_stage", choices=list(PIPELINE_STAGES),
-                   help="rerun from this stage (it and the later ones are cleared)")
+    p.add_argument(
+        "--from",
+        dest="from_stage",
+        choices=list(PIPELINE_STAGES),
+        help="rerun from this stage (it and the later ones are cleared)",
+    )
 
 
 def run(args) -> int:

@@ -45,8 +45,7 @@ REQUIRED = {
     "text": ("text",),
 }
 DETECT_HINT = (
-    "expected one of alpaca (instruction/output), messages, conversations, prompt/completion, text"
-    " — or set data.format"
+    "expected one of alpaca (instruction/output), messages, conversations, prompt/completion, text — or set data.format"
 )
 
 
@@ -151,7 +150,7 @@ def _read_json(path: str):
         if len(lists) != 1:
             raise UserError(
                 f"{path}: expected a JSON list of records, or an object holding exactly one list "
-                f"(like {{\"data\": [...]}}); found {len(lists)} lists"
+                f'(like {{"data": [...]}}); found {len(lists)} lists'
             )
         start = _find_value(text, start, lists[0], decoder)
         data = data[lists[0]]
@@ -330,7 +329,7 @@ def _message(turn, i: int, loc: str, role_key: str, content_key: str, roles: dic
         raise UserError(f"{loc}: message {i} must be {expected}, got {_type_name(turn)}")
     role = turn.get(role_key)
     if role not in roles:
-        raise UserError(f'{loc}: message {i} has {role_key} {json.dumps(role)}; expected {", ".join(roles)}')
+        raise UserError(f"{loc}: message {i} has {role_key} {json.dumps(role)}; expected {', '.join(roles)}")
     content = turn.get(content_key)
     if isinstance(content, list):  # OpenAI content parts: only text parts carry anything we can train on
         if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):

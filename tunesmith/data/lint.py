@@ -38,7 +38,13 @@ PERMS, BANDS = 64, 16  # MinHash size and LSH bands (4 rows each: pairs above ~0
 SHOWN = 5  # issues shown per check in the terminal
 MOJIBAKE = re.compile("Ã[\u0080-\u00bf]|Â[\u0080-\u00bf]|â€[\u0080-\u00bf\u0152-\u0178\u2018-\u201e\u2020-\u2122]")
 CHECKS = (
-    "exact_duplicate", "near_duplicate", "leakage_exact", "leakage_near", "empty_answer", "over_max_length", "encoding",
+    "exact_duplicate",
+    "near_duplicate",
+    "leakage_exact",
+    "leakage_near",
+    "empty_answer",
+    "over_max_length",
+    "encoding",
 )
 TEXT_FILES = (".jsonl", ".json", ".csv", ".txt")
 
@@ -131,7 +137,9 @@ def _encoding(report, ex: Example):
     texts = [ex.text] if ex.text is not None else [m["content"] for m in ex.messages]
     for text in texts:
         if "\ufffd" in text:
-            _issue(report, "encoding", ex.where, "U+FFFD replacement character (text was decoded with the wrong encoding)")
+            _issue(
+                report, "encoding", ex.where, "U+FFFD replacement character (text was decoded with the wrong encoding)"
+            )
             return
         found = MOJIBAKE.search(text)
         if found:
@@ -206,7 +214,12 @@ def _leakage(report, train: list[Example], evals: list[Example]):
         candidates = {k for key in _buckets(signature(sh)) for k in buckets.get(key, ())}
         best = max(((jaccard(sh, eval_sets[k]), k) for k in candidates), default=(0.0, -1))
         if best[0] >= NEAR:
-            _issue(report, "leakage_near", ex.where, f"prompt {best[0]:.0%} similar to evaluation record {evals[best[1]].where}")
+            _issue(
+                report,
+                "leakage_near",
+                ex.where,
+                f"prompt {best[0]:.0%} similar to evaluation record {evals[best[1]].where}",
+            )
 
 
 def _lengths(report, train: list[Example], tokenizer, max_length, train_on_prompt):
@@ -223,28 +236,45 @@ def _lengths(report, train: list[Example], tokenizer, max_length, train_on_promp
             if n > max_length:
                 _issue(report, "over_max_length", ex.where, f"{n} tokens > max_length {max_length}")
     top = max(max(lengths), max_length or 0)
-    edges = [round(top * k / 10) for k in range(11)] if max_length is None else (
-        [round(max_length * k / 8) for k in range(9)] + ([max(lengths)] if max(lengths) > max_length else [])
+    edges = (
+        [round(top * k / 10) for k in range(11)]
+        if max_length is None
+        else ([round(max_length * k / 8) for k in range(9)] + ([max(lengths)] if max(lengths) > max_length else []))
     )
     edges = sorted(set(edges))
     counts, _ = np.histogram(lengths, bins=edges)
     ordered = sorted(lengths)
     report["lengths"] = {
-        "unit": unit, "n": len(lengths), "min": ordered[0], "median": statistics.median(ordered),
-        "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], "max": ordered[-1],
-        "mean": round(sum(lengths) / len(lengths), 1), "max_length": max_length,
+        "unit": unit,
+        "n": len(lengths),
+        "min": ordered[0],
+        "median": statistics.median(ordered),
+        "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
+        "max": ordered[-1],
+        "mean": round(sum(lengths) / len(lengths), 1),
+        "max_length": max_length,
         "histogram": {"edges": [int(e) for e in edges], "counts": [int(c) for c in counts]},
     }
 
 
-def check(train_paths, eval_paths=(), fmt: str = "auto", system_prompt: str | None = None, tokenizer=None,
-          max_length: int | None = None, train_on_prompt: bool = False) -> dict:
+def check(
+    train_paths,
+    eval_paths=(),
+    fmt: str = "auto",
+    system_prompt: str | None = None,
+    tokenizer=None,
+    max_length: int | None = None,
+    train_on_prompt: bool = False,
+) -> dict:
     scan_utf8(list(train_paths) + list(eval_paths))
     train = load_examples(list(train_paths), fmt, system_prompt)
     evals = load_examples(list(eval_paths), fmt, system_prompt) if eval_paths else []
     report = {
-        "train_files": [str(p) for p in train_paths], "eval_files": [str(p) for p in eval_paths],
-        "n_train": len(train), "n_eval": len(evals), "near_threshold": NEAR,
+        "train_files": [str(p) for p in train_paths],
+        "eval_files": [str(p) for p in eval_paths],
+        "n_train": len(train),
+        "n_eval": len(evals),
+        "near_threshold": NEAR,
         "issues": {kind: [] for kind in CHECKS},
     }
     for ex in train + evals:
@@ -261,15 +291,21 @@ def check(train_paths, eval_paths=(), fmt: str = "auto", system_prompt: str | No
 # ---------------------------------------------------------------- presentation
 
 LABELS = {
-    "exact_duplicate": "exact duplicates", "near_duplicate": f"near-duplicates (>= {NEAR:.0%})",
-    "leakage_exact": "train/eval leakage (same prompt)", "leakage_near": "train/eval leakage (near prompt)",
-    "empty_answer": "empty/whitespace answers", "over_max_length": "over max_length (tokens)",
+    "exact_duplicate": "exact duplicates",
+    "near_duplicate": f"near-duplicates (>= {NEAR:.0%})",
+    "leakage_exact": "train/eval leakage (same prompt)",
+    "leakage_near": "train/eval leakage (near prompt)",
+    "empty_answer": "empty/whitespace answers",
+    "over_max_length": "over max_length (tokens)",
     "encoding": "encoding problems",
 }
 
 
 def summary(report: dict) -> str:
-    lines = [f"{report['n_train']} training records" + (f", {report['n_eval']} evaluation records" if report["n_eval"] else "")]
+    lines = [
+        f"{report['n_train']} training records"
+        + (f", {report['n_eval']} evaluation records" if report["n_eval"] else "")
+    ]
     width = max(len(v) for v in LABELS.values())
     lines.append(f"{'check':<{width}}  count  examples")
     lines.append("-" * (width + 40))
@@ -283,8 +319,10 @@ def summary(report: dict) -> str:
         lines.append(f"{LABELS[kind]:<{width}}  {len(items):>5}  {shown}")
     ln = report["lengths"]
     lines.append("")
-    lines.append(f"lengths ({ln['unit']}): min {ln['min']}, median {ln['median']:g}, p95 {ln['p95']}, max {ln['max']}"
-                 + (f"; max_length {ln['max_length']}" if ln["max_length"] else ""))
+    lines.append(
+        f"lengths ({ln['unit']}): min {ln['min']}, median {ln['median']:g}, p95 {ln['p95']}, max {ln['max']}"
+        + (f"; max_length {ln['max_length']}" if ln["max_length"] else "")
+    )
     edges, counts = ln["histogram"]["edges"], ln["histogram"]["counts"]
     peak = max(counts) or 1
     for a, b, c in zip(edges, edges[1:], counts):
@@ -306,6 +344,9 @@ def train_warnings(data_cfg) -> list[str]:
     report = check(data_cfg.train, data_cfg.validation, data_cfg.format, data_cfg.system_prompt)
     lines = warning_lines(report)
     if lines:
-        lines.append("see: tunesmith data check " + " ".join(map(str, data_cfg.train))
-                     + (" --eval " + " ".join(map(str, data_cfg.validation)) if data_cfg.validation else ""))
+        lines.append(
+            "see: tunesmith data check "
+            + " ".join(map(str, data_cfg.train))
+            + (" --eval " + " ".join(map(str, data_cfg.validation)) if data_cfg.validation else "")
+        )
     return lines

@@ -25,7 +25,9 @@ class Arm:
 
 ARMS = {
     "base": Arm("Base model, zero-shot", "the base model alone, with the run's system prompt"),
-    "prompt": Arm("Prompt engineering", "the base model with an instruction and k worked examples from the training data"),
+    "prompt": Arm(
+        "Prompt engineering", "the base model with an instruction and k worked examples from the training data"
+    ),
     "rag": Arm("RAG", "the base model with the top-k retrieved document chunks in the prompt"),
     "finetuned": Arm("Fine-tuned", "the fine-tuned model alone, with the run's system prompt"),
     "finetuned_rag": Arm("Fine-tuned + RAG", "the fine-tuned model with the top-k retrieved chunks in the prompt"),

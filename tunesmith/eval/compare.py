@@ -44,7 +44,9 @@ def run_compare(cfg: Config) -> dict:
     c = cfg.compare
     t0 = time.perf_counter()
     if not c.questions:
-        raise UserError("config key compare.questions: expected a questions file (question, answer, optional fact_id, split)")
+        raise UserError(
+            "config key compare.questions: expected a questions file (question, answer, optional fact_id, split)"
+        )
     questions = load_questions(c.questions) + general_questions(c.general_questions)
     questions = limit_per_split(questions, c.max_questions, c.seed)
     chunks, retrieve = _retrieval(cfg)
@@ -65,12 +67,16 @@ def run_compare(cfg: Config) -> dict:
     answers, cost = {}, {}
     for arm in sorted(c.arms, key=uses_finetuned):  # base-weight arms first, then merge once
         model, tokenizer, ctx = models.for_arm(arm)
-        convs = [conversation(arm, q.question, system, c.prompt_system, shots, contexts[i]) for i, q in enumerate(questions)]
+        convs = [
+            conversation(arm, q.question, system, c.prompt_system, shots, contexts[i]) for i, q in enumerate(questions)
+        ]
         with ctx():
             start = time.perf_counter()
             texts, prompt_tok, gen_tok = _generate(model, tokenizer, convs, c.max_new_tokens, c.batch_size)
             batch_s = time.perf_counter() - start
-            latencies = _latencies(model, tokenizer, convs[: c.latency_samples], c.max_new_tokens, retrieve, questions, c.top_k, arm)
+            latencies = _latencies(
+                model, tokenizer, convs[: c.latency_samples], c.max_new_tokens, retrieve, questions, c.top_k, arm
+            )
         answers[arm] = texts
         cost[arm] = {
             **models.train_cost(arm),
@@ -88,15 +94,26 @@ def run_compare(cfg: Config) -> dict:
         "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "model": {"base": models.base_name, "run": str(run_dir) if run_dir else None, "method": models.method},
         "settings": {
-            "max_new_tokens": c.max_new_tokens, "batch_size": c.batch_size, "retriever": c.retriever,
-            "top_k": c.top_k, "chunk_size": c.chunk_size, "chunk_overlap": c.chunk_overlap, "k_shot": len(shots),
-            "bootstrap": c.bootstrap, "seed": c.seed, "backend": "hf", "system_prompt": system,
-            "chunks": len(chunks) if chunks else 0, "threads": _threads(),
+            "max_new_tokens": c.max_new_tokens,
+            "batch_size": c.batch_size,
+            "retriever": c.retriever,
+            "top_k": c.top_k,
+            "chunk_size": c.chunk_size,
+            "chunk_overlap": c.chunk_overlap,
+            "k_shot": len(shots),
+            "bootstrap": c.bootstrap,
+            "seed": c.seed,
+            "backend": "hf",
+            "system_prompt": system,
+            "chunks": len(chunks) if chunks else 0,
+            "threads": _threads(),
             "precision": models.precision,
         },
         "arms": [{"name": a, "label": ARMS[a].label, "description": ARMS[a].description} for a in c.arms],
-        "splits": [{"name": s, "label": _split_label(s), "n": sum(q.split == s for q in questions)}
-                   for s in dict.fromkeys(q.split for q in questions)],
+        "splits": [
+            {"name": s, "label": _split_label(s), "n": sum(q.split == s for q in questions)}
+            for s in dict.fromkeys(q.split for q in questions)
+        ],
         "metrics": list(METRICS),
         "primary_metric": PRIMARY,
         "scores": _scores(questions, {a: answers[a] for a in c.arms}, c.bootstrap, c.seed),
@@ -104,8 +121,16 @@ def run_compare(cfg: Config) -> dict:
         "cost": cost,
         "forgetting": forgetting,
         "samples": _samples(questions, {a: answers[a] for a in c.arms}, contexts),
-        "answers": [{"question": q.question, "answer": q.answer, "split": q.split, "fact_id": q.fact_id,
-                     **{arm: answers[arm][i] for arm in c.arms}} for i, q in enumerate(questions)],
+        "answers": [
+            {
+                "question": q.question,
+                "answer": q.answer,
+                "split": q.split,
+                "fact_id": q.fact_id,
+                **{arm: answers[arm][i] for arm in c.arms},
+            }
+            for i, q in enumerate(questions)
+        ],
     }
     results["wall_s"] = round(time.perf_counter() - t0, 1)
     _write(out, results)
@@ -230,8 +255,12 @@ class _Models:
         with ctx():
             base_ppl = perplexity(base_model, self.tokenizer, text)
         tuned_ppl = perplexity(self.tuned, self.tokenizer, text)  # unmerged adapter: exact
-        return {"text": name, "base_ppl": round(base_ppl, 3), "finetuned_ppl": round(tuned_ppl, 3),
-                "ratio": round(tuned_ppl / base_ppl, 4)}
+        return {
+            "text": name,
+            "base_ppl": round(base_ppl, 3),
+            "finetuned_ppl": round(tuned_ppl, 3),
+            "ratio": round(tuned_ppl / base_ppl, 4),
+        }
 
 
 def perplexity(model, tokenizer, text: str, block: int = 512) -> float:
@@ -296,9 +325,16 @@ def _scores(questions, answers: dict, n_boot: int, seed: int) -> list[dict]:
         for arm in answers:
             for metric in METRICS:
                 vals = [per_q[arm][i][metric] for i in idx]
-                row = {"arm": arm, "split": split, "metric": metric, "n": len(vals),
-                       "mean": round(float(np.mean(vals)), 4),
-                       "ci": _round(bootstrap_ci(vals, clusters, n_boot, seed)), "diff_vs_base": None, "diff_ci": None}
+                row = {
+                    "arm": arm,
+                    "split": split,
+                    "metric": metric,
+                    "n": len(vals),
+                    "mean": round(float(np.mean(vals)), 4),
+                    "ci": _round(bootstrap_ci(vals, clusters, n_boot, seed)),
+                    "diff_vs_base": None,
+                    "diff_ci": None,
+                }
                 if arm != "base" and "base" in answers:
                     base = [per_q["base"][i][metric] for i in idx]
                     row["diff_vs_base"] = round(float(np.mean(vals) - np.mean(base)), 4)
@@ -319,8 +355,12 @@ def _recall(questions, contexts, arms, k: int) -> list[dict]:
         for split in dict.fromkeys(q.split for q in questions):
             if split == GENERAL:
                 continue  # general questions are not about the documents
-            hits = [any(contains(ch, q.answer) for ch in contexts[i]) for i, q in enumerate(questions) if q.split == split]
-            rows.append({"arm": arm, "split": split, "k": k, "recall_at_k": round(sum(hits) / len(hits), 4), "n": len(hits)})
+            hits = [
+                any(contains(ch, q.answer) for ch in contexts[i]) for i, q in enumerate(questions) if q.split == split
+            ]
+            rows.append(
+                {"arm": arm, "split": split, "k": k, "recall_at_k": round(sum(hits) / len(hits), 4), "n": len(hits)}
+            )
     return rows
 
 
@@ -330,8 +370,14 @@ def _samples(questions, answers: dict, contexts) -> list[dict]:
         idx = [i for i, q in enumerate(questions) if q.split == split][:SAMPLES_PER_SPLIT]
         for arm, texts in answers.items():
             for i in idx:
-                row = {"arm": arm, "split": split, "question": questions[i].question, "answer": questions[i].answer,
-                       "prediction": texts[i], "correct": contains(texts[i], questions[i].answer)}
+                row = {
+                    "arm": arm,
+                    "split": split,
+                    "question": questions[i].question,
+                    "answer": questions[i].answer,
+                    "prediction": texts[i],
+                    "correct": contains(texts[i], questions[i].answer),
+                }
                 if uses_context(arm) and contexts[i] is not None:
                     row["retrieved"] = contexts[i]
                 out.append(row)
@@ -350,7 +396,10 @@ def print_table(results: dict) -> None:
     splits = [s["name"] for s in results["splits"]]
     by = {(r["arm"], r["split"]): r for r in results["scores"] if r["metric"] == primary}
     print(f"\n{primary} (answer contained in the reply), mean [95% CI]; Δ = arm − base [95% CI], paired")
-    print(f"  {'arm':<16}" + "".join(f"{s + ' (n=' + str(by[(results['arms'][0]['name'], s)]['n']) + ')':<34}" for s in splits))
+    print(
+        f"  {'arm':<16}"
+        + "".join(f"{s + ' (n=' + str(by[(results['arms'][0]['name'], s)]['n']) + ')':<34}" for s in splits)
+    )
     for arm in results["arms"]:
         cells = []
         for s in splits:
@@ -366,11 +415,15 @@ def print_table(results: dict) -> None:
         train = "-" if cst["train_wall_s"] is None else f"{cst['train_wall_s']:.0f}"
         p50 = "-" if cst["latency_p50_s"] is None else f"{cst['latency_p50_s']:.2f}"
         p95 = "-" if cst["latency_p95_s"] is None else f"{cst['latency_p95_s']:.2f}"
-        print(f"  {arm['name']:<16}{train:>9}{p50:>8}{p95:>8}{cst['prompt_tokens_mean']:>12.0f}"
-              f"{cst['generated_tokens_mean']:>9.1f}{cst['model_size_mib'] or 0:>10.0f}")
+        print(
+            f"  {arm['name']:<16}{train:>9}{p50:>8}{p95:>8}{cst['prompt_tokens_mean']:>12.0f}"
+            f"{cst['generated_tokens_mean']:>9.1f}{cst['model_size_mib'] or 0:>10.0f}"
+        )
     for r in results["retrieval"]:
         print(f"  retrieval {r['arm']} {r['split']}: recall@{r['k']} {r['recall_at_k']:.0%} (n={r['n']})")
     f = results["forgetting"]
     if f:
-        print(f"  forgetting: perplexity on {f['text']} base {f['base_ppl']:.2f} → fine-tuned {f['finetuned_ppl']:.2f} "
-              f"(×{f['ratio']:.3f})")
+        print(
+            f"  forgetting: perplexity on {f['text']} base {f['base_ppl']:.2f} → fine-tuned {f['finetuned_ppl']:.2f} "
+            f"(×{f['ratio']:.3f})"
+        )

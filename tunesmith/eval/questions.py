@@ -62,7 +62,9 @@ def load_questions(path: str | Path, key: str = "compare.questions", default_spl
         fact = None if fact in (None, "") else str(fact)
         if fact is not None:
             if answers.setdefault(fact, a) != a:
-                raise UserError(f"{loc}: fact ids do not match: fact_id {fact} has answer {answers[fact]!r} elsewhere, {a!r} here")
+                raise UserError(
+                    f"{loc}: fact ids do not match: fact_id {fact} has answer {answers[fact]!r} elsewhere, {a!r} here"
+                )
             if splits.setdefault(fact, split) != split:
                 raise UserError(
                     f"{loc}: fact ids do not match: fact_id {fact} is in split {splits[fact]!r} elsewhere, {split!r} here "

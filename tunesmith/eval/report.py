@@ -27,8 +27,13 @@ from matplotlib.figure import Figure
 from tunesmith.errors import UserError
 
 # Fixed colours per known arm, so an arm keeps its colour when others are switched off.
-_COLOURS = {"base": "#8c8c8c", "prompt": "#ff7f0e", "rag": "#2ca02c", "finetuned": "#1f77b4",
-            "finetuned_rag": "#9467bd"}
+_COLOURS = {
+    "base": "#8c8c8c",
+    "prompt": "#ff7f0e",
+    "rag": "#2ca02c",
+    "finetuned": "#1f77b4",
+    "finetuned_rag": "#9467bd",
+}
 _SPARE = ["#d62728", "#8c564b", "#e377c2", "#bcbd22", "#17becf"]
 
 _CSS = """
@@ -66,12 +71,23 @@ def write_report(results: dict, out_dir: Path) -> Path:
 def render_html(results: dict) -> str:
     _check(results)
     ctx = _Context(results)
-    body = [_header(ctx), _claims_table(ctx), _headline(ctx), _charts(ctx), _all_metrics(ctx),
-            _cost(ctx), _retrieval(ctx), _forgetting(ctx), _samples(ctx)]
-    return ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<meta http-equiv=\"Content-Security-Policy\" content=\"{_CSP}\">"
-            "<title>tunesmith compare report</title>"
-            f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+    body = [
+        _header(ctx),
+        _claims_table(ctx),
+        _headline(ctx),
+        _charts(ctx),
+        _all_metrics(ctx),
+        _cost(ctx),
+        _retrieval(ctx),
+        _forgetting(ctx),
+        _samples(ctx),
+    ]
+    return (
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
+        "<title>tunesmith compare report</title>"
+        f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
 
 
 def _check(results) -> None:
@@ -119,27 +135,29 @@ class _Context:
 
     def retrieves(self, arm: str) -> bool:
         return any(x["arm"] == arm for x in self.retrieval) or any(
-            s["arm"] == arm and s.get("retrieved") is not None for s in self.samples)
+            s["arm"] == arm and s.get("retrieved") is not None for s in self.samples
+        )
 
 
 # ---- number formatting: every metric is a fraction, shown as a percentage ----
+
 
 def _pct(x) -> str:
     return "—" if x is None else f"{100 * x:.1f}"
 
 
 def _ci(ci) -> str:
-    return "" if not ci else f"<span class=\"ci\">[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]</span>"
+    return "" if not ci else f'<span class="ci">[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]</span>'
 
 
 def _delta(d, ci) -> str:
     if d is None:
-        return "<span class=\"na\">reference</span>"
+        return '<span class="na">reference</span>'
     cls = ""
     if ci:
         cls = "good" if ci[0] > 0 else "bad" if ci[1] < 0 else ""
-    ci_txt = f" <span class=\"ci\">[{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]</span>" if ci else ""
-    return f"<span class=\"{cls}\">Δ {100 * d:+.1f}</span>{ci_txt}"
+    ci_txt = f' <span class="ci">[{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]</span>' if ci else ""
+    return f'<span class="{cls}">Δ {100 * d:+.1f}</span>{ci_txt}'
 
 
 def _num(x, fmt: str, unit: str = "") -> str:
@@ -147,35 +165,42 @@ def _num(x, fmt: str, unit: str = "") -> str:
 
 
 def _na(text: str) -> str:
-    return f"<span class=\"na\">{escape(text)}</span>"
+    return f'<span class="na">{escape(text)}</span>'
 
 
 def _swatch(ctx: _Context, arm: dict) -> str:
-    return (f"<span class=\"swatch\" style=\"background:{ctx.colour[arm['name']]}\"></span>"
-            f"{escape(ctx.label(arm))}")
+    return f'<span class="swatch" style="background:{ctx.colour[arm["name"]]}"></span>{escape(ctx.label(arm))}'
 
 
 # ---- sections ----
 
+
 def _header(ctx: _Context) -> str:
     r, model = ctx.r, ctx.r.get("model") or {}
     settings = ", ".join(f"{escape(str(k))}={escape(str(v))}" for k, v in (r.get("settings") or {}).items())
-    arms = "".join(f"<tr><td>{_swatch(ctx, a)}</td><td><code>{escape(a['name'])}</code></td>"
-                   f"<td>{escape(a.get('description') or '')}</td></tr>" for a in ctx.arms)
-    splits = "".join(f"<tr><td><code>{escape(s['name'])}</code></td><td>{escape(s.get('label') or '')}</td>"
-                     f"<td class=\"num\">{escape(str(s.get('n', '—')))}</td></tr>" for s in ctx.splits)
+    arms = "".join(
+        f"<tr><td>{_swatch(ctx, a)}</td><td><code>{escape(a['name'])}</code></td>"
+        f"<td>{escape(a.get('description') or '')}</td></tr>"
+        for a in ctx.arms
+    )
+    splits = "".join(
+        f"<tr><td><code>{escape(s['name'])}</code></td><td>{escape(s.get('label') or '')}</td>"
+        f'<td class="num">{escape(str(s.get("n", "—")))}</td></tr>'
+        for s in ctx.splits
+    )
     wall = f", {r['wall_s']:.0f} s" if isinstance(r.get("wall_s"), (int, float)) else ""
     return (
         "<h1>Fine-tuning vs prompt engineering vs RAG</h1>"
-        f"<p class=\"meta\">tunesmith compare · base model <b>{escape(str(model.get('base', '?')))}</b>"
+        f'<p class="meta">tunesmith compare · base model <b>{escape(str(model.get("base", "?")))}</b>'
         f" · run <code>{escape(str(model.get('run', '—')))}</code> ({escape(str(model.get('method', '—')))})"
         f" · {escape(str(r.get('created', '')))}{wall}<br>settings: {settings or '—'}</p>"
         f"<p>Primary metric: <b>{escape(ctx.primary)}</b>. Scores are percentages with 95% bootstrap "
         "confidence intervals in brackets; Δ is the difference from the base model in percentage "
-        "points, <span class=\"good\">green</span> / <span class=\"bad\">red</span> where its "
+        'points, <span class="good">green</span> / <span class="bad">red</span> where its '
         "interval excludes zero.</p>"
         "<h2>Arms and question sets</h2><table><tr><th>arm</th><th>name</th><th>what it is</th></tr>"
-        f"{arms}</table><table><tr><th>split</th><th>questions</th><th>n</th></tr>{splits}</table>")
+        f"{arms}</table><table><tr><th>split</th><th>questions</th><th>n</th></tr>{splits}</table>"
+    )
 
 
 def _headline(ctx: _Context) -> str:
@@ -185,12 +210,20 @@ def _headline(ctx: _Context) -> str:
         cells = []
         for s in ctx.splits:
             sc = ctx.score(a["name"], s["name"])
-            cells.append("<td class=\"num\">" + (
-                f"<b>{_pct(sc['mean'])}</b> {_ci(sc.get('ci'))}<br>{_delta(sc.get('diff_vs_base'), sc.get('diff_ci'))}"
-                if sc else _na("not run")) + "</td>")
-        rows.append(f"<tr id=\"score-{escape(a['name'])}\"><td>{_swatch(ctx, a)}</td>{''.join(cells)}</tr>")
-    return (f"<h2>Results: {escape(ctx.primary)} per arm and question set</h2>"
-            f"<table><tr><th>arm</th>{head}</tr>{''.join(rows)}</table>")
+            cells.append(
+                '<td class="num">'
+                + (
+                    f"<b>{_pct(sc['mean'])}</b> {_ci(sc.get('ci'))}<br>{_delta(sc.get('diff_vs_base'), sc.get('diff_ci'))}"
+                    if sc
+                    else _na("not run")
+                )
+                + "</td>"
+            )
+        rows.append(f'<tr id="score-{escape(a["name"])}"><td>{_swatch(ctx, a)}</td>{"".join(cells)}</tr>')
+    return (
+        f"<h2>Results: {escape(ctx.primary)} per arm and question set</h2>"
+        f"<table><tr><th>arm</th>{head}</tr>{''.join(rows)}</table>"
+    )
 
 
 def _png(fig: Figure) -> str:
@@ -202,7 +235,7 @@ def _png(fig: Figure) -> str:
 
 
 def _img(data: str, alt: str) -> str:
-    return f"<img alt=\"{escape(alt)}\" src=\"data:image/png;base64,{data}\">"
+    return f'<img alt="{escape(alt)}" src="data:image/png;base64,{data}">'
 
 
 def _split_chart(ctx: _Context, split: dict) -> str:
@@ -217,12 +250,12 @@ def _split_chart(ctx: _Context, split: dict) -> str:
         lo, hi = (100 * c for c in sc["ci"]) if sc.get("ci") else (m, m)
         ax.bar(i, m, color=ctx.colour[a["name"]], yerr=[[max(m - lo, 0)], [max(hi - m, 0)]], capsize=4)
         ax.text(i, hi + 2, f"{m:.0f}", ha="center", fontsize=8)
-    ax.set_xticks(range(len(ctx.arms)),
-                  ["\n".join(textwrap.wrap(ctx.label(a), 11)) for a in ctx.arms], fontsize=7)
+    ax.set_xticks(range(len(ctx.arms)), ["\n".join(textwrap.wrap(ctx.label(a), 11)) for a in ctx.arms], fontsize=7)
     ax.set_ylim(0, 110)
     ax.set_ylabel(f"{ctx.primary} (%), 95% CI")
-    ax.set_title("\n".join(textwrap.wrap(f"{split.get('label') or split['name']} (n={split.get('n', '?')})", 48)),
-                 fontsize=9)
+    ax.set_title(
+        "\n".join(textwrap.wrap(f"{split.get('label') or split['name']} (n={split.get('n', '?')})", 48)), fontsize=9
+    )
     return _img(_png(fig), f"{ctx.primary} on {split['name']} per arm")
 
 
@@ -241,7 +274,10 @@ def _cost_chart(ctx: _Context) -> str | None:
             lat.bar(i, p50, color=colour, yerr=[[0], [max(p95 - p50, 0)]], capsize=4)
         if c.get("prompt_tokens_mean") is not None:
             tok.bar(i, c["prompt_tokens_mean"], color=colour)
-    for ax, title in ((lat, "latency per answer, s (bar p50, whisker p95)"), (tok, "prompt tokens per question (mean)")):
+    for ax, title in (
+        (lat, "latency per answer, s (bar p50, whisker p95)"),
+        (tok, "prompt tokens per question (mean)"),
+    ):
         ax.set_xticks(range(len(arms)), names, fontsize=7)
         ax.set_title(title, fontsize=9)
     return _img(_png(fig), "latency and prompt tokens per arm")
@@ -250,20 +286,26 @@ def _cost_chart(ctx: _Context) -> str | None:
 def _charts(ctx: _Context) -> str:
     imgs = [_split_chart(ctx, s) for s in ctx.splits]
     cost = _cost_chart(ctx)
-    return ("<h2>Charts</h2><div class=\"charts\">" + "".join(imgs) + "</div>"
-            + (f"<div class=\"charts\">{cost}</div>" if cost else ""))
+    return (
+        '<h2>Charts</h2><div class="charts">'
+        + "".join(imgs)
+        + "</div>"
+        + (f'<div class="charts">{cost}</div>' if cost else "")
+    )
 
 
 def _claims_table(ctx: _Context) -> str:
     """The literature's qualitative table of fine-tuning vs RAG, each row replaced by the measurement that tests it."""
+
     def acc_row(split: str):
         if not ctx.split(split):
             return {a["name"]: (_na(f"no '{split}' split in this run"), None) for a in ctx.arms}
         out = {}
         for a in ctx.arms:
             sc = ctx.score(a["name"], split)
-            out[a["name"]] = ((f"{_pct(sc['mean'])} {_ci(sc.get('ci'))}", sc["mean"], sc.get("ci")) if sc
-                              else (_na("not run"), None))
+            out[a["name"]] = (
+                (f"{_pct(sc['mean'])} {_ci(sc.get('ci'))}", sc["mean"], sc.get("ci")) if sc else (_na("not run"), None)
+            )
         return out
 
     def gain_row(split: str):
@@ -273,8 +315,11 @@ def _claims_table(ctx: _Context) -> str:
             if not sc:
                 out[a["name"]] = (_na(f"no '{split}' score"), None)
             else:
-                out[a["name"]] = (_delta(sc.get("diff_vs_base"), sc.get("diff_ci")), sc.get("diff_vs_base"),
-                                  sc.get("diff_ci"))
+                out[a["name"]] = (
+                    _delta(sc.get("diff_vs_base"), sc.get("diff_ci")),
+                    sc.get("diff_vs_base"),
+                    sc.get("diff_ci"),
+                )
         return out
 
     def aim_row():
@@ -288,7 +333,7 @@ def _claims_table(ctx: _Context) -> str:
                 out[a["name"]] = (_na("no task split scored"), None)
                 continue
             mean = sum(sc["mean"] * (sc.get("n") or s.get("n") or 0) for sc, s in got) / n
-            out[a["name"]] = (f"{_pct(mean)} <span class=\"ci\">(n={n})</span>", mean)
+            out[a["name"]] = (f'{_pct(mean)} <span class="ci">(n={n})</span>', mean)
         return out
 
     def transparency_row():
@@ -314,65 +359,121 @@ def _claims_table(ctx: _Context) -> str:
             if not c:
                 out[a["name"]] = (_na("not measured"), None)
                 continue
-            train = (f"train {_num(c.get('train_wall_s'), '.0f', ' s')}, "
-                     f"RSS {_num(c.get('train_peak_rss_mib'), '.0f', ' MiB')}" if c.get("train_wall_s") else "no training")
+            train = (
+                f"train {_num(c.get('train_wall_s'), '.0f', ' s')}, "
+                f"RSS {_num(c.get('train_peak_rss_mib'), '.0f', ' MiB')}"
+                if c.get("train_wall_s")
+                else "no training"
+            )
             out[a["name"]] = (
                 f"{train}<br>p50 {_num(c.get('latency_p50_s'), '.2f', ' s')}, "
                 f"p95 {_num(c.get('latency_p95_s'), '.2f', ' s')}<br>{_num(c.get('prompt_tokens_mean'), '.0f')} "
                 f"prompt tokens<br>{_num(c.get('model_size_mib'), '.0f', ' MiB')} model",
-                None if c.get("latency_p50_s") is None else -c["latency_p50_s"])  # fastest ranks first
+                None if c.get("latency_p50_s") is None else -c["latency_p50_s"],
+            )  # fastest ranks first
         return out
 
     fg = ctx.r.get("forgetting")
-    ppl = (f" Perplexity on {escape(str(fg.get('text', 'general text')))}: base {_num(fg.get('base_ppl'), '.2f')} → "
-           f"fine-tuned {_num(fg.get('finetuned_ppl'), '.2f')} (×{_num(fg.get('ratio'), '.3f')})."
-           if fg else " Perplexity ratio not measured in this run.")
+    ppl = (
+        f" Perplexity on {escape(str(fg.get('text', 'general text')))}: base {_num(fg.get('base_ppl'), '.2f')} → "
+        f"fine-tuned {_num(fg.get('finetuned_ppl'), '.2f')} (×{_num(fg.get('ratio'), '.3f')})."
+        if fg
+        else " Perplexity ratio not measured in this run."
+    )
     rows = [
-        ("aim", "Aim", "adapts a pre-trained LLM with new content to suit a particular task or domain",
-         "A goal, not a quantity. Proxy: primary metric over the task's own questions (every split but "
-         "<code>general</code>, n-weighted, no CI).", aim_row(), "best on the task"),
-        ("knowledge", "Knowledge", "limited to knowledge in the base model",
-         "Primary metric on <code>seen</code>: facts in the fine-tuning data, asked as held-out paraphrases.",
-         acc_row("seen"), "knows most"),
-        ("uptodate", "Up-to-date", "static — expensive to extend",
-         "Primary metric on <code>doc_only</code>: facts only in the documents, never trained on.",
-         acc_row("doc_only"), "most current"),
-        ("usecases", "Use cases", "more general tasks and applications",
-         "Primary metric on <code>general</code>: everyday questions outside the domain.",
-         acc_row("general"), "most general"),
-        ("transparency", "Transparency", "less transparent",
-         "Whether the arm can show where an answer came from: recall@k of retrieval (the chunk holding the "
-         "fact is among the k shown). Whether the answer <i>used</i> the chunk is not measured.",
-         transparency_row(), "most traceable"),
-        ("domain", "Domain specificity", "fine-tuned to specific domains",
-         "Gain over the base model on <code>seen</code> (Δ percentage points, 95% CI).", gain_row("seen"),
-         "largest gain"),
-        ("resources", "Resource use", "upfront cost for fine-tuning",
-         "Upfront: training wall time and peak RSS. Per answer: latency p50/p95, prompt tokens, model size "
-         "(see the cost table).", resource_row(), "fastest answers"),
-        ("forgetting", "Forgetting (the claimed con: poor generalisation)", "poor generalisation outside the tuned use",
-         "Change vs base on <code>general</code> (Δ percentage points, 95% CI)." + ppl, gain_row("general"),
-         "least loss"),
+        (
+            "aim",
+            "Aim",
+            "adapts a pre-trained LLM with new content to suit a particular task or domain",
+            "A goal, not a quantity. Proxy: primary metric over the task's own questions (every split but "
+            "<code>general</code>, n-weighted, no CI).",
+            aim_row(),
+            "best on the task",
+        ),
+        (
+            "knowledge",
+            "Knowledge",
+            "limited to knowledge in the base model",
+            "Primary metric on <code>seen</code>: facts in the fine-tuning data, asked as held-out paraphrases.",
+            acc_row("seen"),
+            "knows most",
+        ),
+        (
+            "uptodate",
+            "Up-to-date",
+            "static — expensive to extend",
+            "Primary metric on <code>doc_only</code>: facts only in the documents, never trained on.",
+            acc_row("doc_only"),
+            "most current",
+        ),
+        (
+            "usecases",
+            "Use cases",
+            "more general tasks and applications",
+            "Primary metric on <code>general</code>: everyday questions outside the domain.",
+            acc_row("general"),
+            "most general",
+        ),
+        (
+            "transparency",
+            "Transparency",
+            "less transparent",
+            "Whether the arm can show where an answer came from: recall@k of retrieval (the chunk holding the "
+            "fact is among the k shown). Whether the answer <i>used</i> the chunk is not measured.",
+            transparency_row(),
+            "most traceable",
+        ),
+        (
+            "domain",
+            "Domain specificity",
+            "fine-tuned to specific domains",
+            "Gain over the base model on <code>seen</code> (Δ percentage points, 95% CI).",
+            gain_row("seen"),
+            "largest gain",
+        ),
+        (
+            "resources",
+            "Resource use",
+            "upfront cost for fine-tuning",
+            "Upfront: training wall time and peak RSS. Per answer: latency p50/p95, prompt tokens, model size "
+            "(see the cost table).",
+            resource_row(),
+            "fastest answers",
+        ),
+        (
+            "forgetting",
+            "Forgetting (the claimed con: poor generalisation)",
+            "poor generalisation outside the tuned use",
+            "Change vs base on <code>general</code> (Δ percentage points, 95% CI)." + ppl,
+            gain_row("general"),
+            "least loss",
+        ),
     ]
     head = "".join(f"<th>{_swatch(ctx, a)}</th>" for a in ctx.arms)
     out = []
     for key, dim, claim, how, cells, best_word in rows:
         best = _verdict(ctx, cells, best_word, gain=key in ("domain", "forgetting"))
         tds = "".join(f"<td>{cells[a['name']][0]}</td>" for a in ctx.arms)
-        out.append(f"<tr id=\"claim-{key}\"><th>{dim}</th><td><i>{claim}</i></td><td>{how}</td>{tds}<td>{best}</td></tr>")
-    return ("<h2>Fine-tuning's usual claims, measured on your data</h2><p>Comparisons of fine-tuning with "
-            "prompt engineering and RAG (e.g. Chaubey et al.) describe fine-tuning in seven qualitative rows; "
-            "here each row is the number that tests it on your data, for every arm "
-            f"(scores in % of <b>{escape(ctx.primary)}</b>).</p>"
-            "<table><tr><th style=\"width:95px\">row</th><th style=\"width:130px\">the claim (fine-tuning)</th>"
-            f"<th style=\"width:210px\">measured as</th>{head}<th style=\"width:120px\">verdict</th></tr>"
-            + "".join(out) + "</table>")
+        out.append(f'<tr id="claim-{key}"><th>{dim}</th><td><i>{claim}</i></td><td>{how}</td>{tds}<td>{best}</td></tr>')
+    return (
+        "<h2>Fine-tuning's usual claims, measured on your data</h2><p>Comparisons of fine-tuning with "
+        "prompt engineering and RAG (e.g. Chaubey et al.) describe fine-tuning in seven qualitative rows; "
+        "here each row is the number that tests it on your data, for every arm "
+        f"(scores in % of <b>{escape(ctx.primary)}</b>).</p>"
+        '<table><tr><th style="width:95px">row</th><th style="width:130px">the claim (fine-tuning)</th>'
+        f'<th style="width:210px">measured as</th>{head}<th style="width:120px">verdict</th></tr>'
+        + "".join(out)
+        + "</table>"
+    )
 
 
 def _verdict(ctx: _Context, cells: dict, word: str, gain: bool) -> str:
     """Name the best arm of a row, and say so when its 95% CI does not separate it from the next."""
-    ranked = sorted(((c[1], c[2] if len(c) > 2 else None, a) for a in ctx.arms
-                     if (c := cells[a["name"]])[1] is not None), key=lambda t: t[0], reverse=True)
+    ranked = sorted(
+        ((c[1], c[2] if len(c) > 2 else None, a) for a in ctx.arms if (c := cells[a["name"]])[1] is not None),
+        key=lambda t: t[0],
+        reverse=True,
+    )
     if not ranked:
         return _na("not measured")
     if len(ranked) > 1 and ranked[0][0] == ranked[1][0]:
@@ -385,7 +486,7 @@ def _verdict(ctx: _Context, cells: dict, word: str, gain: bool) -> str:
         notes.append("its CI includes no change vs base")
     if len(ranked) > 1 and ci and ranked[1][1] and ci[0] <= ranked[1][1][1]:
         notes.append(f"CI overlaps {escape(ctx.label(ranked[1][2]))}")
-    extra = "".join(f"<br><span class=\"na\">{n}</span>" for n in notes)
+    extra = "".join(f'<br><span class="na">{n}</span>' for n in notes)
     return f"{word}: <b>{escape(ctx.label(arm))}</b>{extra}"
 
 
@@ -395,50 +496,70 @@ def _all_metrics(ctx: _Context) -> str:
     for s in ctx.splits:
         for a in ctx.arms:
             found = [ctx.score(a["name"], s["name"], m) for m in ctx.metrics]
-            tds = "".join(f"<td class=\"num\">{_pct(sc['mean'])} {_ci(sc.get('ci'))}</td>" if sc
-                          else "<td class=\"num\">—</td>" for sc in found)
+            tds = "".join(
+                f'<td class="num">{_pct(sc["mean"])} {_ci(sc.get("ci"))}</td>' if sc else '<td class="num">—</td>'
+                for sc in found
+            )
             rows.append(f"<tr><td><code>{escape(s['name'])}</code></td><td>{_swatch(ctx, a)}</td>{tds}</tr>")
-    return ("<h2>Every metric</h2><table><tr><th>split</th><th>arm</th>" + head + "</tr>" + "".join(rows) + "</table>")
+    return "<h2>Every metric</h2><table><tr><th>split</th><th>arm</th>" + head + "</tr>" + "".join(rows) + "</table>"
 
 
 def _cost(ctx: _Context) -> str:
-    cols = [("train_wall_s", "training s", ".0f"), ("train_peak_rss_mib", "training peak RSS MiB", ".0f"),
-            ("latency_p50_s", "latency p50 s", ".3f"), ("latency_p95_s", "latency p95 s", ".3f"),
-            ("answers_per_s", "answers / s", ".1f"), ("prompt_tokens_mean", "prompt tokens", ".1f"),
-            ("generated_tokens_mean", "generated tokens", ".1f"), ("model_size_mib", "model MiB", ".1f")]
+    cols = [
+        ("train_wall_s", "training s", ".0f"),
+        ("train_peak_rss_mib", "training peak RSS MiB", ".0f"),
+        ("latency_p50_s", "latency p50 s", ".3f"),
+        ("latency_p95_s", "latency p95 s", ".3f"),
+        ("answers_per_s", "answers / s", ".1f"),
+        ("prompt_tokens_mean", "prompt tokens", ".1f"),
+        ("generated_tokens_mean", "generated tokens", ".1f"),
+        ("model_size_mib", "model MiB", ".1f"),
+    ]
     if not ctx.cost:
         return "<h2>Cost</h2><p>" + _na("Cost was not measured in this run.") + "</p>"
     head = "".join(f"<th>{t}</th>" for _, t, _ in cols)
     rows = "".join(
         f"<tr><td>{_swatch(ctx, a)}</td>"
-        + "".join(f"<td class=\"num\">{_num((ctx.cost.get(a['name']) or {}).get(k), f)}</td>" for k, _, f in cols)
-        + "</tr>" for a in ctx.arms)
+        + "".join(f'<td class="num">{_num((ctx.cost.get(a["name"]) or {}).get(k), f)}</td>' for k, _, f in cols)
+        + "</tr>"
+        for a in ctx.arms
+    )
     return f"<h2>Cost</h2><table><tr><th>arm</th>{head}</tr>{rows}</table>"
 
 
 def _retrieval(ctx: _Context) -> str:
     rows = [x for x in ctx.retrieval if any(a["name"] == x["arm"] for a in ctx.arms)]
     if not rows:
-        return ("<h2>Retrieval</h2><p>"
-                + _na("No retrieval measured (no RAG arm in this run, or no split with fact ids).") + "</p>")
+        return (
+            "<h2>Retrieval</h2><p>"
+            + _na("No retrieval measured (no RAG arm in this run, or no split with fact ids).")
+            + "</p>"
+        )
     arm_by = {a["name"]: a for a in ctx.arms}
-    body = "".join(f"<tr><td>{_swatch(ctx, arm_by[x['arm']])}</td><td><code>{escape(x['split'])}</code></td>"
-                   f"<td class=\"num\">{escape(str(x.get('k', '—')))}</td>"
-                   f"<td class=\"num\">{_pct(x.get('recall_at_k'))}</td>"
-                   f"<td class=\"num\">{escape(str(x.get('n', '—')))}</td></tr>" for x in rows)
-    return ("<h2>Retrieval</h2><p>recall@k: share of questions whose fact's source chunk is among the k "
-            "chunks put in the prompt.</p><table><tr><th>arm</th><th>split</th><th>k</th><th>recall@k %</th>"
-            f"<th>n</th></tr>{body}</table>")
+    body = "".join(
+        f"<tr><td>{_swatch(ctx, arm_by[x['arm']])}</td><td><code>{escape(x['split'])}</code></td>"
+        f'<td class="num">{escape(str(x.get("k", "—")))}</td>'
+        f'<td class="num">{_pct(x.get("recall_at_k"))}</td>'
+        f'<td class="num">{escape(str(x.get("n", "—")))}</td></tr>'
+        for x in rows
+    )
+    return (
+        "<h2>Retrieval</h2><p>recall@k: share of questions whose fact's source chunk is among the k "
+        "chunks put in the prompt.</p><table><tr><th>arm</th><th>split</th><th>k</th><th>recall@k %</th>"
+        f"<th>n</th></tr>{body}</table>"
+    )
 
 
 def _forgetting(ctx: _Context) -> str:
     fg = ctx.r.get("forgetting")
     if not fg:
         return "<h2>Forgetting</h2><p>" + _na("Perplexity on general text was not measured in this run.") + "</p>"
-    return (f"<h2>Forgetting</h2><p>Perplexity on <code>{escape(str(fg.get('text', '?')))}</code>: base "
-            f"{_num(fg.get('base_ppl'), '.3f')}, fine-tuned {_num(fg.get('finetuned_ppl'), '.3f')}, ratio "
-            f"<b>×{_num(fg.get('ratio'), '.3f')}</b> (above 1 means the fine-tune lost some general language "
-            "modelling).</p>")
+    return (
+        f"<h2>Forgetting</h2><p>Perplexity on <code>{escape(str(fg.get('text', '?')))}</code>: base "
+        f"{_num(fg.get('base_ppl'), '.3f')}, fine-tuned {_num(fg.get('finetuned_ppl'), '.3f')}, ratio "
+        f"<b>×{_num(fg.get('ratio'), '.3f')}</b> (above 1 means the fine-tune lost some general language "
+        "modelling).</p>"
+    )
 
 
 def _samples(ctx: _Context) -> str:
@@ -452,15 +573,23 @@ def _samples(ctx: _Context) -> str:
             continue
         trs = []
         for x in rows:
-            mark = "<span class=\"ok\">✓</span>" if x.get("correct") else "<span class=\"ko\">✗</span>"
+            mark = '<span class="ok">✓</span>' if x.get("correct") else '<span class="ko">✗</span>'
             chunks = x.get("retrieved")
-            ctx_html = (f"<details><summary>{len(chunks)} retrieved chunks</summary><ol>"
-                        + "".join(f"<li>{escape(str(c))}</li>" for c in chunks) + "</ol></details>"
-                        if chunks else "")
-            trs.append(f"<tr><td>{_swatch(ctx, arm_by[x['arm']])}</td>"
-                       f"<td class=\"text\">{escape(str(x.get('question', '')))}</td>"
-                       f"<td class=\"text\">{escape(str(x.get('answer', '')))}</td>"
-                       f"<td class=\"text\">{mark} {escape(str(x.get('prediction', '')))}{ctx_html}</td></tr>")
-        out.append(f"<h3>{escape(s.get('label') or s['name'])}</h3><table><tr><th>arm</th><th>question</th>"
-                   f"<th>expected</th><th>answer</th></tr>{''.join(trs)}</table>")
+            ctx_html = (
+                f"<details><summary>{len(chunks)} retrieved chunks</summary><ol>"
+                + "".join(f"<li>{escape(str(c))}</li>" for c in chunks)
+                + "</ol></details>"
+                if chunks
+                else ""
+            )
+            trs.append(
+                f"<tr><td>{_swatch(ctx, arm_by[x['arm']])}</td>"
+                f'<td class="text">{escape(str(x.get("question", "")))}</td>'
+                f'<td class="text">{escape(str(x.get("answer", "")))}</td>'
+                f'<td class="text">{mark} {escape(str(x.get("prediction", "")))}{ctx_html}</td></tr>'
+            )
+        out.append(
+            f"<h3>{escape(s.get('label') or s['name'])}</h3><table><tr><th>arm</th><th>question</th>"
+            f"<th>expected</th><th>answer</th></tr>{''.join(trs)}</table>"
+        )
     return "".join(out)

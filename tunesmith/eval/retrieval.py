@@ -65,7 +65,10 @@ def _documents(path: Path, root: Path):
         if not isinstance(record.get("text"), str):
             raise UserError(f'{loc}: expected an object with a "text" string')
         title = record.get("title")
-        yield (f"{title}\n{record['text']}" if isinstance(title, str) else record["text"]), f"{rel}:{loc.rsplit(':', 1)[1]}"
+        yield (
+            (f"{title}\n{record['text']}" if isinstance(title, str) else record["text"]),
+            f"{rel}:{loc.rsplit(':', 1)[1]}",
+        )
 
 
 def _split(text: str, size: int, overlap: int) -> list[str]:
@@ -124,8 +127,9 @@ def _bm25(texts: list[str]):
 
     def retrieve(queries: list[str], k: int) -> list[list[int]]:
         k = min(k, len(texts))
-        tokens = bm25s.tokenize(queries, stopwords="en", stemmer=stemmer, token_pattern=TOKEN_PATTERN,
-                                show_progress=False)
+        tokens = bm25s.tokenize(
+            queries, stopwords="en", stemmer=stemmer, token_pattern=TOKEN_PATTERN, show_progress=False
+        )
         docs, _ = index.retrieve(tokens, k=k, show_progress=False, n_threads=1)
         return [list(map(int, row)) for row in docs]
 
@@ -161,8 +165,13 @@ class _Encoder:
         out = []
         with self.torch.no_grad():
             for start in range(0, len(texts), batch_size):
-                batch = self.tokenizer(texts[start : start + batch_size], padding=True, truncation=True,
-                                       max_length=256, return_tensors="pt")
+                batch = self.tokenizer(
+                    texts[start : start + batch_size],
+                    padding=True,
+                    truncation=True,
+                    max_length=256,
+                    return_tensors="pt",
+                )
                 hidden = self.model(**batch).last_hidden_state
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)

@@ -36,8 +36,12 @@ from tunesmith.models import BUNDLED
 from tunesmith.rundir import RunDir
 
 QUANTS = ("f32", "f16", "q8_0", "q4_0")
-FILE_TYPES = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16,
-              "q8_0": LlamaFileType.MOSTLY_Q8_0, "q4_0": LlamaFileType.MOSTLY_Q4_0}
+FILE_TYPES = {
+    "f32": LlamaFileType.ALL_F32,
+    "f16": LlamaFileType.MOSTLY_F16,
+    "q8_0": LlamaFileType.MOSTLY_Q8_0,
+    "q4_0": LlamaFileType.MOSTLY_Q4_0,
+}
 BLOCK_TYPES = {"q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0}
 # HF model_type → GGUF architecture. llama.cpp converts Mistral with the Llama graph.
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
@@ -77,9 +81,7 @@ PRE_TOKENIZER_HASHES = {
     "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",  # Qwen3
     "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",  # Mistral Nemo
 }
-LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")  # Qwen2 splits digits one by one
 PRE_TOKENIZER_SHAPES = {
     (("ByteLevel", True),): "gpt-2",
@@ -132,8 +134,11 @@ def encode_tensor(data: np.ndarray, quant: str):
 def _pre_tokenizer_shape(tokenizer) -> tuple:
     pre = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
-    detail = {"Split": lambda s: (s.get("pattern") or {}).get("Regex"), "ByteLevel": lambda s: s.get("use_regex", True),
-              "Digits": lambda s: s.get("individual_digits", False)}
+    detail = {
+        "Split": lambda s: (s.get("pattern") or {}).get("Regex"),
+        "ByteLevel": lambda s: s.get("use_regex", True),
+        "Digits": lambda s: s.get("individual_digits", False),
+    }
     return tuple((s.get("type"), detail.get(s.get("type"), lambda _: None)(s)) for s in steps)
 
 
@@ -272,7 +277,10 @@ def _rope_theta(config) -> float:
 
 
 def _write_hparams(writer, config, arch: str) -> None:
-    n_head, n_kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    n_head, n_kv = (
+        config.num_attention_heads,
+        getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+    )
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -418,4 +426,3 @@ def export_gguf(model_spec: str, out_path=None, quant: str = "f16", force: bool 
         tmp.unlink(missing_ok=True)
     write_modelfile(out, tokenizer, template, eot_id, RunDir(model_spec).system_prompt)
     return out
-

@@ -33,7 +33,9 @@ def fold_adapter(model, source: Path):
     # Check the adapter first so the message names the tensor that actually went bad.
     for name, param in model.named_parameters():
         if "lora_" in name and not torch.isfinite(param).all():
-            raise UserError(f"{source}: adapter tensor {name} has NaN/inf values; retrain, or use an earlier checkpoint")
+            raise UserError(
+                f"{source}: adapter tensor {name} has NaN/inf values; retrain, or use an earlier checkpoint"
+            )
     merged = model.merge_and_unload()
     check_finite(merged, source)
     return merged
@@ -112,4 +114,3 @@ def merge_run(run_dir, out_dir=None, force: bool = False) -> Path:
 
 def dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-

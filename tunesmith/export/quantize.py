@@ -100,8 +100,13 @@ def quantize_tensors(model, method: str, group_size: int = 32) -> tuple[dict, di
     head = model.get_output_embeddings()
     if head is not None and head.weight is model.get_input_embeddings().weight:
         state.pop("lm_head.weight", None)
-    manifest = {"format": FORMAT, "method": method, "group_size": group_size if method == "int4" else None,
-                "scheme": "symmetric, weight-only", "modules": modules}
+    manifest = {
+        "format": FORMAT,
+        "method": method,
+        "group_size": group_size if method == "int4" else None,
+        "scheme": "symmetric, weight-only",
+        "modules": modules,
+    }
     return state, manifest
 
 
@@ -115,7 +120,9 @@ class Int4Linear(nn.Module):
         # The packed CPU layout tiles output rows by 16; other shapes take the dequantizing path.
         self.kernel = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and self.out_features % 16 == 0
         if self.kernel:
-            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1), persistent=False)
+            self.register_buffer(
+                "packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1), persistent=False
+            )
             # The kernel computes (code - 8) * scale + zero per group; symmetric means zero = 0.
             sz = torch.stack([scales.t(), torch.zeros_like(scales.t())], dim=-1).contiguous()
             self.register_buffer("scales_zeros", sz.to(torch.bfloat16), persistent=False)
@@ -128,10 +135,11 @@ class Int4Linear(nn.Module):
         flat = x.reshape(-1, self.in_features)
         if self.kernel:
             # bf16 activations: the fp32 path of this kernel is ~20x slower on CPU (measured).
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16), self.packed, self.group,
-                                                           self.scales_zeros).to(x.dtype)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                flat.to(torch.bfloat16), self.packed, self.group, self.scales_zeros
+            ).to(x.dtype)
         else:
-            w = (self.codes.reshape(self.out_features, -1, self.group).float() * self.scales[..., None])
+            w = self.codes.reshape(self.out_features, -1, self.group).float() * self.scales[..., None]
             y = flat @ w.reshape(self.out_features, self.in_features).t().to(x.dtype)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y
@@ -170,11 +178,15 @@ def _read_manifest(directory: Path) -> dict:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise UserError(f"{path}: cannot read the quantization manifest ({type(err).__name__}); "
-                        "expected a dir written by tunesmith quantize") from None
+        raise UserError(
+            f"{path}: cannot read the quantization manifest ({type(err).__name__}); "
+            "expected a dir written by tunesmith quantize"
+        ) from None
     if manifest.get("format") != FORMAT or manifest.get("method") not in METHODS:
-        raise UserError(f"{path}: format {manifest.get('format')!r} / method {manifest.get('method')!r} "
-                        f"is not {FORMAT} with one of {', '.join(METHODS)}")
+        raise UserError(
+            f"{path}: format {manifest.get('format')!r} / method {manifest.get('method')!r} "
+            f"is not {FORMAT} with one of {', '.join(METHODS)}"
+        )
     return manifest
 
 
@@ -190,18 +202,24 @@ def load_quantized(directory):
     state = load_file(str(directory / WEIGHTS))
     config = AutoConfig.from_pretrained(directory)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    quantized = {name: (state.pop(f"{name}.qweight"), state.pop(f"{name}.scales"), state.pop(f"{name}.bias", None))
-                 for name in manifest["modules"]}
+    quantized = {
+        name: (state.pop(f"{name}.qweight"), state.pop(f"{name}.scales"), state.pop(f"{name}.bias", None))
+        for name in manifest["modules"]
+    }
     # Plain tensors load first, while every module is still the nn.Linear they were saved from.
     missing, unexpected = model.load_state_dict(state, strict=False)
     swapped = {f"{name}.weight" for name in quantized} | {f"{name}.bias" for name in quantized}
     missing = [k for k in missing if k not in swapped and k != "lm_head.weight"]  # tied: set below
     if missing or unexpected:
-        raise UserError(f"{directory / WEIGHTS}: tensors do not fit config.json "
-                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise UserError(
+            f"{directory / WEIGHTS}: tensors do not fit config.json "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     for name, (q, s, bias) in quantized.items():
         group = manifest["modules"][name].get("group_size")
-        model.set_submodule(name, Int8Linear(q, s, bias) if manifest["method"] == "int8" else Int4Linear(q, s, group, bias))
+        model.set_submodule(
+            name, Int8Linear(q, s, bias) if manifest["method"] == "int8" else Int4Linear(q, s, group, bias)
+        )
     if getattr(config, "tie_word_embeddings", False):
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
     model.eval().requires_grad_(False)
@@ -223,7 +241,9 @@ def output_dir(model_spec: str, out_dir, method: str, force: bool) -> Path:
     return out
 
 
-def save_quantized(model_spec: str, out_dir=None, method: str = "int8", force: bool = False, model=None, tokenizer=None) -> Path:
+def save_quantized(
+    model_spec: str, out_dir=None, method: str = "int8", force: bool = False, model=None, tokenizer=None
+) -> Path:
     """Quantize and write the dir; pass `model`/`tokenizer` when the caller has them loaded already."""
     from safetensors.torch import save_file
 
@@ -255,7 +275,9 @@ def save_quantized(model_spec: str, out_dir=None, method: str = "int8", force: b
     return out
 
 
-def quantize_with_report(model_spec: str, out_dir=None, method: str = "int8", force: bool = False, eval_text=None) -> dict:
+def quantize_with_report(
+    model_spec: str, out_dir=None, method: str = "int8", force: bool = False, eval_text=None
+) -> dict:
     """`save_quantized`, then measure the fp32 model and the reloaded quantized one on the same
     ids and prompts; writes `report.json` into the dir and returns it."""
     from tunesmith.data.sft import ensure_chat_template
@@ -289,11 +311,22 @@ def quantize_with_report(model_spec: str, out_dir=None, method: str = "int8", fo
     stops = end_ids(qtok)
     matches = sum(same_greedy(a, b, stops) for a, b in zip(greedy, ref_greedy))
     ppl = torch_perplexity(qmodel, ids)
-    row = {"format": f"PyTorch {method}", "size_mib": mib(out / WEIGHTS), "ppl": ppl, "ppl_ratio": ppl / ref["ppl"],
-           "tok_s": tok_s, "greedy": f"{matches}/{len(PROMPTS)}"}
-    report = {"format": method, "path": str(out), "size_mib": row["size_mib"], "eval_text": str(eval_text or DEFAULT_TEXT),
-              "manifest": _read_manifest(out), "table": [ref, row]}
+    row = {
+        "format": f"PyTorch {method}",
+        "size_mib": mib(out / WEIGHTS),
+        "ppl": ppl,
+        "ppl_ratio": ppl / ref["ppl"],
+        "tok_s": tok_s,
+        "greedy": f"{matches}/{len(PROMPTS)}",
+    }
+    report = {
+        "format": method,
+        "path": str(out),
+        "size_mib": row["size_mib"],
+        "eval_text": str(eval_text or DEFAULT_TEXT),
+        "manifest": _read_manifest(out),
+        "table": [ref, row],
+    }
     report["manifest"].pop("modules")
     write_report(out / "report.json", report)
     return report
-

@@ -66,7 +66,9 @@ def eval_ids(tokenizer, text_path=None, max_tokens: int = EVAL_TOKENS) -> list[i
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"cannot read {path} ({type(err).__name__}); expected a UTF-8 text file", key="eval_text") from None
+        raise UserError(
+            f"cannot read {path} ({type(err).__name__}); expected a UTF-8 text file", key="eval_text"
+        ) from None
     ids = tokenizer(text)["input_ids"][:max_tokens]
     if len(ids) < 2:
         raise UserError(f"{path} has fewer than 2 tokens; perplexity needs some text", key="eval_text")
@@ -112,10 +114,16 @@ def torch_greedy(model, tokenizer, prompt_ids: list[int], n: int = GREEDY_TOKENS
     """HF greedy decoding; the returned list ends with the stop token when the model stopped."""
     stops = sorted(end_ids(tokenizer))
     out = model.generate(
-        input_ids=torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-        max_new_tokens=n, do_sample=False, temperature=None, top_p=None, top_k=None,
-        eos_token_id=stops, pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0],
-    )[0, len(prompt_ids):].tolist()
+        input_ids=torch.tensor([prompt_ids]),
+        attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+        max_new_tokens=n,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        eos_token_id=stops,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0],
+    )[0, len(prompt_ids) :].tolist()
     return _cut(out, set(stops))
 
 
@@ -164,8 +172,15 @@ def open_gguf(gguf_path, n_ctx: int):
         raise UserError(f"{path}: not found; expected a .gguf file")
     check_gguf(path)
     try:
-        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_threads=N_THREADS,
-                               logits_all=True, seed=SEED, verbose=False)
+        return llama_cpp.Llama(
+            model_path=str(path),
+            n_ctx=n_ctx,
+            n_batch=min(n_ctx, 512),
+            n_threads=N_THREADS,
+            logits_all=True,
+            seed=SEED,
+            verbose=False,
+        )
     except (ValueError, RuntimeError, OSError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UserError(f"{path}: llama.cpp cannot load this GGUF ({first}); it may be truncated or corrupt") from None
@@ -195,11 +210,21 @@ def _add_bos(llm) -> bool:
     return str(llm.metadata.get("tokenizer.ggml.add_bos_token", "false")).lower() == "true"
 
 
-def verify_gguf(gguf_path, reference_model, tokenizer, prompts=PROMPTS, texts=None, quant: str | None = None,
-                reference_ppl: float | None = None, reference_greedy: list[list[int]] | None = None) -> dict:
+def verify_gguf(
+    gguf_path,
+    reference_model,
+    tokenizer,
+    prompts=PROMPTS,
+    texts=None,
+    quant: str | None = None,
+    reference_ppl: float | None = None,
+    reference_greedy: list[list[int]] | None = None,
+) -> dict:
     """See the module docstring. `texts` is a list of token-id lists (default: `eval_ids`)."""
     ids_list = texts if texts is not None else [eval_ids(tokenizer, max_tokens=eval_budget(reference_model))]
-    longest_prompt = max(len(tokenizer(chat_prompt(tokenizer, p), add_special_tokens=False)["input_ids"]) for p in prompts)
+    longest_prompt = max(
+        len(tokenizer(chat_prompt(tokenizer, p), add_special_tokens=False)["input_ids"]) for p in prompts
+    )
     n_ctx = max(max(len(ids) for ids in ids_list), longest_prompt + GREEDY_TOKENS + 8) + 8
     llm = open_gguf(gguf_path, n_ctx)
     try:
@@ -222,12 +247,22 @@ def verify_gguf(gguf_path, reference_model, tokenizer, prompts=PROMPTS, texts=No
     finally:
         if hasattr(llm, "close"):  # frees llama.cpp's context now rather than at interpreter exit
             llm.close()
-    ref = [reference_ppl] if reference_ppl is not None and len(ids_list) == 1 else [
-        torch_perplexity(reference_model, ids) for ids in ids_list]
+    ref = (
+        [reference_ppl]
+        if reference_ppl is not None and len(ids_list) == 1
+        else [torch_perplexity(reference_model, ids) for ids in ids_list]
+    )
     result = {
-        "gguf": str(gguf_path), "quant": quant, "prompts": len(prompts), "greedy_tokens": GREEDY_TOKENS,
-        "greedy_match": matches, "prompt_ids_equal": prompt_ids_equal, "eval_tokens": [len(ids) for ids in ids_list],
-        "ppl": float(np.mean(ppls)), "ppl_fp32": float(np.mean(ref)), "tok_s": total / max(elapsed, 1e-9),
+        "gguf": str(gguf_path),
+        "quant": quant,
+        "prompts": len(prompts),
+        "greedy_tokens": GREEDY_TOKENS,
+        "greedy_match": matches,
+        "prompt_ids_equal": prompt_ids_equal,
+        "eval_tokens": [len(ids) for ids in ids_list],
+        "ppl": float(np.mean(ppls)),
+        "ppl_fp32": float(np.mean(ref)),
+        "tok_s": total / max(elapsed, 1e-9),
         "details": details,
     }
     result["ppl_ratio"] = result["ppl"] / result["ppl_fp32"]
@@ -240,11 +275,15 @@ def failures(result: dict, quant: str | None) -> list[str]:
     rule = THRESHOLDS.get(quant or "", {})
     problems = []
     if "min_greedy_fraction" in rule and result["greedy_match"] < rule["min_greedy_fraction"] * result["prompts"]:
-        problems.append(f"greedy tokens match PyTorch on {result['greedy_match']}/{result['prompts']} prompts "
-                        f"(need ≥ {math.ceil(rule['min_greedy_fraction'] * result['prompts'])})")
+        problems.append(
+            f"greedy tokens match PyTorch on {result['greedy_match']}/{result['prompts']} prompts "
+            f"(need ≥ {math.ceil(rule['min_greedy_fraction'] * result['prompts'])})"
+        )
     if "max_ppl_ratio" in rule and result["ppl_ratio"] > rule["max_ppl_ratio"]:
-        problems.append(f"perplexity {result['ppl']:.3f} is {100 * (result['ppl_ratio'] - 1):+.1f}% vs fp32 "
-                        f"{result['ppl_fp32']:.3f} (allowed +{100 * (rule['max_ppl_ratio'] - 1):.0f}%)")
+        problems.append(
+            f"perplexity {result['ppl']:.3f} is {100 * (result['ppl_ratio'] - 1):+.1f}% vs fp32 "
+            f"{result['ppl_fp32']:.3f} (allowed +{100 * (rule['max_ppl_ratio'] - 1):.0f}%)"
+        )
     return problems
 
 
@@ -252,8 +291,12 @@ def report_table(rows: list[dict]) -> str:
     """Rows of {format, size_mib, ppl, ppl_ratio, tok_s, greedy}; a missing value prints as '-'."""
     head = ("format", "size MiB", "ppl", "ppl/fp32", "tok/s", "greedy = fp32")
     fmt = {"size_mib": "{:.1f}", "ppl": "{:.3f}", "ppl_ratio": "{:.4f}", "tok_s": "{:.1f}"}
-    body = [[str(r.get("format", "-"))] + [fmt[k].format(r[k]) if r.get(k) is not None else "-" for k in fmt]
-            + [str(r.get("greedy") or "-")] for r in rows]
+    body = [
+        [str(r.get("format", "-"))]
+        + [fmt[k].format(r[k]) if r.get(k) is not None else "-" for k in fmt]
+        + [str(r.get("greedy") or "-")]
+        for r in rows
+    ]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(b) for b in body])
@@ -269,8 +312,14 @@ def reference_row(model, tokenizer, ids: list[int], prompts=PROMPTS) -> tuple[di
     """The fp32 PyTorch row of the table (size = its fp32 weights) and its greedy tokens."""
     tok_s, greedy = torch_speed(model, tokenizer, prompts)
     size = sum(p.numel() * 4 for p in model.parameters()) / 2**20
-    row = {"format": "fp32 PyTorch", "size_mib": size, "ppl": torch_perplexity(model, ids), "ppl_ratio": 1.0,
-           "tok_s": tok_s, "greedy": None}
+    row = {
+        "format": "fp32 PyTorch",
+        "size_mib": size,
+        "ppl": torch_perplexity(model, ids),
+        "ppl_ratio": 1.0,
+        "tok_s": tok_s,
+        "greedy": None,
+    }
     return row, greedy
 
 
@@ -304,13 +353,23 @@ def verify_export(model_spec: str, gguf_path, quant: str, eval_text=None, verify
         ensure_chat_template(tokenizer)  # as export_gguf did before embedding the template
         ids = eval_ids(tokenizer, eval_text, eval_budget(model))
         ref, ref_greedy = reference_row(model, tokenizer, ids)
-        result = verify_gguf(gguf_path, model, tokenizer, texts=[ids], quant=quant, reference_ppl=ref["ppl"],
-                             reference_greedy=ref_greedy)
-        row.update(ppl=result["ppl"], ppl_ratio=result["ppl_ratio"], tok_s=result["tok_s"],
-                   greedy=f"{result['greedy_match']}/{result['prompts']}")
+        result = verify_gguf(
+            gguf_path, model, tokenizer, texts=[ids], quant=quant, reference_ppl=ref["ppl"], reference_greedy=ref_greedy
+        )
+        row.update(
+            ppl=result["ppl"],
+            ppl_ratio=result["ppl_ratio"],
+            tok_s=result["tok_s"],
+            greedy=f"{result['greedy_match']}/{result['prompts']}",
+        )
         rows = [ref, row]
-        report.update(eval_text=str(eval_text or DEFAULT_TEXT), passed=result["passed"], failures=result["failures"],
-                      thresholds=THRESHOLDS.get(quant, {}), verification=result)
+        report.update(
+            eval_text=str(eval_text or DEFAULT_TEXT),
+            passed=result["passed"],
+            failures=result["failures"],
+            thresholds=THRESHOLDS.get(quant, {}),
+            verification=result,
+        )
     report["table"] = rows
     write_report(report_path(gguf_path), report)
     return report

@@ -31,7 +31,9 @@ def load_for_inference(spec: str, device=None, dtype=None, trust_remote_code: bo
         tokenizer = load_tokenizer(str(path) if own_tokenizer else resolve_model(base_name))
         label = f"{base_name} + adapter {path}"
     elif path.is_dir() and run.has_config and run.kind is None:
-        raise UserError(f"{path}: this run dir has no finished model yet (no adapter or weights); finish or resume training")
+        raise UserError(
+            f"{path}: this run dir has no finished model yet (no adapter or weights); finish or resume training"
+        )
     else:
         resolved = resolve_model(spec)
         model = load_model(resolved, dtype=dtype, trust_remote_code=trust_remote_code)

@@ -51,8 +51,13 @@ def stage_config(cfg: Config, model_name: str, output_dir: str) -> Config:
     model = copy.deepcopy(cfg.model)
     model.name = model_name
     return Config(
-        model=model, data=DataConfig(max_length=p.block_size, cache_dir=cfg.data.cache_dir),
-        adapter=adapter, train=t, compare=CompareConfig(), pretrain=copy.deepcopy(p), pipeline=PipelineConfig(),
+        model=model,
+        data=DataConfig(max_length=p.block_size, cache_dir=cfg.data.cache_dir),
+        adapter=adapter,
+        train=t,
+        compare=CompareConfig(),
+        pretrain=copy.deepcopy(p),
+        pipeline=PipelineConfig(),
     )
 
 
@@ -116,7 +121,11 @@ def sample_text(model, tokenizer, tokens, block_size: int, first_block: int, n_n
     torch.manual_seed(seed)
     with torch.no_grad():
         out = model.generate(
-            torch.tensor([prompt_ids]), max_new_tokens=n_new, do_sample=True, temperature=0.8, top_p=0.95,
+            torch.tensor([prompt_ids]),
+            max_new_tokens=n_new,
+            do_sample=True,
+            temperature=0.8,
+            top_p=0.95,
             pad_token_id=tokenizer.pad_token_id,
         )
     return {
@@ -160,8 +169,11 @@ def run_pretrain(cfg: Config, output_dir: str | None = None) -> dict:
     stage = stage_config(cfg, model_name, out)
     before = None
     if not p.from_scratch:
-        base = load_model(resolve_model(model_name), trust_remote_code=cfg.model.trust_remote_code,
-                          attn_implementation=cfg.model.attn_implementation)
+        base = load_model(
+            resolve_model(model_name),
+            trust_remote_code=cfg.model.trust_remote_code,
+            attn_implementation=cfg.model.attn_implementation,
+        )
         before = validation_loss(base, val_rows, stage.train.batch_size, tokenizer.pad_token_id)
         del base
 
@@ -174,22 +186,35 @@ def run_pretrain(cfg: Config, output_dir: str | None = None) -> dict:
     result = run_training(stage, rows=rows)
     val_loss = result.summary.get("final_val_loss")
     summary = {
-        "from_scratch": p.from_scratch, "model": model_name, "method": stage.adapter.method,
+        "from_scratch": p.from_scratch,
+        "model": model_name,
+        "method": stage.adapter.method,
         "parameters": result.summary.get("total_params"),
-        "corpus": {k: meta[k] for k in ("n_tokens", "n_bytes", "n_docs", "unigram_bits_per_token", "unigram_bits_per_byte")},
-        "block_size": p.block_size, "train_blocks": len(train_idx), "val_blocks": len(val_idx),
-        "val_loss": val_loss, "val_bits_per_token": val_loss / math.log(2),
-        "val_perplexity": math.exp(val_loss), "val_bits_per_byte": textdata.bits_per_byte(val_loss, meta),
-        "steps": result.summary.get("steps"), "train_wall_s": result.summary.get("train_wall_s"),
+        "corpus": {
+            k: meta[k] for k in ("n_tokens", "n_bytes", "n_docs", "unigram_bits_per_token", "unigram_bits_per_byte")
+        },
+        "block_size": p.block_size,
+        "train_blocks": len(train_idx),
+        "val_blocks": len(val_idx),
+        "val_loss": val_loss,
+        "val_bits_per_token": val_loss / math.log(2),
+        "val_perplexity": math.exp(val_loss),
+        "val_bits_per_byte": textdata.bits_per_byte(val_loss, meta),
+        "steps": result.summary.get("steps"),
+        "train_wall_s": result.summary.get("train_wall_s"),
     }
     if p.from_scratch:
         config = result.model.config
         summary["parameters"] = count_params(config)
     if before is not None:
         summary["before"] = {
-            "val_loss": before, "val_perplexity": math.exp(before), "val_bits_per_byte": textdata.bits_per_byte(before, meta),
+            "val_loss": before,
+            "val_perplexity": math.exp(before),
+            "val_bits_per_byte": textdata.bits_per_byte(before, meta),
         }
-    summary["sample"] = sample_text(result.model, result.tokenizer, tokens, p.block_size, int(val_idx[0]), seed=cfg.train.seed)
+    summary["sample"] = sample_text(
+        result.model, result.tokenizer, tokens, p.block_size, int(val_idx[0]), seed=cfg.train.seed
+    )
     (Path(out) / SUMMARY).write_text(json.dumps(summary, indent=2), encoding="utf-8")
     print(
         f"tunesmith: validation loss {val_loss:.4f} nats/token = {summary['val_bits_per_token']:.3f} bits/token "

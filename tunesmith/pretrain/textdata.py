@@ -44,7 +44,9 @@ CACHE_VERSION = 1
 
 def corpus_files(paths: list[str]) -> list[Path]:
     if not paths:
-        raise UserError("config key pretrain.corpus: no corpus given; expected .txt/.md/.jsonl files or folders of them")
+        raise UserError(
+            "config key pretrain.corpus: no corpus given; expected .txt/.md/.jsonl files or folders of them"
+        )
     suffixes = TEXT_SUFFIXES + JSONL_SUFFIXES
     files: list[Path] = []
     for p in paths:
@@ -121,7 +123,7 @@ def _jsonl_pieces(path: Path):
                 raise UserError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
             text = record.get("text") if isinstance(record, dict) else None
             if not isinstance(text, str):
-                raise UserError(f"{path}:{line_no}: expected an object with a \"text\" string")
+                raise UserError(f'{path}:{line_no}: expected an object with a "text" string')
             yield text
 
 
@@ -185,13 +187,19 @@ def _tokenize(files, tokenizer, cache_dir: Path, bin_path: Path) -> dict:
     tmp = bin_path.with_name(bin_path.name + f".tmp-{os.getpid()}")
     with open(tmp, "wb") as out:
         for text, end in pieces(files):
-            ids = [i for enc in backend.encode_batch(text.splitlines(keepends=True), add_special_tokens=False) for i in enc.ids]
+            ids = [
+                i
+                for enc in backend.encode_batch(text.splitlines(keepends=True), add_special_tokens=False)
+                for i in enc.ids
+            ]
             if end:
                 ids.append(eos)
                 n_docs += 1
             arr = np.asarray(ids, dtype=np.int64)
             if arr.size and arr.max() >= vocab:
-                raise UserError(f"model tokenizer: produced token id {int(arr.max())} outside its own vocabulary of {vocab}")
+                raise UserError(
+                    f"model tokenizer: produced token id {int(arr.max())} outside its own vocabulary of {vocab}"
+                )
             counts += np.bincount(arr, minlength=vocab)
             arr.astype(dtype).tofile(out)
             n_tokens += arr.size
@@ -206,8 +214,13 @@ def _tokenize(files, tokenizer, cache_dir: Path, bin_path: Path) -> dict:
     p = counts[counts > 0] / n_tokens
     entropy = float(-(p * np.log2(p)).sum())
     return {
-        "version": CACHE_VERSION, "n_tokens": int(n_tokens), "n_bytes": int(n_bytes), "n_docs": n_docs,
-        "dtype": np.dtype(dtype).name, "vocab": vocab, "files": [str(f) for f in files],
+        "version": CACHE_VERSION,
+        "n_tokens": int(n_tokens),
+        "n_bytes": int(n_bytes),
+        "n_docs": n_docs,
+        "dtype": np.dtype(dtype).name,
+        "vocab": vocab,
+        "files": [str(f) for f in files],
         "unigram_bits_per_token": round(entropy, 4),
         "unigram_bits_per_byte": round(entropy * n_tokens / n_bytes, 4),
     }

@@ -41,7 +41,6 @@ def limit_heap_retention(threshold: int = 1 << 20) -> bool:
         return False
 
 
-
 def current_rss() -> float:
     with open("/proc/self/status") as fh:
         for line in fh:
@@ -55,7 +54,9 @@ def ram_budget(ram_gib: float | None = None) -> float:
         try:
             ram_gib = float(os.environ["TUNESMITH_RAM_GIB"])
         except ValueError:
-            raise UserError(f"TUNESMITH_RAM_GIB: expected a number of GiB, got {os.environ['TUNESMITH_RAM_GIB']!r}") from None
+            raise UserError(
+                f"TUNESMITH_RAM_GIB: expected a number of GiB, got {os.environ['TUNESMITH_RAM_GIB']!r}"
+            ) from None
     if ram_gib is not None:
         if ram_gib <= 0:
             raise UserError(f"expected a number of GiB > 0, got {ram_gib}", key="ram_gib")

@@ -130,8 +130,9 @@ def probe_model(cfg: Config, hf_cfg, n_layers: int, frozen_dtype: str):
     return fast
 
 
-def _measure(cfg: Config, hf_cfg, n_layers: int, batch: int, row_lens, label_frac: float, segment: int | None,
-             timed: bool) -> dict:
+def _measure(
+    cfg: Config, hf_cfg, n_layers: int, batch: int, row_lens, label_frac: float, segment: int | None, timed: bool
+) -> dict:
     """Build an n-layer random copy, run AdamW steps at each row length; bytes and seconds."""
     import torch
 
@@ -152,8 +153,15 @@ def _measure(cfg: Config, hf_cfg, n_layers: int, batch: int, row_lens, label_fra
     step = LossModule(model, embed_into_grad=can_embed_into_grad(model))
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
     vocab = model.get_input_embeddings().weight.shape[0]
-    result = {"trainable": trainable, "total": total, "weights": weight_bytes, "stored": stored_parameters(model),
-              "saved": {}, "seconds": {}, "opt_s": None}
+    result = {
+        "trainable": trainable,
+        "total": total,
+        "weights": weight_bytes,
+        "stored": stored_parameters(model),
+        "saved": {},
+        "seconds": {},
+        "opt_s": None,
+    }
     for length in row_lens:
         ids = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(length))
         # packed rows restart positions per sample, which turns sdpa's causal fast path into a
@@ -308,8 +316,12 @@ def estimate(cfg: Config, probe: bool = True, ram_gib: float | None = None, _cac
     act += outside + loss_chunk
     data = n_tokens * DATA_BYTES_PER_TOKEN
     parts = {
-        "baseline": baseline, "weights": weights, "gradients": grads, "optimizer": optimizer,
-        "activations": act, "data": data,
+        "baseline": baseline,
+        "weights": weights,
+        "gradients": grads,
+        "optimizer": optimizer,
+        "activations": act,
+        "data": data,
     }
     # Backward frees each layer's activations as it fills that layer's gradients, so both never
     # peak together: at its start the head's (and tied embeddings') gradients sit beside all the
@@ -330,6 +342,7 @@ def estimate(cfg: Config, probe: bool = True, ram_gib: float | None = None, _cac
 
     step_s = None
     if probe:
+
         def secs(r, length):  # per token from the longest probe rows (sdpa: attention is cheap)
             return r["seconds"][lens[-1]] * length / lens[-1]
 
@@ -347,8 +360,15 @@ def estimate(cfg: Config, probe: bool = True, ram_gib: float | None = None, _cac
     disk = t.keep_last * checkpoint + final + 20e6  # tokenizer, configs, metrics, plot
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     return Estimate(
-        peak_bytes=peak, parts=parts, step_s=step_s, disk_bytes=disk,
-        ram_budget=ram_budget(ram_gib), disk_free=disk_free(Path(t.output_dir)), processes=processes,
-        params=int(round(total)), trainable=int(round(trainable)),
-        tokens_per_step=int(b * mean_len * t.grad_accum), notes=[] if not tied else ["tied embeddings"],
+        peak_bytes=peak,
+        parts=parts,
+        step_s=step_s,
+        disk_bytes=disk,
+        ram_budget=ram_budget(ram_gib),
+        disk_free=disk_free(Path(t.output_dir)),
+        processes=processes,
+        params=int(round(total)),
+        trainable=int(round(trainable)),
+        tokens_per_step=int(b * mean_len * t.grad_accum),
+        notes=[] if not tied else ["tied embeddings"],
     )

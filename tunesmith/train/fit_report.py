@@ -98,9 +98,14 @@ def verdict_line(cfg: Config, est: Estimate, suggestion) -> str:
     need = est.peak_bytes * est.processes / GIB
     line = f"predicted peak RAM {need:.2f} GiB exceeds the {est.ram_budget / GIB:.2f} GiB available"
     if suggestion is None:
-        return line + "; no single change makes it fit: use a smaller model or a machine with more RAM (or pass --force)"
+        return (
+            line + "; no single change makes it fit: use a smaller model or a machine with more RAM (or pass --force)"
+        )
     overrides, trial = suggestion
-    return line + f"; try {' '.join(overrides)} (predicted {trial.peak_bytes * trial.processes / GIB:.2f} GiB), or pass --force"
+    return (
+        line
+        + f"; try {' '.join(overrides)} (predicted {trial.peak_bytes * trial.processes / GIB:.2f} GiB), or pass --force"
+    )
 
 
 def table(cfg: Config, est: Estimate) -> str:
@@ -123,7 +128,8 @@ def table(cfg: Config, est: Estimate) -> str:
     )
     speed = (
         f"predicted {est.step_s:.2f} s/step (~{est.tokens_per_step / est.step_s:,.0f} tok/s)"
-        if est.step_s else "s/step: not probed"
+        if est.step_s
+        else "s/step: not probed"
     )
     return "\n".join([head, *lines, speed])
 

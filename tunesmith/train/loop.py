@@ -215,8 +215,9 @@ def set_up(cfg: Config, rows=None) -> Run:
     precision, frozen_dtype = resolve_precision(t, cfg.adapter.method, device)
     fast = make_trainable(load_base(cfg, resolved, frozen_dtype), cfg, device, dist, frozen_dtype)
     try:
-        run = _assemble(cfg, out, ignore, device, dist, tokenizer, train_rows, val_rows, stats, precision,
-                        frozen_dtype, fast)
+        run = _assemble(
+            cfg, out, ignore, device, dist, tokenizer, train_rows, val_rows, stats, precision, frozen_dtype, fast
+        )
         if resume_from is not None:
             _resume(run, resume_from)
         if not same_on_all_ranks(run.step, dist, device):  # every rank reads the checkpoint itself
@@ -253,8 +254,9 @@ def _data(cfg: Config, tokenizer, rows):
     return train_rows, val_rows, stats
 
 
-def _assemble(cfg, out, ignore, device, dist, tokenizer, train_rows, val_rows, stats, precision, frozen_dtype,
-              fast) -> Run:
+def _assemble(
+    cfg, out, ignore, device, dist, tokenizer, train_rows, val_rows, stats, precision, frozen_dtype, fast
+) -> Run:
     t, model, pad_id = cfg.train, fast.model, tokenizer.pad_token_id
     if fast.flat:
         multiple = gemm_rows_multiple(torch_dtype(precision), device)
@@ -273,7 +275,9 @@ def _assemble(cfg, out, ignore, device, dist, tokenizer, train_rows, val_rows, s
     fused = device.type in ("cpu", "cuda") and not (dist.enabled and dist.strategy == "fsdp")
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=t.lr, betas=tuple(t.betas), fused=fused or None,
+        lr=t.lr,
+        betas=tuple(t.betas),
+        fused=fused or None,
     )
     stream = RowStream(len(train_rows), t.batch_size, t.seed, dist)
     global_batch = t.batch_size * t.grad_accum * dist.world
@@ -285,16 +289,32 @@ def _assemble(cfg, out, ignore, device, dist, tokenizer, train_rows, val_rows, s
     )
     amp_dtype = None if precision == "fp32" else torch_dtype(precision)
     return Run(
-        cfg=cfg, out=out, ignore=ignore, device=device, dist=dist, tokenizer=tokenizer, train_rows=train_rows,
-        val_rows=val_rows, stats=stats, precision=precision, frozen_dtype=frozen_dtype, fast=fast,
-        trainer=trainer, params=params, optimizer=optimizer, scheduler=scheduler, stream=stream,
+        cfg=cfg,
+        out=out,
+        ignore=ignore,
+        device=device,
+        dist=dist,
+        tokenizer=tokenizer,
+        train_rows=train_rows,
+        val_rows=val_rows,
+        stats=stats,
+        precision=precision,
+        frozen_dtype=frozen_dtype,
+        fast=fast,
+        trainer=trainer,
+        params=params,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        stream=stream,
         make_batch=make_batch,
         autocast=(lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext,
         scaler=torch.amp.GradScaler("cuda") if t.precision == "fp16" else None,
-        total_steps=total_steps, global_batch=global_batch,
+        total_steps=total_steps,
+        global_batch=global_batch,
         # FSDP's forwards all-gather layer by layer, so every rank must run as many: one per micro-batch
         forward_tokens=0 if dist.enabled and dist.strategy == "fsdp" else t.forward_tokens,
-        trainable=trainable, total_params=total_params,
+        trainable=trainable,
+        total_params=total_params,
     )
 
 
@@ -350,11 +370,19 @@ def train_steps(run: Run) -> float | None:
         loss, tokens, seconds = one_step(run)
         if dist.main:
             if run.step % t.log_every == 0 or run.step == run.total_steps:
-                records.log({
-                    "step": run.step, "epoch": run.stream.position(), "loss": round(loss, 6), "lr": run.lr,
-                    "grad_norm": round(run.grad_norm, 6), "tokens": tokens, "step_s": round(seconds, 4),
-                    "tok_per_s": round(tokens / seconds, 1), "elapsed_s": round(run.elapsed(), 3),
-                })
+                records.log(
+                    {
+                        "step": run.step,
+                        "epoch": run.stream.position(),
+                        "loss": round(loss, 6),
+                        "lr": run.lr,
+                        "grad_norm": round(run.grad_norm, 6),
+                        "tokens": tokens,
+                        "step_s": round(seconds, 4),
+                        "tok_per_s": round(tokens / seconds, 1),
+                        "elapsed_s": round(run.elapsed(), 3),
+                    }
+                )
             if bar is not None:
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{run.lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
                 bar.update(1)
@@ -377,13 +405,26 @@ def _validate(run: Run) -> float | None:
 
 def _save_checkpoint(run: Run) -> None:
     state = {
-        "epoch": run.stream.epoch, "offset": run.stream.offset, "tokens_seen": run.tokens_seen,
-        "last_loss": run.last_loss, "elapsed_s": run.elapsed(), "config_hash": config_hash(run.cfg, run.ignore),
-        "global_batch": run.global_batch, "world_size": run.dist.world,
+        "epoch": run.stream.epoch,
+        "offset": run.stream.offset,
+        "tokens_seen": run.tokens_seen,
+        "last_loss": run.last_loss,
+        "elapsed_s": run.elapsed(),
+        "config_hash": config_hash(run.cfg, run.ignore),
+        "global_batch": run.global_batch,
+        "world_size": run.dist.world,
     }
     # every rank: under FSDP saving gathers the shards; only rank 0 writes
-    ckpt.save_checkpoint(run.out.checkpoints, run.step, run.model, run.optimizer, run.scheduler, state,
-                         run.cfg.train.keep_last, run.dist.main)
+    ckpt.save_checkpoint(
+        run.out.checkpoints,
+        run.step,
+        run.model,
+        run.optimizer,
+        run.scheduler,
+        state,
+        run.cfg.train.keep_last,
+        run.dist.main,
+    )
     barrier(run.dist)
 
 
@@ -402,13 +443,22 @@ def finish(run: Run, val_loss: float | None) -> TrainResult:
         run.records.close()
         run.records.plot(out / "loss.png")
         summary = {
-            "method": cfg.adapter.method, "base_model": cfg.model.name, "steps": run.step,
-            "tokens_seen": run.tokens_seen, "train_wall_s": round(wall, 2),
+            "method": cfg.adapter.method,
+            "base_model": cfg.model.name,
+            "steps": run.step,
+            "tokens_seen": run.tokens_seen,
+            "train_wall_s": round(wall, 2),
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "final_train_loss": run.last_loss, "final_val_loss": val_loss,
-            "trainable_params": run.trainable, "total_params": run.total_params,
-            "train_rows": len(run.train_rows), "val_rows": len(run.val_rows), "device": str(run.device),
-            "world_size": dist.world, "precision": run.precision, "frozen_dtype": run.frozen_dtype,
+            "final_train_loss": run.last_loss,
+            "final_val_loss": val_loss,
+            "trainable_params": run.trainable,
+            "total_params": run.total_params,
+            "train_rows": len(run.train_rows),
+            "val_rows": len(run.val_rows),
+            "device": str(run.device),
+            "world_size": dist.world,
+            "precision": run.precision,
+            "frozen_dtype": run.frozen_dtype,
             "data": run.stats.__dict__,
         }
         run.out.write_summary(summary)

@@ -147,7 +147,9 @@ class LinearCrossEntropy(torch.autograd.Function):
             shape = (len(t), w.shape[0])
             # the logits, their softmax and its cast live in reused buffers (`scratch`): tens of MB
             logits = _logits(h, w, scratch("loss.logits", shape, cdt, h.device))
-            probs = logits if cdt == torch.float32 else scratch("loss.fp32", shape, torch.float32, h.device).copy_(logits)
+            probs = (
+                logits if cdt == torch.float32 else scratch("loss.fp32", shape, torch.float32, h.device).copy_(logits)
+            )
             target_logits = probs.gather(1, t[:, None]).squeeze(1)
             top = probs.amax(dim=1, keepdim=True)
             sums = probs.sub_(top).exp_().sum(dim=1, keepdim=True)  # exp(z − max), in place
@@ -184,8 +186,12 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.grads
         ctx.grads = None  # scaled in place and handed over: no second copy of ∂W
         scale = grad.to(grad_h.dtype if grad_h is not None else grad_w.dtype)
-        return (grad_h.mul_(scale) if grad_h is not None else None,
-                grad_w.mul_(scale) if grad_w is not None else None, None, None)
+        return (
+            grad_h.mul_(scale) if grad_h is not None else None,
+            grad_w.mul_(scale) if grad_w is not None else None,
+            None,
+            None,
+        )
 
 
 def token_loss(model, input_ids, labels, position_ids=None, embed_into_grad: bool = False):

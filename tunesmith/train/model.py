@@ -29,8 +29,11 @@ def base_dtype(method: str, frozen_dtype: str) -> torch.dtype:
 def load_base(cfg: Config, resolved: str, frozen_dtype: str):
     m = cfg.model
     return load_model(
-        resolved, dtype=base_dtype(cfg.adapter.method, frozen_dtype), trust_remote_code=m.trust_remote_code,
-        revision=m.revision, attn_implementation=m.attn_implementation,
+        resolved,
+        dtype=base_dtype(cfg.adapter.method, frozen_dtype),
+        trust_remote_code=m.trust_remote_code,
+        revision=m.revision,
+        attn_implementation=m.attn_implementation,
     )
 
 
@@ -38,13 +41,16 @@ def random_base(cfg: Config, hf_config, frozen_dtype: str):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_config(
-        hf_config, dtype=base_dtype(cfg.adapter.method, frozen_dtype),
-        attn_implementation=cfg.model.attn_implementation, trust_remote_code=cfg.model.trust_remote_code,
+        hf_config,
+        dtype=base_dtype(cfg.adapter.method, frozen_dtype),
+        attn_implementation=cfg.model.attn_implementation,
+        trust_remote_code=cfg.model.trust_remote_code,
     )
 
 
-def make_trainable(model, cfg: Config, device: torch.device, dist, frozen_dtype: str,
-                   checkpointing: bool = True) -> Prepared:
+def make_trainable(
+    model, cfg: Config, device: torch.device, dist, frozen_dtype: str, checkpointing: bool = True
+) -> Prepared:
     if cfg.train.gradient_checkpointing and checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

@@ -40,7 +40,9 @@ def _load_state(root: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
-        raise UserError(f"{path}: unreadable pipeline record; remove it (the stages will rerun) or choose another pipeline.output_dir") from None
+        raise UserError(
+            f"{path}: unreadable pipeline record; remove it (the stages will rerun) or choose another pipeline.output_dir"
+        ) from None
 
 
 def _save_state(root: Path, state: dict) -> None:
@@ -164,17 +166,22 @@ def _run_compare(cfg: Config, root: Path, model: str, finetuned: str | None) -> 
     for row in results["scores"]:
         if row["metric"] == primary:
             headline.setdefault(row["arm"], {})[row["split"]] = row["mean"]
-    return staged.compare.output_dir, {"results": str(Path(staged.compare.output_dir) / "results.json"), primary: headline}
+    return staged.compare.output_dir, {
+        "results": str(Path(staged.compare.output_dir) / "results.json"),
+        primary: headline,
+    }
 
 
 def run_pipeline(cfg: Config, from_stage: str | None = None) -> dict:
     root = Path(cfg.pipeline.output_dir)
     stages = [s for s in PIPELINE_STAGES if s in cfg.pipeline.stages]
     if from_stage is not None and from_stage not in stages:
-        raise UserError(f"{from_stage} is not a stage of this pipeline; expected one of {', '.join(stages)}", key="from_stage")
+        raise UserError(
+            f"{from_stage} is not a stage of this pipeline; expected one of {', '.join(stages)}", key="from_stage"
+        )
     state = _load_state(root)
     if from_stage is not None:
-        for stage in stages[stages.index(from_stage):]:
+        for stage in stages[stages.index(from_stage) :]:
             state.pop(stage, None)
             _clear(root, stage)
         _save_state(root, state)
@@ -183,12 +190,13 @@ def run_pipeline(cfg: Config, from_stage: str | None = None) -> dict:
         out = root / DIRS[stage]
         key = _chain(upstream, _identity(stage, cfg, root, model))
         record = state.get(stage)
-        before = stages[:stages.index(from_stage)] if from_stage else []
+        before = stages[: stages.index(from_stage)] if from_stage else []
         if stage in before:
             if not record or not record.get("done") or not Path(record["output"]).exists():
                 raise UserError(
                     f"stage {stage} has not finished (its output is missing), so the pipeline cannot start at "
-                    f"{from_stage}; run it from the start, or from {stage}", key="from_stage",
+                    f"{from_stage}; run it from the start, or from {stage}",
+                    key="from_stage",
                 )
         done = record and record.get("done") and record["hash"] == key and Path(record["output"]).exists()
         if done:
@@ -207,7 +215,12 @@ def run_pipeline(cfg: Config, from_stage: str | None = None) -> dict:
             if stage == "compare":
                 output, summary = _run_compare(cfg, root, model, finetuned)
             else:
-                runner = {"pretrain": _run_pretrain, "finetune": _run_finetune, "merge": _run_merge, "export": _run_export}[stage]
+                runner = {
+                    "pretrain": _run_pretrain,
+                    "finetune": _run_finetune,
+                    "merge": _run_merge,
+                    "export": _run_export,
+                }[stage]
                 output, summary = runner(cfg, root, model)
             wall = time.perf_counter() - t0
             record = {"hash": key, "done": True, "output": str(output), "wall_s": round(wall, 1), "summary": summary}

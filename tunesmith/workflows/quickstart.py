@@ -50,8 +50,10 @@ def eval_questions(limit_seen_per_fact: int = 1) -> list[dict]:
 def ask(model, tokenizer, questions: list[dict], system: str | None) -> tuple[list[str], float]:
     from tunesmith.infer.generate import generate_batch
 
-    convs = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": q["question"]}]
-             for q in questions]
+    convs = [
+        ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": q["question"]}]
+        for q in questions
+    ]
     start = time.perf_counter()
     answers = generate_batch(model, tokenizer, convs, max_new_tokens=MAX_NEW_TOKENS, batch_size=32)
     return answers, time.perf_counter() - start
@@ -83,7 +85,10 @@ def run_quickstart(out_dir: str, overrides: list[str] = (), compare: bool = True
     base.eval()
     before, before_s = ask(base, tokenizer, questions, system)
     del base
-    print(f"tunesmith quickstart: asked the base model in {before_s:.0f}s; fine-tuning ({cfg.adapter.method}) …", flush=True)
+    print(
+        f"tunesmith quickstart: asked the base model in {before_s:.0f}s; fine-tuning ({cfg.adapter.method}) …",
+        flush=True,
+    )
     run_training(cfg)  # its in-memory model is dropped: the tuned run is asked as `generate`/`chat` load it,
     # base + adapter from out_dir, in the same weights dtype as the base
     tuned, tuned_tokenizer, _ = load_for_inference(out_dir, dtype=dtype)
@@ -93,9 +98,7 @@ def run_quickstart(out_dir: str, overrides: list[str] = (), compare: bool = True
         "after": score(questions, after),
         "wall_s": round(time.perf_counter() - t0, 1),
         "train": json.loads((Path(out_dir) / "run.json").read_text(encoding="utf-8")),
-        "answers": [
-            {**q, "before": b, "after": a} for q, b, a in zip(questions, before, after)
-        ],
+        "answers": [{**q, "before": b, "after": a} for q, b, a in zip(questions, before, after)],
     }
     (Path(out_dir) / "quickstart.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     print_summary(result)
@@ -103,8 +106,10 @@ def run_quickstart(out_dir: str, overrides: list[str] = (), compare: bool = True
     if compare:
         from tunesmith.eval.compare import run_compare
 
-        print("\ntunesmith quickstart: comparing base, prompt engineering, RAG, fine-tuned and fine-tuned + RAG …",
-              flush=True)
+        print(
+            "\ntunesmith quickstart: comparing base, prompt engineering, RAG, fine-tuned and fine-tuned + RAG …",
+            flush=True,
+        )
         cfg.compare.run = out_dir
         result["compare"] = run_compare(cfg)
     return result

@@ -65,8 +65,9 @@ class Prepared:
         """Whether batches must be flattened to one padding-free row (`attention.flatten`)."""
         return self.previous_attention is not None
 
-    def attach(self, varlen=False, mlp_node=False, norm_node=False, rope_node=False, group=False,
-               max_length: int | None = None) -> Prepared:
+    def attach(
+        self, varlen=False, mlp_node=False, norm_node=False, rope_node=False, group=False, max_length: int | None = None
+    ) -> Prepared:
         """`max_length`: the longest sample the model will see (a sliding window at least that long
         changes nothing, so per-sample attention may serve it)."""
         if varlen and self.previous_attention is None:
@@ -123,8 +124,13 @@ def prepare(model, cfg, device: torch.device, dist) -> Prepared:
     t = cfg.train
     fast = Prepared(model)
     try:
-        fast.attach(varlen=t.padding_free, mlp_node=t.fused_mlp, norm_node=t.fused_norm, rope_node=t.fused_rope,
-                    max_length=cfg.data.max_length)
+        fast.attach(
+            varlen=t.padding_free,
+            mlp_node=t.fused_mlp,
+            norm_node=t.fused_norm,
+            rope_node=t.fused_rope,
+            max_length=cfg.data.max_length,
+        )
         model.to(device)
         fast.attach(group=t.fused_groups and not dist.enabled)
     except BaseException:

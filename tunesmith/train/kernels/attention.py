@@ -88,8 +88,9 @@ def flash_backward(grad, q, k, v, out, lses, segments, scale, grads: tuple) -> N
     """`flash_forward`'s backward, segment by segment, into `grads` = (∂q, ∂k, ∂v), same layout."""
     dq, dk, dv = grads
     for (s, e), lse in zip(segments, lses):
-        gq, gk, gv = _FLASH_BACKWARD(grad[:, :, s:e], q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], out[:, :, s:e], lse,
-                                     0.0, True, scale=scale)
+        gq, gk, gv = _FLASH_BACKWARD(
+            grad[:, :, s:e], q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], out[:, :, s:e], lse, 0.0, True, scale=scale
+        )
         dq[:, :, s:e], dk[:, :, s:e], dv[:, :, s:e] = gq, gk, gv
 
 
@@ -118,8 +119,9 @@ class SegmentFlashFn(torch.autograd.Function):
         q, k, v, out = ctx.saved_tensors
         grad = grad.to(q.dtype)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        flash_backward(grad.transpose(1, 2), q, k, v, out.transpose(1, 2), ctx.lses, ctx.segments, ctx.scale,
-                       (dq, dk, dv))
+        flash_backward(
+            grad.transpose(1, 2), q, k, v, out.transpose(1, 2), ctx.lses, ctx.segments, ctx.scale, (dq, dk, dv)
+        )
         dt = ctx.dtype
         return dq.to(dt), dk.to(dt), dv.to(dt), None, None
 
@@ -131,11 +133,14 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     plain = attention_mask is not None or query.shape[2] != key.shape[2] or query.shape[2] == 1
     if not plain and (position_ids is None or position_ids.shape[-1] != query.shape[2]):
         # plain causal SDPA over a flattened row would let samples attend to each other
-        raise RuntimeError(f"{type(module).__name__} does not pass position_ids to its attention function; "
-                           "train with train.padding_free=false")
+        raise RuntimeError(
+            f"{type(module).__name__} does not pass position_ids to its attention function; "
+            "train with train.padding_free=false"
+        )
     if plain:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
     if query.device.type == "cpu" and query.shape[0] == 1 and not dropout:
         segments = _segments(position_ids, 1)[0]
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -148,8 +153,14 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     for b, segments in enumerate(_segments(position_ids, query.shape[0])):
         parts = [
             F.scaled_dot_product_attention(
-                query[b : b + 1, :, s:e], key[b : b + 1, :, s:e], value[b : b + 1, :, s:e], dropout_p=dropout,
-                is_causal=True, scale=scaling, enable_gqa=gqa)
+                query[b : b + 1, :, s:e],
+                key[b : b + 1, :, s:e],
+                value[b : b + 1, :, s:e],
+                dropout_p=dropout,
+                is_causal=True,
+                scale=scaling,
+                enable_gqa=gqa,
+            )
             for s, e in segments
         ]
         outs.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))

@@ -58,8 +58,15 @@ def _joined(grads: tuple, sizes: tuple, like: torch.Tensor) -> torch.Tensor:
         together = None if None in views else side_by_side(tuple(views))
         if together is not None:
             return together
-    return torch.cat([torch.zeros(rows, n, dtype=like.dtype, device=like.device) if g is None
-                      else g.reshape(rows, n).to(like.dtype) for g, n in zip(grads, sizes)], dim=1)
+    return torch.cat(
+        [
+            torch.zeros(rows, n, dtype=like.dtype, device=like.device)
+            if g is None
+            else g.reshape(rows, n).to(like.dtype)
+            for g, n in zip(grads, sizes)
+        ],
+        dim=1,
+    )
 
 
 def side_by_side(parts: tuple) -> torch.Tensor | None:
@@ -69,10 +76,15 @@ def side_by_side(parts: tuple) -> torch.Tensor | None:
     rows, total = first.shape[0], sum(p.shape[1] for p in parts)
     offset = 0
     for p in parts:
-        if (p.dim() != 2 or p.shape[0] != rows or p.dtype != first.dtype or p.stride(1) != 1
-                or (rows > 1 and p.stride(0) != total)
-                or p.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
-                or p.data_ptr() != first.data_ptr() + offset * first.element_size()):
+        if (
+            p.dim() != 2
+            or p.shape[0] != rows
+            or p.dtype != first.dtype
+            or p.stride(1) != 1
+            or (rows > 1 and p.stride(0) != total)
+            or p.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+            or p.data_ptr() != first.data_ptr() + offset * first.element_size()
+        ):
             return None
         offset += p.shape[1]
     return first.as_strided((rows, total), (total, 1))
@@ -172,21 +184,23 @@ class ProjectionGroup:
         autocast = torch.is_autocast_enabled(x.device.type)
         dtype = torch.bfloat16 if autocast else x.dtype
         lora_a = torch.cat([layer.lora_A[n].weight for layer, n in zip(self.layers, names)]).to(dtype)
-        lora_b = torch.block_diag(*[layer.lora_B[n].weight * layer.scaling[n]
-                                    for layer, n in zip(self.layers, names)]).to(dtype)
+        lora_b = torch.block_diag(
+            *[layer.lora_B[n].weight * layer.scaling[n] for layer, n in zip(self.layers, names)]
+        ).to(dtype)
         bias = self._bias([layer.base_layer.bias for layer in self.layers])
         with torch.autocast(x.device.type, enabled=False):
-            return GroupLoraFn.apply(x.to(dtype), self.weight.to(dtype), None if bias is None else bias.to(dtype),
-                                     lora_a, lora_b, self.sizes)
+            return GroupLoraFn.apply(
+                x.to(dtype), self.weight.to(dtype), None if bias is None else bias.to(dtype), lora_a, lora_b, self.sizes
+            )
 
     def _run_linear(self, x: torch.Tensor) -> tuple | None:
         if not autocast_bf16(x):
             return None
         bias = self._bias([layer.bias for layer in self.layers])
         with torch.autocast(x.device.type, enabled=False):
-            return GroupLinearFn.apply(x.to(torch.bfloat16), bias, torch.bfloat16,
-                                       *[layer.weight for layer in self.layers])
-
+            return GroupLinearFn.apply(
+                x.to(torch.bfloat16), bias, torch.bfloat16, *[layer.weight for layer in self.layers]
+            )
 
     def _bias(self, biases: list) -> torch.Tensor | None:
         """The layers' biases stacked (zeros for a layer without one), or None when none has one."""

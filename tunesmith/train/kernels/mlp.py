@@ -74,7 +74,8 @@ class SwiGLUDownFn(torch.autograd.Function):
             grad_up = grad_up.view(up.shape)
         if need[0]:
             grad_gate = torch.ops.aten.silu_backward.grad_input(
-                grad_hu, gate2, grad_input=gate2 if in_place else torch.empty_like(gate2)).view(gate.shape)
+                grad_hu, gate2, grad_input=gate2 if in_place else torch.empty_like(gate2)
+            ).view(gate.shape)
         return grad_gate, grad_up, grad_w, grad_bias, grad_a, grad_b, None
 
 

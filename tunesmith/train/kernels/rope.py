@@ -48,8 +48,13 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Te
 def _operands(query, key, value, cos, sin, work: torch.dtype, reuse: bool):
     """q and k rotated, and v, in the attention's dtype `work`: in reused buffers when they are
     temporaries (`reuse`), else fresh tensors the node may keep (v is `value` itself when it already is one)."""
+
     def new(tag, like):
-        return scratch(tag, like.shape, work, like.device) if reuse else torch.empty(like.shape, dtype=work, device=like.device)
+        return (
+            scratch(tag, like.shape, work, like.device)
+            if reuse
+            else torch.empty(like.shape, dtype=work, device=like.device)
+        )
 
     q, k = _rotate(query, cos, sin, new("rope.q", query)), _rotate(key, cos, sin, new("rope.k", key))
     v = new("rope.v", value).copy_(value) if reuse else value.to(work, memory_format=torch.contiguous_format)
@@ -85,13 +90,22 @@ class RopeSegmentFlashFn(torch.autograd.Function):
         work, dtype, device = cos.dtype, ctx.dtype, q.device
         if dtype != work:  # the same rotation of the same inputs as the forward: the same fp32 q and k
             q, k, v = _operands(q, k, v, cos, sin, work, reuse=True)
-            out = scratch("rope.out", out.shape, work, device).copy_(out)  # rounded to bf16, as flash kernels on GPUs keep it
+            out = scratch("rope.out", out.shape, work, device).copy_(
+                out
+            )  # rounded to bf16, as flash kernels on GPUs keep it
         if grad.dtype != work:
             grad = scratch("rope.grad", grad.shape, work, device).copy_(grad)
         # the flash gradients are temporaries: rotated back into one fresh buffer below
-        dq, dk, dv = (scratch(tag, t.shape, work, device) for tag, t in (("rope.dq", q), ("rope.dk", k), ("rope.dv", v)))
-        flash_backward(*(t.transpose(1, 2) for t in (grad, q, k, v, out)), ctx.lses, ctx.segments, ctx.scale,
-                       tuple(t.transpose(1, 2) for t in (dq, dk, dv)))
+        dq, dk, dv = (
+            scratch(tag, t.shape, work, device) for tag, t in (("rope.dq", q), ("rope.dk", k), ("rope.dv", v))
+        )
+        flash_backward(
+            *(t.transpose(1, 2) for t in (grad, q, k, v, out)),
+            ctx.lses,
+            ctx.segments,
+            ctx.scale,
+            tuple(t.transpose(1, 2) for t in (dq, dk, dv)),
+        )
         n, heads, kv, dim = q.shape[1], q.shape[2], k.shape[2], q.shape[3]
         joint = torch.empty((1, n, (heads + 2 * kv) * dim), dtype=dtype, device=device)
         gq = joint[..., : heads * dim].view(1, n, heads, dim)
@@ -109,13 +123,20 @@ class RopeSegmentFlashFn(torch.autograd.Function):
 
 def _takes(module, hidden_states, position_embeddings, attention_mask, kwargs) -> bool:
     position_ids = kwargs.get("position_ids")
-    return (attention_mask is None and position_embeddings is not None and position_ids is not None
-            and kwargs.get("cache") is None and kwargs.get("past_key_values") is None
-            and hidden_states.device.type == "cpu" and hidden_states.shape[0] == 1
-            and position_ids.shape[-1] == hidden_states.shape[1]
-            and not (module.training and module.attention_dropout)
-            and module.config._attn_implementation == VARLEN
-            and not position_embeddings[0].requires_grad and not position_embeddings[1].requires_grad)
+    return (
+        attention_mask is None
+        and position_embeddings is not None
+        and position_ids is not None
+        and kwargs.get("cache") is None
+        and kwargs.get("past_key_values") is None
+        and hidden_states.device.type == "cpu"
+        and hidden_states.shape[0] == 1
+        and position_ids.shape[-1] == hidden_states.shape[1]
+        and not (module.training and module.attention_dropout)
+        and module.config._attn_implementation == VARLEN
+        and not position_embeddings[0].requires_grad
+        and not position_embeddings[1].requires_grad
+    )
 
 
 def fused_forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
@@ -135,4 +156,3 @@ def fused_forward(self, hidden_states, position_embeddings=None, attention_mask=
     with torch.autocast("cpu", enabled=False):
         out = RopeSegmentFlashFn.apply(q, k, v, cos, sin, segments, self.scaling)
     return self.o_proj(out.reshape(1, n, -1)), None
-

@@ -9,8 +9,8 @@ Parts (each training run is its own `tunesmith train` process, so peak RSS is pe
   qlora variants; ratios vs bf16. (RSS deltas after loading mislead: safetensors weights are
   mmapped and touched lazily; the peak RSS of the training runs below is the resident figure.)
   Models: the bundled SmolLM2-135M and a random-weight Llama with SmolLM2-360M's dimensions.
-- train: LoRA vs QLoRA (NF4; and int4 in blocks of 32, GGUF Q4_1's layout) on the quickstart data (10% of it held out for validation loss), same
-  config otherwise: median seconds per step, final validation loss, peak RSS.
+- train: LoRA vs QLoRA (NF4; and int4 in blocks of 32, GGUF Q4_1's layout) on the quickstart data (10% of it held
+  out for validation loss), same config otherwise: median seconds per step, final validation loss, peak RSS.
 - rounding (not in the default parts): what NF4 rounding alone costs the untrained SmolLM2 —
   validation loss on the train part's held-out 10% with every base linear replaced by its NF4
   round trip: absmax scales as `tunesmith.adapters.storage` makes them (blocks 64 and 32; scales in fp32

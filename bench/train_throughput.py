@@ -54,7 +54,7 @@ def matmul_peak(threads: int, n: int = 2048, reps: int = 10, dtype: str = "float
     """Median GFLOP/s of an n×n×n matmul in `dtype`, in a fresh process with the runs' thread count."""
     code = (
         "import torch,time,statistics as s,sys;n,r,t=map(int,sys.argv[1:4]);d=getattr(torch,sys.argv[4]);"
-        "t and torch.set_num_threads(t);a=torch.randn(n,n).to(d);b=torch.randn(n,n).to(d);[a@b for _ in range(3)];ts=[]\n"
+        "t and torch.set_num_threads(t);a=torch.randn(n,n).to(d);b=torch.randn(n,n).to(d);[a@b for _ in range(3)];ts=[]\n"  # noqa: E501
         "for _ in range(r):\n t0=time.perf_counter();a@b;ts.append(time.perf_counter()-t0)\n"
         "print(2*n**3/s.median(ts)/1e9)"
     )

@@ -110,10 +110,10 @@ class TrainConfig:
     fused_mlp: bool = True  # SwiGLU + down projection as one node that saves 2 of 4 intermediates
     fused_norm: bool = True  # RMSNorm as one node that saves its input; bf16 out under bf16 compute
     fused_rope: bool = True  # RoPE inside the per-sample attention node (CPU, padding-free rows)
-    fused_groups: bool = (
-        True  # q/k/v and gate/up as one GEMM each: LoRA over a frozen base, or full in bf16 (one process)
-    )
-    frozen_dtype: str = "auto"  # storage of weights that do not train (lora, dora, qlora): auto (bf16 when computing in bf16) · fp32 · bf16
+    # q/k/v and gate/up as one GEMM each: LoRA over a frozen base, or full in bf16 (one process)
+    fused_groups: bool = True
+    # storage of weights that do not train (lora, dora, qlora): auto (bf16 when computing in bf16) · fp32 · bf16
+    frozen_dtype: str = "auto"
     log_every: int = 1
     eval_every: int = 0  # steps between validation passes; 0 = only at the end
     save_every: int = 0  # steps between checkpoints; 0 = only at the end
@@ -147,9 +147,8 @@ class CompareConfig:
     chunk_overlap: int = 20
     max_new_tokens: int = 48
     batch_size: int = 16
-    precision: str = (
-        "auto"  # weights the arms generate with: auto (bf16 where bf16 matmuls pay, as train.precision) · fp32 · bf16
-    )
+    # weights the arms generate with: auto (bf16 where bf16 matmuls pay, as train.precision) · fp32 · bf16
+    precision: str = "auto"
     max_questions: int = 0  # per split, 0 = all (a quick look at a big set)
     latency_samples: int = 8  # questions per arm answered one at a time for latency p50/p95
     bootstrap: int = 1000
@@ -323,65 +322,73 @@ def _resolve_paths(cfg: Config, base_dir: Path | None) -> None:
             setattr(c, key, fix(value))
 
 
+# fmt: off
+CHOICES = {
+    "data.format": DATA_FORMATS, "data.overlong": OVERLONG, "adapter.method": METHODS,
+    "adapter.quant_type": QUANT_TYPES, "train.frozen_dtype": FROZEN_DTYPES, "train.lr_schedule": LR_SCHEDULES,
+    "train.precision": PRECISIONS, "train.strategy": STRATEGIES, "compare.retriever": RETRIEVERS,
+    "compare.precision": INFERENCE_PRECISIONS, "pretrain.preset": PRESETS, "pretrain.method": METHODS,
+}
+# fmt: on
+POSITIVE = (
+    "adapter.rank adapter.alpha train.epochs train.batch_size train.grad_accum train.lr train.log_every "
+    "train.keep_last train.dist_timeout_s compare.top_k compare.chunk_size compare.max_new_tokens "
+    "compare.batch_size compare.bootstrap"
+).split()
+NON_NEGATIVE = (
+    "train.max_steps train.forward_tokens train.weight_decay train.warmup_steps train.max_grad_norm "
+    "train.threads train.eval_every train.save_every compare.k_shot compare.chunk_overlap "
+    "compare.max_questions compare.latency_samples pretrain.hidden_size pretrain.layers pretrain.heads "
+    "pretrain.intermediate_size pretrain.max_steps pretrain.batch_size pretrain.lr"
+).split()
+# key → (low, high, whether high itself is allowed)
+FRACTIONS = {
+    "data.val_fraction": (0.0, 1.0, False),
+    "adapter.dropout": (0.0, 1.0, False),
+    "train.warmup_ratio": (0.0, 1.0, False),
+    "train.min_lr_ratio": (0.0, 1.0, True),
+}
+
+
+def _get(cfg: Config, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise UserError(f"config key {key}: expected one of {', '.join(allowed)}, got {value!r}")
 
 
-def _positive(key: str, value, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise UserError(f"config key {key}: expected a number {bound}, got {value!r}")
+def _fail(key: str, expected: str, value) -> None:
+    raise UserError(f"config key {key}: expected {expected}, got {value!r}")
 
 
 def validate(cfg: Config) -> None:
     """Range and choice checks that types alone cannot express."""
+    for key, allowed in CHOICES.items():
+        _choice(key, _get(cfg, key), allowed)
+    for key in POSITIVE:
+        if _get(cfg, key) <= 0:
+            _fail(key, "a number > 0", _get(cfg, key))
+    for key in NON_NEGATIVE:
+        if _get(cfg, key) < 0:
+            _fail(key, "a number >= 0", _get(cfg, key))
+    for key, (low, high, closed) in FRACTIONS.items():
+        value = _get(cfg, key)
+        if not (low <= value <= high if closed else low <= value < high):
+            _fail(key, f"{low:g} <= value {'<=' if closed else '<'} {high:g}", value)
     d, a, t = cfg.data, cfg.adapter, cfg.train
-    _choice("data.format", d.format, DATA_FORMATS)
-    _choice("data.overlong", d.overlong, OVERLONG)
-    _choice("adapter.method", a.method, METHODS)
-    _choice("train.frozen_dtype", t.frozen_dtype, FROZEN_DTYPES)
-    _choice("adapter.quant_type", a.quant_type, QUANT_TYPES)
     if a.quant_block_size < 2 or a.quant_block_size % 2 or a.quant_block_size > 4096:
-        raise UserError(
-            f"config key adapter.quant_block_size: expected an even integer from 2 to 4096, got {a.quant_block_size}"
-        )
-    _choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
-    _choice("train.precision", t.precision, PRECISIONS)
-    _choice("train.strategy", t.strategy, STRATEGIES)
-    if not 0.0 <= d.val_fraction < 1.0:
-        raise UserError(f"config key data.val_fraction: expected 0 <= value < 1, got {d.val_fraction}")
+        _fail("adapter.quant_block_size", "an even integer from 2 to 4096", a.quant_block_size)
     if d.max_length < 8:
-        raise UserError(f"config key data.max_length: expected an integer >= 8, got {d.max_length}")
-    _positive("adapter.rank", a.rank)
-    _positive("adapter.alpha", a.alpha)
-    if not 0.0 <= a.dropout < 1.0:
-        raise UserError(f"config key adapter.dropout: expected 0 <= value < 1, got {a.dropout}")
+        _fail("data.max_length", "an integer >= 8", d.max_length)
     if not a.target_modules:
         raise UserError("config key adapter.target_modules: expected at least one module name")
-    _positive("train.max_steps", t.max_steps, allow_zero=True)
-    _positive("train.epochs", t.epochs)
-    _positive("train.batch_size", t.batch_size)
-    _positive("train.grad_accum", t.grad_accum)
-    _positive("train.forward_tokens", t.forward_tokens, allow_zero=True)
-    _positive("train.lr", t.lr)
-    _positive("train.weight_decay", t.weight_decay, allow_zero=True)
     if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
-        raise UserError(f"config key train.betas: expected two numbers in [0, 1), got {t.betas}")
-    _positive("train.warmup_steps", t.warmup_steps, allow_zero=True)
-    if not 0.0 <= t.warmup_ratio < 1.0:
-        raise UserError(f"config key train.warmup_ratio: expected 0 <= value < 1, got {t.warmup_ratio}")
-    if not 0.0 <= t.min_lr_ratio <= 1.0:
-        raise UserError(f"config key train.min_lr_ratio: expected 0 <= value <= 1, got {t.min_lr_ratio}")
-    _positive("train.max_grad_norm", t.max_grad_norm, allow_zero=True)
-    _positive("train.threads", t.threads, allow_zero=True)
-    _positive("train.log_every", t.log_every)
-    _positive("train.eval_every", t.eval_every, allow_zero=True)
-    _positive("train.save_every", t.save_every, allow_zero=True)
-    _positive("train.keep_last", t.keep_last)
-    _positive("train.dist_timeout_s", t.dist_timeout_s)
+        _fail("train.betas", "two numbers in [0, 1)", t.betas)
     if t.device not in ("auto", "cpu", "cuda", "mps") and not t.device.startswith("cuda:"):
-        raise UserError(f"config key train.device: expected auto, cpu, cuda, cuda:N or mps, got {t.device!r}")
+        _fail("train.device", "auto, cpu, cuda, cuda:N or mps", t.device)
     if not t.output_dir:
         raise UserError("config key train.output_dir: expected a directory path")
     _validate_compare(cfg.compare)
@@ -389,21 +396,14 @@ def validate(cfg: Config) -> None:
 
 
 def _validate_pretrain(p: PretrainConfig, pl: PipelineConfig) -> None:
-    _choice("pretrain.preset", p.preset, PRESETS)
-    _choice("pretrain.method", p.method, METHODS)
-    for key in ("hidden_size", "layers", "heads", "intermediate_size", "max_steps", "batch_size"):
-        _positive(f"pretrain.{key}", getattr(p, key), allow_zero=True)
-    _positive("pretrain.lr", p.lr, allow_zero=True)
     if p.hidden_size and p.heads and p.hidden_size % p.heads:
         raise UserError(f"config key pretrain.heads: {p.heads} does not divide pretrain.hidden_size={p.hidden_size}")
     if not 259 <= p.vocab_size <= 1 << 20:
-        raise UserError(
-            f"config key pretrain.vocab_size: expected 259 to 1048576 (256 bytes + 3 special tokens), got {p.vocab_size}"
-        )
+        _fail("pretrain.vocab_size", "259 to 1048576 (256 bytes + 3 special tokens)", p.vocab_size)
     if p.block_size < 8:
-        raise UserError(f"config key pretrain.block_size: expected an integer >= 8, got {p.block_size}")
+        _fail("pretrain.block_size", "an integer >= 8", p.block_size)
     if not 0.0 < p.val_fraction < 0.5:
-        raise UserError(f"config key pretrain.val_fraction: expected 0 < value < 0.5, got {p.val_fraction}")
+        _fail("pretrain.val_fraction", "0 < value < 0.5", p.val_fraction)
     if not pl.stages:
         raise UserError("config key pipeline.stages: expected at least one of " + ", ".join(PIPELINE_STAGES))
     for stage in pl.stages:
@@ -421,19 +421,8 @@ def _validate_compare(c: CompareConfig) -> None:
         _choice("compare.arms", arm, COMPARE_ARMS)
     if len(set(c.arms)) != len(c.arms):
         raise UserError(f"config key compare.arms: an arm is listed twice in {c.arms}")
-    _choice("compare.retriever", c.retriever, RETRIEVERS)
-    _choice("compare.precision", c.precision, INFERENCE_PRECISIONS)
-    _positive("compare.k_shot", c.k_shot, allow_zero=True)
-    _positive("compare.top_k", c.top_k)
-    _positive("compare.chunk_size", c.chunk_size)
-    _positive("compare.chunk_overlap", c.chunk_overlap, allow_zero=True)
     if c.chunk_overlap >= c.chunk_size:
         raise UserError(f"config key compare.chunk_overlap: expected less than compare.chunk_size ({c.chunk_size})")
-    _positive("compare.max_new_tokens", c.max_new_tokens)
-    _positive("compare.batch_size", c.batch_size)
-    _positive("compare.max_questions", c.max_questions, allow_zero=True)
-    _positive("compare.latency_samples", c.latency_samples, allow_zero=True)
-    _positive("compare.bootstrap", c.bootstrap)
 
 
 def to_dict(cfg: Config) -> dict:

@@ -54,7 +54,8 @@ def test_from_scratch_learns_below_unigram_entropy_and_loads_in_transformers(tmp
     assert code == 0, err
     summary = json.loads((out / "pretrain.json").read_text())
     unigram = summary["corpus"]["unigram_bits_per_token"]
-    # 80 steps of a 0.1M model (measured: 6.8 vs 7.4 bits); docs/pretrain-and-pipeline.md's measured pipeline run shows how far below it goes
+    # 80 steps of a 0.1M model (measured: 6.8 vs 7.4 bits); the pipeline run measured in
+    # docs/pretrain-and-pipeline.md shows how far below it goes
     assert summary["val_bits_per_token"] < unigram - 0.3, summary
     assert summary["val_bits_per_byte"] == pytest.approx(
         summary["val_loss"] * summary["corpus"]["n_tokens"] / (summary["corpus"]["n_bytes"] * math.log(2))

@@ -8,7 +8,8 @@ from tests.tiny import write_config, write_qa_jsonl
 from tunesmith.config import load_config
 from tunesmith.data.packing import Row
 from tunesmith.train.distributed import Dist
-from tunesmith.train.loop import RowStream, lr_factor, run_training
+from tunesmith.train.loop import RowStream, run_training
+from tunesmith.train.step import lr_factor
 
 
 def train_once(tmp_path, model_dir, name, **train) -> dict:
@@ -32,8 +33,8 @@ def test_grad_accumulation_equals_one_big_batch(tiny_tokenizer):
     mean over all label tokens of the step, not a mean of micro-batch means."""
     from tests.tiny import make_tiny_model
     from tunesmith.data.packing import collate
-    from tunesmith.train.loop import accumulate_gradients
     from tunesmith.train.loss import LossModule
+    from tunesmith.train.step import accumulate_gradients
 
     torch.manual_seed(0)
     lengths, answer = [30, 12, 20, 7], [20, 3, 9, 2]  # very unequal label counts per row

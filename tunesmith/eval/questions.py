@@ -67,7 +67,8 @@ def load_questions(path: str | Path, key: str = "compare.questions", default_spl
                 )
             if splits.setdefault(fact, split) != split:
                 raise UserError(
-                    f"{loc}: fact ids do not match: fact_id {fact} is in split {splits[fact]!r} elsewhere, {split!r} here "
+                    f"{loc}: fact ids do not match: fact_id {fact} is in split {splits[fact]!r} elsewhere, "
+                    f"{split!r} here "
                     "(splits are by fact: all paraphrases of a fact belong to one split)"
                 )
         out.append(Question(q.strip(), a.strip(), split, fact, loc))

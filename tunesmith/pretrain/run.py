@@ -105,8 +105,8 @@ def check_vocab(resolved: str, tokenizer) -> None:
 def validation_loss(model, rows, batch_size: int, pad_id: int) -> float:
     from tunesmith.data.packing import collate
     from tunesmith.train.distributed import Dist
-    from tunesmith.train.loop import evaluate
     from tunesmith.train.loss import LossModule
+    from tunesmith.train.step import evaluate
 
     device = next(model.parameters()).device
     return evaluate(LossModule(model), rows, batch_size, lambda r: collate(r, pad_id), device, Dist(), nullcontext)

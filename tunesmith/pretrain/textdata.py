@@ -230,7 +230,8 @@ def split_blocks(n_tokens: int, block_size: int, val_fraction: float) -> tuple[n
     n_blocks = n_tokens // block_size
     if n_blocks < 2:
         raise UserError(
-            f"config key pretrain.corpus: {n_tokens} tokens make fewer than 2 blocks of pretrain.block_size={block_size}; "
+            f"config key pretrain.corpus: {n_tokens} tokens make fewer than 2 blocks of "
+            f"pretrain.block_size={block_size}; "
             "add text or lower pretrain.block_size"
         )
     k = max(2, round(1 / val_fraction))

@@ -41,7 +41,8 @@ def _load_state(root: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         raise UserError(
-            f"{path}: unreadable pipeline record; remove it (the stages will rerun) or choose another pipeline.output_dir"
+            f"{path}: unreadable pipeline record; remove it (the stages will rerun) or choose another "
+            "pipeline.output_dir"
         ) from None
 
 

@@ -1,13 +1,14 @@
 """SwiGLU MLP whose backward keeps two of its four intermediates: a memory saver for training.
 
 Contract: `kernels.prepare` gives every SwiGLU MLP of a family in `kernels.FAMILIES` whose
-activation is SiLU (`takes(module)`) — `down(silu(gate(x)) · up(x))` — this file's `fused_forward`. In it, `silu(g) · u` and the down projection
-are one autograd node (`SwiGLUDownFn`) when `down_proj` is a plain `nn.Linear` (full fine-tuning,
-or a frozen one) or a fusable LoRA layer (`adapters.fused_lora`); the node saves only `g` and `u`
-and recomputes `silu(g) · u` in backward. Under bf16 autocast the node computes in bf16 (a trainable
-fp32 weight is cast inside the node in forward and again in backward, so no bf16 copy of it is
-kept in between; a frozen bf16-stored down projection is used as stored).
-Anything else (DoRA, dropout, qlora's 4-bit base, fp16 autocast) runs the module's own forward.
+activation is SiLU (`takes(module)`) — `down(silu(gate(x)) · up(x))` — this file's `fused_forward`.
+In it, `silu(g) · u` and the down projection are one autograd node (`SwiGLUDownFn`) when `down_proj`
+is a plain `nn.Linear` (full fine-tuning, or a frozen one) or a fusable LoRA layer
+(`adapters.fused_lora`); the node saves only `g` and `u` and recomputes `silu(g) · u` in backward.
+Under bf16 autocast the node computes in bf16 (a trainable fp32 weight is cast inside the node in
+forward and again in backward, so no bf16 copy of it is kept in between; a frozen bf16-stored down
+projection is used as stored). Anything else (DoRA, dropout, qlora's 4-bit base, fp16 autocast) runs
+the module's own forward.
 
 Why: autograd keeps `g`, `silu(g)`, `u` and `silu(g)·u` — four [tokens × intermediate] tensors per
 layer, the largest share of a step's saved activations (4 × 1,536 of ~10,700 floats per token and

@@ -4,7 +4,8 @@ Contract: `kernels.prepare` gives every RMSNorm of a family in `kernels.FAMILIES
 — `weight · (x · rsqrt(mean(x²) + eps))`, computed in fp32 — this file's `fused_forward`. The node
 (`RMSNormFn`) saves `x` and the per-token `rsqrt` only, and its backward is the closed form
 `∂x = r · (g·w − x̂ · mean(g·w·x̂))`, `∂w = Σ g·x̂` (when the weight trains), in fp32. Outside
-autocast the output is exactly transformers' (same operations, same dtype rules; fp64 stays fp64, where transformers rounds to fp32). Under bf16
+autocast the output is exactly transformers' (same operations, same dtype rules; fp64 stays fp64,
+where transformers rounds to fp32). Under bf16
 autocast it comes out in bf16, rounded once from fp32: what every consumer (the q/k/v and
 gate/up projections, the head) would cast it to anyway.
 

@@ -6,8 +6,8 @@ until the next call with the same tag, so it is for temporaries only — never a
 output, never saved for backward, never held across a call that may ask for the same tag. The
 layers of a model run one at a time, so one buffer per tag serves them all. `use_scratch(False)`
 makes every call a fresh `torch.empty` (the plain path, for tests and A/B runs); `release(*tags)` drops
-those buffers (all of them when no tag is named). Off the CPU every call is a fresh `torch.empty`: CUDA's caching allocator already reuses
-memory.
+those buffers (all of them when no tag is named). Off the CPU every call is a fresh `torch.empty`:
+CUDA's caching allocator already reuses memory.
 
 Why: `tunesmith train` pins glibc's mmap threshold at 1 MiB (`train.budget.limit_heap_retention`) so that
 RSS tracks the live tensors; every larger tensor is then a fresh mapping whose pages fault in on

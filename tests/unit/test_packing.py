@@ -110,7 +110,12 @@ def test_packed_batch_equals_samples_one_by_one(tiny_tokenizer, train_on_prompt,
     samples = samples_for(tiny_tokenizer, train_on_prompt)
     seq_len = max(len(s.input_ids) for s in samples) + 8
     rows = pack(samples, seq_len, PAD)
-    assert len(rows) < len(samples) and max(len(set(p for p in r.position_ids if p == 0)) for r in rows) == 1
+    assert len(rows) < len(samples)
+    for r in rows:  # positions count up within a sample and restart at 0 where the next one starts
+        assert r.position_ids[0] == 0
+        assert all(b in (a + 1, 0) for a, b in zip(r.position_ids, r.position_ids[1:]))
+    padded = sum(r.n_real < len(r.input_ids) for r in rows)  # tail padding is a segment of its own
+    assert sum(r.position_ids.count(0) for r in rows) == len(samples) + padded
     assert any(r.position_ids.count(0) >= 3 for r in rows)  # some row holds 2+ samples and padding
 
     alone = loss_and_grads(model, [collate(unpacked([s], PAD), PAD) for s in samples])

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import textwrap
 from html import escape
 from pathlib import Path
@@ -27,6 +26,7 @@ from matplotlib.figure import Figure
 from tunesmith.errors import UserError
 from tunesmith.eval.report_cells import Context, ci_text, delta, na, num, pct, swatch
 from tunesmith.eval.report_claims import claims_table
+from tunesmith.io import write_atomic
 
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;margin:24px auto;
@@ -50,14 +50,7 @@ def write_report(results: dict, out_dir: Path) -> Path:
     _check(results)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "report.html"
-    tmp = out_dir / f".report.html.tmp-{os.getpid()}"
-    try:
-        tmp.write_text(render_html(results), encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_atomic(out_dir / "report.html", render_html(results))
 
 
 def render_html(results: dict) -> str:

@@ -32,6 +32,7 @@ from gguf.quants import quantize
 
 from tunesmith.errors import UserError
 from tunesmith.export.merge import load_merged
+from tunesmith.io import write_atomic
 from tunesmith.models import BUNDLED
 from tunesmith.rundir import RunDir
 
@@ -229,10 +230,7 @@ def write_modelfile(gguf_path: Path, tokenizer, template, eot_id, system: str | 
         stops.append(tokenizer.eos_token)
     for stop in dict.fromkeys(stops):
         lines.append('PARAMETER stop "' + stop.replace("\\", "\\\\").replace('"', '\\"') + '"')
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, "\n".join(lines) + "\n")
 
 
 # ------------------------------------------------------------------ the GGUF itself

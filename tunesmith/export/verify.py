@@ -325,12 +325,10 @@ def reference_row(model, tokenizer, ids: list[int], prompts=PROMPTS) -> tuple[di
 
 def write_report(path: Path, report: dict) -> Path:
     import json
-    import os
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    from tunesmith.io import write_atomic
+
+    return write_atomic(path, json.dumps(report, indent=2) + "\n")
 
 
 def report_path(gguf_path) -> Path:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from tunesmith.config import CompareConfig, Config, DataConfig, PipelineConfig, PretrainConfig
 from tunesmith.errors import UserError
+from tunesmith.io import replace_dir, write_atomic
 from tunesmith.models import tunesmith_home
 from tunesmith.pretrain import textdata
 from tunesmith.pretrain.presets import count_params, dimensions, model_config
@@ -84,8 +85,7 @@ def scratch_model_dir(cfg: Config, tokenizer, corpus_key: str) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    replace_dir(tmp, target)
     return target
 
 
@@ -215,7 +215,7 @@ def run_pretrain(cfg: Config, output_dir: str | None = None) -> dict:
     summary["sample"] = sample_text(
         result.model, result.tokenizer, tokens, p.block_size, int(val_idx[0]), seed=cfg.train.seed
     )
-    (Path(out) / SUMMARY).write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    write_atomic(Path(out) / SUMMARY, json.dumps(summary, indent=2))
     print(
         f"tunesmith: validation loss {val_loss:.4f} nats/token = {summary['val_bits_per_token']:.3f} bits/token "
         f"(unigram entropy {meta['unigram_bits_per_token']:.3f}), perplexity {summary['val_perplexity']:.2f}, "

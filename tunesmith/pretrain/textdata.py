@@ -34,6 +34,7 @@ import numpy as np
 
 from tunesmith.data.packing import Row
 from tunesmith.errors import UserError
+from tunesmith.io import write_atomic
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 JSONL_SUFFIXES = (".jsonl",)
@@ -167,9 +168,7 @@ def token_stream(files: list[Path], tokenizer, cache_dir: Path, key: str | None 
         if bin_path.stat().st_size == meta["n_tokens"] * np.dtype(meta["dtype"]).itemsize:
             return np.memmap(bin_path, dtype=meta["dtype"], mode="r"), {**meta, "from_cache": True}
     meta = _tokenize(files, tokenizer, cache_dir, bin_path)
-    tmp = meta_path.with_name(meta_path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(meta, indent=1), encoding="utf-8")
-    os.replace(tmp, meta_path)
+    write_atomic(meta_path, json.dumps(meta, indent=1))
     return np.memmap(bin_path, dtype=meta["dtype"], mode="r"), {**meta, "from_cache": False}
 
 

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from tunesmith.errors import UserError
+from tunesmith.io import write_atomic
 
 METRICS = "metrics.jsonl"
 
@@ -49,7 +50,7 @@ class Records:
                     keep.append(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a kill
-        self.path.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
+        write_atomic(self.path, "".join(k + "\n" for k in keep))
 
     def log(self, row: dict) -> None:
         self.file.write(json.dumps(row) + "\n")

@@ -21,13 +21,13 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 
 from tunesmith.config import PIPELINE_STAGES, CompareConfig, Config, PipelineConfig, PretrainConfig, config_hash
 from tunesmith.errors import UserError
+from tunesmith.io import write_atomic
 
 STATE = "pipeline.json"
 DIRS = {"pretrain": "pretrain", "finetune": "finetune", "merge": "merged", "export": "export", "compare": "compare"}
@@ -47,10 +47,7 @@ def _load_state(root: Path) -> dict:
 
 
 def _save_state(root: Path, state: dict) -> None:
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{STATE}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(state, indent=2), encoding="utf-8")
-    os.replace(tmp, root / STATE)
+    write_atomic(root / STATE, json.dumps(state, indent=2))
 
 
 def _clear(root: Path, stage: str) -> None:

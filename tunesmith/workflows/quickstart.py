@@ -22,6 +22,7 @@ from pathlib import Path
 
 from tunesmith.config import load_config
 from tunesmith.eval.metrics import contains
+from tunesmith.io import write_atomic
 
 SPLITS = ("trained_seen", "heldout", "doc_only")
 MAX_NEW_TOKENS = 32
@@ -100,7 +101,7 @@ def run_quickstart(out_dir: str, overrides: list[str] = (), compare: bool = True
         "train": json.loads((Path(out_dir) / "run.json").read_text(encoding="utf-8")),
         "answers": [{**q, "before": b, "after": a} for q, b, a in zip(questions, before, after)],
     }
-    (Path(out_dir) / "quickstart.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    write_atomic(Path(out_dir) / "quickstart.json", json.dumps(result, indent=2))
     print_summary(result)
     del tuned
     if compare:

@@ -2,7 +2,8 @@
 
 Tests never touch the network: this trains a ~400-token BPE vocabulary on a few sentences,
 gives it a ChatML chat template like SmolLM2's, and pairs it with a 2-layer Llama of hidden
-size 32. `make_tiny_model_dir(path)` writes both as an ordinary HF directory.
+size 32 (`make_family_model` builds the same widths as Mistral, Qwen2, Qwen3 or Phi-3).
+`make_tiny_model_dir(path)` writes both as an ordinary HF directory.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
@@ -50,21 +51,7 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def make_tiny_model(vocab_size: int, seed: int = 0, tie: bool = True) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=tie,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM(cfg).float().eval()
+    return make_family_model("llama", vocab_size, seed, tie)
 
 
 def make_tiny_model_dir(path: str | Path, seed: int = 0) -> Path:

@@ -127,7 +127,7 @@ def run_trl(args) -> dict:
 
 def run_tunesmith(args) -> dict:
     from tunesmith.config import load_config
-    from tunesmith.train.budget import limit_heap_retention
+    from tunesmith.train.fit import limit_heap_retention
     from tunesmith.train.loop import run_training
 
     limit_heap_retention()  # as `tunesmith train` does

@@ -5,14 +5,13 @@
     RUN/adapter_model.safetensors
     RUN/config.json, model*.safetensors  … or a full fine-tune: an HF model dir
     RUN/tokenizer*, chat template      beside the model
-    RUN/metrics.jsonl, loss.png        one row per logged step; the loss curve (RUN/tensorboard/ when asked)
+    RUN/metrics.jsonl, loss.png        one row per logged step; the loss curve
     RUN/run.json                       the summary (steps, tokens, wall time, peak RSS, losses)
     RUN/checkpoints/step-NNNNNNNN/     resumable checkpoints (`train.checkpoint`)
     RUN/export/                        where `export` and `quantize` write by default
     RUN/compare/                       where `compare` writes by default
 
-Contract: `RunDir(path)` names the paths and reads them; it writes only the saved config and the
-summary (`save_config`, `write_summary`), never a model. `config()` is the saved config through
+Contract: `RunDir(path)` reads; it never writes a model. `config()` is the saved config through
 `load_config` (a run whose config cannot be read is a one-line `UserError`); `kind` is "adapter",
 "full" or None; `finished` says whether the final model is there; `base_model()` is the model an
 adapter run was trained from (its saved config, else PEFT's record); `latest_checkpoint()` is the
@@ -79,21 +78,12 @@ class RunDir:
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
 
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
     @property
     def config_path(self) -> Path:
         return self.path / CONFIG
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.path / METRICS
-
-    @property
-    def tensorboard_dir(self) -> Path:
-        return self.path / "tensorboard"
-
-    @property
-    def loss_plot(self) -> Path:
-        return self.path / LOSS_PLOT
 
     @property
     def checkpoints(self) -> Path:
@@ -217,6 +207,9 @@ class RunDir:
                 "(or --resume) to continue it, or choose another dir"
             )
         return self.latest_checkpoint()
+
+    def step_dir(self, step: int) -> Path:
+        return self.checkpoints / f"step-{step:08d}"
 
     def latest_checkpoint(self) -> Path | None:
         return latest_checkpoint(self.checkpoints)

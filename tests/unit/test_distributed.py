@@ -11,7 +11,7 @@ from tunesmith.config import load_config
 from tunesmith.errors import UserError
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train.distributed import Dist, failure_line, inject_fault, setup
-from tunesmith.train.rows import RowStream
+from tunesmith.train.loop import RowStream
 
 
 def _steps(n_rows, batch, accum, world, n_steps, seed=3):

@@ -157,4 +157,4 @@ def test_heap_retention_is_limited_on_glibc():
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt is glibc's")
-    assert budget.limit_heap_retention() is True
+    assert fit.limit_heap_retention() is True

@@ -8,8 +8,7 @@ from tests.tiny import write_config, write_qa_jsonl
 from tunesmith.config import load_config
 from tunesmith.data.packing import Row
 from tunesmith.train.distributed import Dist
-from tunesmith.train.loop import run_training
-from tunesmith.train.rows import RowStream
+from tunesmith.train.loop import RowStream, run_training
 from tunesmith.train.step import lr_factor
 
 

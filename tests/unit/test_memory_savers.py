@@ -17,8 +17,8 @@ from tunesmith.train.kernels import attach
 from tunesmith.train.kernels.attention import flatten
 from tunesmith.train.kernels.mlp import SwiGLUDownFn
 from tunesmith.train.kernels.patch import unpatch
+from tunesmith.train.loop import split_rows
 from tunesmith.train.loss import LinearCrossEntropy
-from tunesmith.train.rows import split_rows
 
 
 def _model(tok, method, checkpointing=False, **kw):

@@ -51,7 +51,7 @@ def run_compare(cfg: Config) -> dict:
     questions = limit_per_split(questions, c.max_questions, c.seed)
     chunks, retrieve = _retrieval(cfg)
     run_dir, run_cfg = _resolve_run(cfg)
-    out = Path(c.output_dir) if c.output_dir else RunDir(run_dir or cfg.train.output_dir).compare_dir
+    out = Path(c.output_dir) if c.output_dir else (run_dir or Path(cfg.train.output_dir)) / "compare"
     system = c.system_prompt or (run_cfg or cfg).data.system_prompt
     shots = _shots(cfg, run_cfg) if "prompt" in c.arms else []
     models = _Models(cfg, run_dir, run_cfg)

@@ -33,7 +33,7 @@ from tunesmith.config import Config
 from tunesmith.errors import UserError
 from tunesmith.train.budget import GIB, current_rss, disk_free, limit_heap_retention, ram_budget
 
-__all__ = ["GIB", "Estimate", "estimate", "probe_model"]
+__all__ = ["GIB", "Estimate", "estimate", "limit_heap_retention", "probe_model"]
 PROBE_LAYERS = (1, 3)
 PROBE_TOKENS = 4096
 TIME_ROUNDS = 3  # timed probes per depth, alternating depths (see estimate)

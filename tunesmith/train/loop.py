@@ -59,7 +59,7 @@ from tunesmith.train.records import Records, require_tensorboard
 from tunesmith.train.rows import RowStream, make_rows, split_rows
 from tunesmith.train.step import accumulate_gradients, evaluate, lr_factor
 
-__all__ = ["TrainResult", "run_training", "set_up", "finish", "train_steps"]
+__all__ = ["RESUMABLE_CHANGES", "RowStream", "TrainResult", "run_training", "split_rows"]
 
 
 @dataclass
@@ -302,7 +302,7 @@ def one_step(run: Run) -> tuple[float, int, float]:
 def train_steps(run: Run) -> float | None:
     """Steps until `total_steps`, logging, validating and checkpointing; the final validation loss."""
     t, dist = run.cfg.train, run.dist
-    records = run.records = Records(run.out, t.tensorboard, run.step) if dist.main else None
+    records = run.records = Records(run.out.path, t.tensorboard, run.step) if dist.main else None
     bar = None
     if dist.main and t.progress:
         from tqdm.auto import tqdm
@@ -384,7 +384,7 @@ def finish(run: Run, val_loss: float | None) -> TrainResult:
         out = run.out.path
         save_model(model, run.tokenizer, out, gathered)
         run.records.close()
-        run.records.plot(run.out.loss_plot)
+        run.records.plot(out / "loss.png")
         summary = {
             "method": cfg.adapter.method,
             "base_model": cfg.model.name,

@@ -1,6 +1,6 @@
 """What a run leaves behind for people: metrics JSONL, optional TensorBoard, a loss PNG.
 
-Contract: `Records(run_dir, tensorboard, resume_step)` (a `RunDir`) appends one JSON object per logged
+Contract: `Records(out_dir, tensorboard, resume_step)` appends one JSON object per logged
 step to `metrics.jsonl` (on resume, rows after the checkpoint's step are dropped first so
 the file reads like one uninterrupted run), mirrors scalars to TensorBoard when asked, and
 `plot()` draws `loss.png` from the JSONL. Only rank 0 creates one.
@@ -13,7 +13,8 @@ from pathlib import Path
 
 from tunesmith.errors import UserError
 from tunesmith.io import write_atomic
-from tunesmith.rundir import RunDir
+
+METRICS = "metrics.jsonl"
 
 
 def require_tensorboard() -> None:
@@ -28,8 +29,8 @@ def require_tensorboard() -> None:
 
 
 class Records:
-    def __init__(self, run_dir: RunDir, tensorboard: bool, resume_step: int):
-        self.path = run_dir.metrics_path
+    def __init__(self, out_dir: Path, tensorboard: bool, resume_step: int):
+        self.path = out_dir / METRICS
         self._truncate_after(resume_step)
         self.file = open(self.path, "a", encoding="utf-8")
         self.writer = None
@@ -37,7 +38,7 @@ class Records:
             require_tensorboard()
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(run_dir.tensorboard_dir), purge_step=resume_step + 1)
+            self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=resume_step + 1)
 
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():

@@ -2,18 +2,19 @@
 
 Contract: `FusedLoraLinear` is `peft.tuners.lora.layer.Linear` (same parameters, state-dict keys,
 adapter files, merge and unload) whose `forward`, when exactly one plain LoRA adapter is active on
-an unmerged `nn.Linear` (or a frozen bf16-stored one, `tunesmith.adapters.storage.BF16Storage`) with no
-dropout, computes
+an unmerged `nn.Linear` (or a frozen bf16-stored one, `tunesmith.adapters.storage.BF16Storage`), computes
 
-    y = x Wᵀ + b + s · (x Aᵀ) Bᵀ
+    y = x Wᵀ + b + s · (d(x) Aᵀ) Bᵀ,   d(x) = x · noise   (LoRA dropout; d(x) = x at dropout 0 or in eval)
 
 in one autograd node (`LoraLinearFn`): the scaled low-rank product is accumulated into the base
 output by the GEMM itself (`addmm_`, alpha = s) and, in backward, `∂x = ∂y W + s (∂y B) A` is
-one GEMM plus one accumulating GEMM. Under bf16 autocast (`train.precision=bf16`) the node runs
-wholly in bf16 — input, base weight and adapter cast once, as autocast would cast them — so the
-GEMMs hit the CPU's bf16 units (AMX) with no fp32 round trips; the adapter's gradients come back
-to its fp32 weights through the casts. Every other case (DoRA, dropout, several adapters, disabled
-or merged adapters, a 4-bit base such as qlora's NF4, fp16 autocast) is PEFT's own forward.
+one GEMM plus one accumulating GEMM. Dropout's mask (`adapters.dropout`) is named by a seed and
+redrawn in backward, so the node keeps no dropped copy of `x`. Under bf16 autocast
+(`train.precision=bf16`) the node runs wholly in bf16 — input, base weight and adapter cast once,
+as autocast would cast them — so the GEMMs hit the CPU's bf16 units (AMX) with no fp32 round
+trips; the adapter's gradients come back to its fp32 weights through the casts. Every other case
+(DoRA, several adapters, disabled or merged adapters, a 4-bit base such as qlora's NF4, fp16
+autocast) is PEFT's own forward.
 `apply_method` registers it through PEFT's custom-module hook (`LoraConfig._register_custom_module`).
 
 Why: PEFT's forward is `base(x) + lora_B(lora_A(dropout(x))) * scaling` — per layer an extra
@@ -28,39 +29,45 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
+from tunesmith.adapters import dropout
+from tunesmith.adapters.dropout import Mask
 from tunesmith.adapters.weights import autocast_bf16, compute_weight, stored_weight
 
 
 class LoraLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, mask: Mask | None = None):
         rank = lora_a.shape[0]
-        xa = F.linear(x, lora_a)
+        xa = F.linear(x if mask is None else x * mask.noise(x), lora_a)
         y = F.linear(x, weight, bias)
         y.view(-1, y.shape[-1]).addmm_(xa.view(-1, rank), lora_b.t(), alpha=scaling)
         ctx.save_for_backward(x, weight, lora_a, lora_b, xa)
-        ctx.scaling = scaling
+        ctx.scaling, ctx.mask = scaling, mask
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, lora_a, lora_b, xa = ctx.saved_tensors
-        s = ctx.scaling
+        s, mask = ctx.scaling, ctx.mask
         g = grad_y.reshape(-1, grad_y.shape[-1]).to(x.dtype)
         x2 = x.reshape(-1, x.shape[-1])
+        noise = None if mask is None else mask.noise(x2)  # the forward's mask, redrawn from its seed
         g_xa = torch.mm(g, lora_b).mul_(s)  # [tokens, rank]
         grad_x = grad_w = grad_bias = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.mm(g, weight).addmm_(g_xa, lora_a).view(x.shape)
+            if noise is None:
+                grad_x = torch.mm(g, weight).addmm_(g_xa, lora_a).view(x.shape)
+            else:
+                grad_x = torch.mm(g, weight).add_(torch.mm(g_xa, lora_a).mul_(noise)).view(x.shape)
         if ctx.needs_input_grad[1]:
             grad_w = torch.mm(g.t(), x2)
         if ctx.needs_input_grad[2]:
             grad_bias = g.sum(0)
         if ctx.needs_input_grad[3]:
-            grad_a = torch.mm(g_xa.t(), x2)
+            grad_a = torch.mm(g_xa.t(), x2 if noise is None else noise.mul_(x2))
         if ctx.needs_input_grad[4]:
             grad_b = torch.mm(g.t(), xa.reshape(-1, xa.shape[-1])).mul_(s)
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, None
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None
 
 
 class FusedLoraLinear(PeftLoraLinear):
@@ -70,7 +77,7 @@ class FusedLoraLinear(PeftLoraLinear):
         name = self.active_adapters[0]
         if name not in self.lora_A or name in self.lora_variant or self.use_dora.get(name, False):
             return None
-        if not isinstance(self.lora_dropout[name], torch.nn.Identity) or self.fan_in_fan_out:
+        if type(self.lora_dropout[name]) not in (torch.nn.Identity, torch.nn.Dropout) or self.fan_in_fan_out:
             return None
         base = self.base_layer
         if torch.is_autocast_enabled(x.device.type):
@@ -89,10 +96,14 @@ class FusedLoraLinear(PeftLoraLinear):
         bias = None if base.bias is None else base.bias.to(dt)
         return x.to(dt), compute_weight(base, dt), bias, a.to(dt), b.to(dt)
 
+    def dropout_mask(self, name: str) -> Mask | None:
+        """This call's dropout mask for adapter `name` (None in eval mode or at dropout 0)."""
+        return dropout.draw(dropout.dropout_p(self.lora_dropout[name]))
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         name = self._fused_adapter(x, args, kwargs)
         if name is None:
             return super().forward(x, *args, **kwargs)
         operands = self.fused_operands(name, x)  # reads the autocast state: before leaving it
         with torch.autocast(x.device.type, enabled=False):
-            return LoraLinearFn.apply(*operands, self.scaling[name])
+            return LoraLinearFn.apply(*operands, self.scaling[name], self.dropout_mask(name))

@@ -16,7 +16,9 @@ other input, or one the group cannot take, is the layer's own forward.
 - LoRA (`GroupLoraFn`), with `W` the stacked weights, `A` the stacked adapters' A and `B` the
   block-diagonal matrix of each adapter's `s·B`:
   `Y = x Wᵀ + b + (x Aᵀ) Bᵀ`, `∂x = ∂Y W + (∂Y B) A`, `∂A = (∂Y B)ᵀ x`, `∂B = ∂Yᵀ (x Aᵀ)`.
-  Not taken: several adapters, dropout, DoRA, merged or disabled adapters (the fused LoRA rules).
+  With LoRA dropout each projection's A reads its own dropped copy of `x` (its own mask, redrawn
+  in backward): one rank-r GEMM per projection instead of one for the group.
+  Not taken: several adapters, DoRA, merged or disabled adapters (the fused LoRA rules).
 - Full fine-tuning (`GroupLinearFn`), under bf16 compute only: `Y = x [W₁; W₂; …]ᵀ + b` with the
   fp32 weights cast inside the node, in forward and again in backward; `∂Wᵢ` come out of one GEMM.
   In fp32 the layers run one by one.
@@ -100,13 +102,17 @@ def _rows(g: torch.Tensor, n: int) -> torch.Tensor | None:
 
 class GroupLoraFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, sizes: tuple):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, sizes: tuple, ranks: tuple, masks: tuple | None):
         x2 = x.reshape(-1, x.shape[-1])
         y = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())
-        xa = torch.mm(x2, lora_a.t())
+        if masks is None:
+            xa = torch.mm(x2, lora_a.t())
+        else:  # each projection's own dropout mask on its copy of the input
+            parts = lora_a.split(ranks)
+            xa = torch.cat([torch.mm(_dropped(x2, m), a.t()) for a, m in zip(parts, masks)], dim=1)
         y.addmm_(xa, lora_b.t())
         ctx.save_for_backward(x, weight, lora_a, lora_b, xa)
-        ctx.sizes = sizes
+        ctx.sizes, ctx.ranks, ctx.masks = sizes, ranks, masks
         return _split(y, sizes, x.shape[:-1])
 
     @staticmethod
@@ -114,17 +120,35 @@ class GroupLoraFn(torch.autograd.Function):
         x, weight, lora_a, lora_b, xa = ctx.saved_tensors  # weight: frozen (groups are built so)
         g = _joined(grads, ctx.sizes, x)
         need = ctx.needs_input_grad
+        x2 = x.reshape(g.shape[0], -1)
         g_xa = torch.mm(g, lora_b)
         grad_x = grad_bias = grad_a = grad_b = None
-        if need[0]:
-            grad_x = torch.mm(g, weight).addmm_(g_xa, lora_a).view(x.shape)
+        if ctx.masks is None:
+            if need[0]:
+                grad_x = torch.mm(g, weight).addmm_(g_xa, lora_a).view(x.shape)
+            if need[3]:
+                grad_a = torch.mm(g_xa.t(), x2)
+        else:  # the forward's masks, redrawn from their seeds
+            grad_x = torch.mm(g, weight) if need[0] else None
+            grads_a = []
+            for a, g_part, m in zip(lora_a.split(ctx.ranks), g_xa.split(ctx.ranks, dim=1), ctx.masks):
+                noise = None if m is None else m.noise(x2)
+                if need[0]:
+                    back = torch.mm(g_part, a)
+                    grad_x.add_(back if noise is None else back.mul_(noise))
+                if need[3]:
+                    grads_a.append(torch.mm(g_part.t(), x2 if noise is None else noise.mul_(x2)))
+            grad_x = None if grad_x is None else grad_x.view(x.shape)
+            grad_a = torch.cat(grads_a) if need[3] else None
         if need[2]:
             grad_bias = g.sum(0)
-        if need[3]:
-            grad_a = torch.mm(g_xa.t(), x.reshape(g.shape[0], -1))
         if need[4]:
             grad_b = torch.mm(g.t(), xa)
-        return grad_x, None, grad_bias, grad_a, grad_b, None
+        return grad_x, None, grad_bias, grad_a, grad_b, None, None, None
+
+
+def _dropped(x2: torch.Tensor, mask) -> torch.Tensor:
+    return x2 if mask is None else x2 * mask.noise(x2)
 
 
 class GroupLinearFn(torch.autograd.Function):
@@ -188,9 +212,18 @@ class ProjectionGroup:
             *[layer.lora_B[n].weight * layer.scaling[n] for layer, n in zip(self.layers, names)]
         ).to(dtype)
         bias = self._bias([layer.base_layer.bias for layer in self.layers])
+        masks = [layer.dropout_mask(n) for layer, n in zip(self.layers, names)]  # drawn in the layers' order
+        ranks = tuple(layer.lora_A[n].weight.shape[0] for layer, n in zip(self.layers, names))
         with torch.autocast(x.device.type, enabled=False):
             return GroupLoraFn.apply(
-                x.to(dtype), self.weight.to(dtype), None if bias is None else bias.to(dtype), lora_a, lora_b, self.sizes
+                x.to(dtype),
+                self.weight.to(dtype),
+                None if bias is None else bias.to(dtype),
+                lora_a,
+                lora_b,
+                self.sizes,
+                ranks,
+                None if all(m is None for m in masks) else tuple(masks),
             )
 
     def _run_linear(self, x: torch.Tensor) -> tuple | None:

@@ -7,8 +7,9 @@ is a plain `nn.Linear` (full fine-tuning, or a frozen one) or a fusable LoRA lay
 (`adapters.fused_lora`); the node saves only `g` and `u` and recomputes `silu(g) · u` in backward.
 Under bf16 autocast the node computes in bf16 (a trainable fp32 weight is cast inside the node in
 forward and again in backward, so no bf16 copy of it is kept in between; a frozen bf16-stored down
-projection is used as stored). Anything else (DoRA, dropout, qlora's 4-bit base, fp16 autocast) runs
-the module's own forward.
+projection is used as stored). A LoRA down projection's dropout masks `h` on the adapter's side only,
+its mask redrawn in backward (`adapters.dropout`). Anything else (DoRA, qlora's 4-bit base, fp16
+autocast) runs the module's own forward.
 
 Why: autograd keeps `g`, `silu(g)`, `u` and `silu(g)·u` — four [tokens × intermediate] tensors per
 layer, the largest share of a step's saved activations (4 × 1,536 of ~10,700 floats per token and
@@ -30,15 +31,15 @@ class SwiGLUDownFn(torch.autograd.Function):
     """`y = h Wᵀ + b + s · (h Aᵀ) Bᵀ` with `h = silu(gate) · up`; `lora_a`/`lora_b` may be None."""
 
     @staticmethod
-    def forward(ctx, gate, up, weight, bias, lora_a, lora_b, scaling: float):
+    def forward(ctx, gate, up, weight, bias, lora_a, lora_b, scaling: float, mask=None):
         h = torch.ops.aten.silu.out(gate, out=scratch("swiglu.h", gate.shape, gate.dtype, gate.device)).mul_(up)
         y = F.linear(h, weight.to(h.dtype), bias)  # a trainable fp32 weight is cast here, and again in backward
         ha = None
         if lora_a is not None:
-            ha = F.linear(h, lora_a)
+            ha = F.linear(h if mask is None else h * mask.noise(h), lora_a)  # LoRA dropout on A's input
             y.view(-1, y.shape[-1]).addmm_(ha.view(-1, ha.shape[-1]), lora_b.t(), alpha=scaling)
         ctx.save_for_backward(gate, up, weight, lora_a, lora_b, ha)
-        ctx.scaling, ctx.into_inputs = scaling, _group_pair(gate, up)
+        ctx.scaling, ctx.into_inputs, ctx.mask = scaling, _group_pair(gate, up), mask
         return y
 
     @staticmethod
@@ -52,15 +53,19 @@ class SwiGLUDownFn(torch.autograd.Function):
         silu = torch.ops.aten.silu.out(gate2, out=scratch("swiglu.silu", shape, dtype, device))
         grad_h = torch.mm(g, weight.to(g.dtype), out=scratch("swiglu.grad_h", shape, dtype, device))
         grad_gate = grad_up = grad_w = grad_bias = grad_a = grad_b = g_ha = None
+        noise = None if ctx.mask is None else ctx.mask.noise(gate2)  # the forward's mask, redrawn
         if lora_a is not None:
             g_ha = torch.mm(g, lora_b).mul_(s)
-            grad_h.addmm_(g_ha, lora_a)
+            if noise is None:
+                grad_h.addmm_(g_ha, lora_a)
+            else:
+                grad_h.add_(torch.mm(g_ha, lora_a).mul_(noise))
         if need[2] or need[4]:
             h = torch.mul(silu, up2, out=scratch("swiglu.h", shape, dtype, device))  # silu(g)·u, recomputed
             if need[2]:
                 grad_w = torch.mm(g.t(), h).to(weight.dtype)
             if need[4]:
-                grad_a = torch.mm(g_ha.t(), h)
+                grad_a = torch.mm(g_ha.t(), h if noise is None else noise.mul_(h))
         if need[5]:
             grad_b = torch.mm(g.t(), ha.reshape(-1, ha.shape[-1])).mul_(s)
         if need[3]:
@@ -77,7 +82,7 @@ class SwiGLUDownFn(torch.autograd.Function):
             grad_gate = torch.ops.aten.silu_backward.grad_input(
                 grad_hu, gate2, grad_input=gate2 if in_place else torch.empty_like(gate2)
             ).view(gate.shape)
-        return grad_gate, grad_up, grad_w, grad_bias, grad_a, grad_b, None
+        return grad_gate, grad_up, grad_w, grad_bias, grad_a, grad_b, None, None
 
 
 def _group_pair(gate: torch.Tensor, up: torch.Tensor) -> bool:
@@ -90,7 +95,8 @@ def _group_pair(gate: torch.Tensor, up: torch.Tensor) -> bool:
 
 
 def _operands(down, gate: torch.Tensor) -> tuple | None:
-    """(weight, bias, lora_a, lora_b, scaling) for `SwiGLUDownFn` in the dtype it computes in, or None."""
+    """(weight, bias, lora_a, lora_b, scaling, dropout mask) for `SwiGLUDownFn` in the dtype it
+    computes in, or None."""
     autocast = torch.is_autocast_enabled(gate.device.type)
     if autocast and not autocast_bf16(gate):
         return None
@@ -100,10 +106,10 @@ def _operands(down, gate: torch.Tensor) -> tuple | None:
         if name is None:
             return None
         _, weight, bias, lora_a, lora_b = down.fused_operands(name, gate)
-        return weight, bias, lora_a, lora_b, down.scaling[name]
+        return weight, bias, lora_a, lora_b, down.scaling[name], down.dropout_mask(name)
     if not autocast:
         if type(down) is torch.nn.Linear and gate.dtype == down.weight.dtype:
-            return down.weight, down.bias, None, None, 0.0
+            return down.weight, down.bias, None, None, 0.0, None
         return None
     if type(down) is torch.nn.Linear and down.weight.requires_grad:
         weight = down.weight  # cast inside the node: no bf16 copy kept from forward to backward
@@ -111,7 +117,7 @@ def _operands(down, gate: torch.Tensor) -> tuple | None:
         weight = compute_weight(down, torch.bfloat16)
     if weight is None:
         return None
-    return weight, None if down.bias is None else down.bias.to(torch.bfloat16), None, None, 0.0
+    return weight, None if down.bias is None else down.bias.to(torch.bfloat16), None, None, 0.0, None
 
 
 def fused_forward(self, x):

@@ -92,7 +92,9 @@ class TrainConfig:
     epochs: float = 1.0
     batch_size: int = 4  # rows per micro-batch (per process)
     grad_accum: int = 1
-    forward_tokens: int = 0  # split a micro-batch into forwards of at most this many real tokens; 0 = one forward
+    # split a micro-batch into forwards of at most this many real tokens; 0 = one forward;
+    # auto = one packed row's worth (data.max_length) with packing, else 0
+    forward_tokens: str = "auto"
     lr: float = 2e-4
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -336,7 +338,7 @@ POSITIVE = (
     "compare.batch_size compare.bootstrap"
 ).split()
 NON_NEGATIVE = (
-    "train.max_steps train.forward_tokens train.weight_decay train.warmup_steps train.max_grad_norm "
+    "train.max_steps train.weight_decay train.warmup_steps train.max_grad_norm "
     "train.threads train.eval_every train.save_every compare.k_shot compare.chunk_overlap "
     "compare.max_questions compare.latency_samples pretrain.hidden_size pretrain.layers pretrain.heads "
     "pretrain.intermediate_size pretrain.max_steps pretrain.batch_size pretrain.lr"
@@ -391,6 +393,8 @@ def validate(cfg: Config) -> None:
         _fail("train.device", "auto, cpu, cuda, cuda:N or mps", t.device)
     if not t.output_dir:
         raise UserError("config key train.output_dir: expected a directory path")
+    if t.forward_tokens != "auto" and not t.forward_tokens.isdigit():
+        _fail("train.forward_tokens", "auto or a number of tokens >= 0", t.forward_tokens)
     _validate_compare(cfg.compare)
     _validate_pretrain(cfg.pretrain, cfg.pipeline)
 

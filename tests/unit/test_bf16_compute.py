@@ -181,6 +181,9 @@ def test_fit_does_not_suggest_fp32_where_auto_chose_bf16(monkeypatch):
     from tunesmith.train.fit_report import _candidates
 
     monkeypatch.setenv("TUNESMITH_BF16_UNITS", "1")
-    candidates = list(_candidates(Config()))
-    assert candidates[0] == [f"train.forward_tokens={Config().data.max_length}"]
+    cfg = Config()
+    cfg.train.forward_tokens = "0"  # one forward per micro-batch: splitting it is the first remedy
+    candidates = list(_candidates(cfg))
+    assert candidates[0] == [f"train.forward_tokens={cfg.data.max_length}"]
+    assert list(_candidates(Config()))[0] != candidates[0]  # auto with packing already splits so
     assert not any("train.precision=fp32" in c for c in candidates)

@@ -46,7 +46,7 @@ def config(tmp_path, model_dir, **train):
         data,
         tmp_path / "out",
         data={"max_length": 256},
-        train={"batch_size": 4, **train},
+        train={"batch_size": 4, "forward_tokens": 0, **train},  # one forward per micro-batch unless a test says
     )
     return load_config(path)
 
@@ -113,6 +113,14 @@ def test_activations_extrapolated_from_shallow_probes(wide_model_dir, probed):
     )
     assert ckpt.parts["activations"] < 0.6 * est.parts["activations"]
     assert ckpt.step_s > est.step_s  # the forward runs twice
+
+
+def test_packed_rows_run_one_row_per_forward_by_default(probed):
+    cfg, est, cache, _ = probed
+    auto = fit.estimate(fit_report.apply_overrides(cfg, ["train.forward_tokens=auto"]), probe=True, _cache=cache)
+    # packing on: a forward carries one 256-token row, not the micro-batch's four
+    assert auto.parts["activations"] < 0.4 * est.parts["activations"]
+    assert auto.tokens_per_step == est.tokens_per_step
 
 
 def test_refusal_names_overrides_that_fit(probed):

@@ -293,11 +293,13 @@ def estimate(cfg: Config, probe: bool = True, ram_gib: float | None = None, _cac
     layer_act = max(0.0, (saved(hi, peak_len) - saved(lo, peak_len)) / (l2 - l1))
     outside = max(0.0, saved(lo, peak_len) - l1 * layer_act)  # embeddings, final norm, head, loss
     from tunesmith.train.loss import CHUNK
+    from tunesmith.train.rows import forward_budget
 
     # a split micro-batch (train.forward_tokens) keeps one forward's activations at a time
     tokens_micro = b * peak_len
-    if t.forward_tokens:
-        per_forward = min(tokens_micro, max(t.forward_tokens, peak_len))
+    budget = forward_budget(cfg)
+    if budget:
+        per_forward = min(tokens_micro, max(budget, peak_len))
         layer_act, outside = layer_act * per_forward / tokens_micro, outside * per_forward / tokens_micro
         tokens_micro = per_forward
     labelled = tokens_micro * label_frac

@@ -32,8 +32,10 @@ def _candidates(cfg: Config):
     recomputed activations), then fewer trainable weights, then shorter rows (which changes what
     the model sees). fp32 compute where `auto` chose bf16 is not one: with the bf16 fast paths it
     peaks no lower (SmolLM2: LoRA 1.47 vs 1.78 GiB, full 2.78 vs 2.76; bench/NOTES.md)."""
+    from tunesmith.train.rows import forward_budget
+
     t = cfg.train
-    if t.batch_size > 1 and not (t.forward_tokens and t.forward_tokens <= cfg.data.max_length):
+    if t.batch_size > 1 and not 0 < forward_budget(cfg) <= cfg.data.max_length:
         yield [f"train.forward_tokens={cfg.data.max_length}"]  # one row's worth per forward
     if not t.gradient_checkpointing:
         yield ["train.gradient_checkpointing=true"]

@@ -56,7 +56,7 @@ from tunesmith.train.kernels.attention import flatten
 from tunesmith.train.loss import LossModule, can_embed_into_grad
 from tunesmith.train.model import load_base, make_trainable
 from tunesmith.train.records import Records, require_tensorboard
-from tunesmith.train.rows import RowStream, make_rows, split_rows
+from tunesmith.train.rows import RowStream, forward_budget, make_rows, split_rows
 from tunesmith.train.step import accumulate_gradients, evaluate, lr_factor
 
 __all__ = ["RESUMABLE_CHANGES", "RowStream", "TrainResult", "run_training", "split_rows"]
@@ -255,7 +255,7 @@ def _assemble(
         total_steps=total_steps,
         global_batch=global_batch,
         # FSDP's forwards all-gather layer by layer, so every rank must run as many: one per micro-batch
-        forward_tokens=0 if dist.enabled and dist.strategy == "fsdp" else t.forward_tokens,
+        forward_tokens=0 if dist.enabled and dist.strategy == "fsdp" else forward_budget(cfg),
         trainable=trainable,
         total_params=total_params,
     )

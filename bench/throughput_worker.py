@@ -3,11 +3,16 @@ TRL's SFTTrainer (+PEFT) or tunesmith's loop, on the files `throughput_data.buil
 
     python bench/throughput_worker.py --tool trl|tunesmith --method lora|full --data DIR --model DIR
         [--steps 20] [--batch 4] [--lr 2e-4] [--packing] [--gc] [--bf16] [--out JSON]
+        [--dropout 0.05] [--rank 64] [--method dora|qlora] [--max-length 2048]
 
 Both tools get the same model directory (SmolLM2 as fp32 safetensors), batch, max length 512,
-LoRA r=16/alpha 32/no dropout on all linear layers, AdamW, linear decay without warm-up, no weight
-decay, gradient clipping at 1.0, and the same samples in the same order (see throughput_data).
+LoRA r=16/alpha 32/no dropout on all linear layers (`--rank`, alpha = 2 × rank, `--dropout`),
+AdamW, linear decay without warm-up, no weight decay, gradient clipping at 1.0, and the same
+samples in the same order (see throughput_data).
 Loss is on the assistant's tokens only in both (TRL: prompt/completion data, completion_only_loss).
+`--packing` packs rows in both tools (TRL: padding-free packing; tunesmith: its default packing);
+without it tunesmith runs `data.packing=false`. `--method dora` is PEFT's DoRA in TRL;
+`--method qlora` runs in tunesmith only (TRL's QLoRA needs bitsandbytes' CUDA kernels).
 
 Timing: each optimizer step is timed from its start to the end of `optimizer.step()` (TRL: a
 TrainerCallback; tunesmith: its own per-step log). Tokens of a step are the real tokens of its
@@ -31,7 +36,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-MAX_LENGTH = 512
+MAX_LENGTH = 512  # --max-length
 
 
 def validation_loss(model, tokenizer, path: str) -> float:
@@ -51,6 +56,8 @@ def validation_loss(model, tokenizer, path: str) -> float:
 
 
 def run_trl(args) -> dict:
+    if args.method == "qlora":
+        raise SystemExit("TRL's QLoRA needs bitsandbytes' CUDA kernels; run it with --tool tunesmith")
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -69,9 +76,14 @@ def run_trl(args) -> dict:
             step_times.append(time.perf_counter() - self.t0)
 
     peft_config = None
-    if args.method == "lora":
+    if args.method in ("lora", "dora"):
         peft_config = LoraConfig(
-            r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+            r=args.rank,
+            lora_alpha=2 * args.rank,
+            lora_dropout=args.dropout,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+            use_dora=args.method == "dora",
         )
     with tempfile.TemporaryDirectory() as tmp:
         config = SFTConfig(
@@ -91,7 +103,7 @@ def run_trl(args) -> dict:
             gradient_checkpointing=args.gc,
             packing=args.packing,
             padding_free=args.packing,
-            max_length=MAX_LENGTH,
+            max_length=args.max_length,
             completion_only_loss=True,
             train_sampling_strategy="sequential",
             use_cpu=True,
@@ -136,13 +148,13 @@ def run_tunesmith(args) -> dict:
         overrides = [
             f"model.name={args.model}",
             f"data.train={Path(args.data, 'train.jsonl')}",
-            f"data.max_length={MAX_LENGTH}",
-            "data.packing=false",
+            f"data.max_length={args.max_length}",
+            f"data.packing={str(args.packing).lower()}",
             f"data.cache_dir={tmp}/cache",
             f"adapter.method={args.method}",
-            "adapter.rank=16",
-            "adapter.alpha=32",
-            "adapter.dropout=0",
+            f"adapter.rank={args.rank}",
+            f"adapter.alpha={2 * args.rank}",
+            f"adapter.dropout={args.dropout}",
             f"train.output_dir={tmp}/run",
             f"train.max_steps={args.steps}",
             f"train.batch_size={args.batch}",
@@ -172,7 +184,10 @@ def run_tunesmith(args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tool", choices=["trl", "tunesmith"], required=True)
-    ap.add_argument("--method", choices=["lora", "full"], required=True)
+    ap.add_argument("--method", choices=["lora", "full", "dora", "qlora"], required=True)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--dropout", type=float, default=0.0)
+    ap.add_argument("--max-length", type=int, default=MAX_LENGTH)
     ap.add_argument("--data", required=True)
     ap.add_argument("--model", required=True)
     ap.add_argument("--steps", type=int, default=20)
@@ -194,6 +209,9 @@ def main() -> None:
         tool=args.tool,
         method=args.method,
         packing=args.packing,
+        dropout=args.dropout,
+        rank=args.rank,
+        max_length=args.max_length,
         gc=args.gc,
         bf16=args.bf16,
         extra=args.set,

@@ -46,8 +46,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-LR = {"lora": 2e-4, "full": 2e-5}
-FLOPS_PER_PARAM = {"lora": 4, "full": 6}
+LR = {"lora": 2e-4, "dora": 2e-4, "qlora": 2e-4, "full": 2e-5}
+FLOPS_PER_PARAM = {"lora": 4, "dora": 4, "qlora": 4, "full": 6}
+# `--users`: the configurations users run, each a group of TRL and tunesmith runs with the same setting
+# (group name, method, worker flags for both tools, whether TRL can run it on a CPU)
+USER_SETTINGS = [
+    ("lora dropout 0.05", "lora", ["--dropout", "0.05"], True),
+    ("lora dropout 0.05 packing", "lora", ["--dropout", "0.05", "--packing"], True),
+    ("lora rank 64", "lora", ["--rank", "64"], True),
+    ("dora", "dora", [], True),
+    ("qlora", "qlora", [], False),
+]
 
 
 def matmul_peak(threads: int, n: int = 2048, reps: int = 10, dtype: str = "float32") -> float:
@@ -105,6 +114,7 @@ def run_one(spec: dict, args, data_dir: Path, model_dir: str) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{spec['name']} failed:\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["group"] = spec.get("group", spec["method"])
     rates = [n / s for n, s in zip(result["step_tokens"], result["step_s"])][args.warmup :]
     result.update(
         name=spec["name"],
@@ -161,17 +171,35 @@ def specs(methods, trl_defaults: bool, packing_steps: int, bf16_units: bool) -> 
     return out
 
 
+def user_specs(packing_steps: int) -> list[dict]:
+    """`--users`: per setting of `USER_SETTINGS`, TRL (where it runs on a CPU) and tunesmith at its
+    defaults with that setting; qlora is held against TRL's plain LoRA (same rank, fp32 base)."""
+    out = []
+    for group, method, flags, trl_runs in USER_SETTINGS:
+        steps = packing_steps if "--packing" in flags else None
+        trl = {"tool": "trl", "group": group, "steps": steps}
+        if trl_runs:
+            out.append({**trl, "name": f"trl {group}", "method": method, "flags": flags})
+        else:
+            out.append({**trl, "name": f"trl lora (for {group})", "method": "lora", "flags": []})
+        out.append(
+            {"name": f"tunesmith {group}", "tool": "tunesmith", "method": method, "group": group, "flags": flags}
+        )
+    return out
+
+
 def summarise(results: list[dict], peak: float, params: int, methods) -> dict:
     by_name: dict[str, list[dict]] = {}
     for r in results:
         by_name.setdefault(r["name"], []).append(r)
     rows = {}
     for name, rs in by_name.items():
-        m = rs[0]["method"]
+        m, group = rs[0]["method"], rs[0].get("group", rs[0]["method"])
         tok_s = statistics.median(r["tok_s"] for r in rs)
         rows[name] = {
             "tool": rs[0]["tool"],
             "method": m,
+            "group": group,
             "tok_s": tok_s,
             "tok_s_runs": [round(r["tok_s"], 1) for r in rs],
             "peak_rss_gib": statistics.median(r["peak_rss_mib"] for r in rs) / 1024,
@@ -180,13 +208,13 @@ def summarise(results: list[dict], peak: float, params: int, methods) -> dict:
         }
     ratios = {}
     for m in methods:
-        trl = {k: v for k, v in rows.items() if v["tool"] == "trl" and v["method"] == m}
+        trl = {k: v for k, v in rows.items() if v["tool"] == "trl" and v["group"] == m}
         if not trl:
             continue
         best_name, best = max(trl.items(), key=lambda kv: kv[1]["tok_s"])
         same_samples = rows.get(f"trl {m}")  # no packing: the very same samples, step for step
         for name, ours in rows.items():
-            if ours["tool"] != "tunesmith" or ours["method"] != m:
+            if ours["tool"] != "tunesmith" or ours["group"] != m:
                 continue
             by_round = _paired(results, name, m)
             ratios[name] = {
@@ -205,7 +233,7 @@ def _paired(results: list[dict], name: str, method: str) -> list[float]:
     apart pair up, so host drift over a benchmark (±30% here) cancels."""
     out = []
     for rnd in sorted({r.get("round", 0) for r in results}):
-        same = [r for r in results if r.get("round", 0) == rnd and r["method"] == method]
+        same = [r for r in results if r.get("round", 0) == rnd and r.get("group", r["method"]) == method]
         ours = [r["tok_s"] for r in same if r["name"] == name]
         trl = [r["tok_s"] for r in same if r["tool"] == "trl"]
         if ours and trl:
@@ -259,6 +287,11 @@ def main() -> None:
         "setting by a wide margin and take ~4 min each",
     )
     ap.add_argument("--trl-defaults", action="store_true", help="also TRL's defaults: bf16 autocast + checkpointing")
+    ap.add_argument(
+        "--users",
+        action="store_true",
+        help="the configurations users run instead (dropout 0.05, packing, rank 64, DoRA, QLoRA), each against TRL",
+    )
     ap.add_argument("--only", choices=["trl", "tunesmith"], help="run one tool (no ratios)")
     ap.add_argument("--json", default=str(ROOT / "out" / "bench" / "train_throughput.json"))
     args = ap.parse_args()
@@ -287,11 +320,13 @@ def main() -> None:
             f"bf16 matmul peak before: {bf16_peak:.0f} GFLOP/s (bf16 matmul units: tunesmith's auto precision is bf16)",
             flush=True,
         )
-    plan = [
-        s
-        for s in specs(args.methods, args.trl_defaults, args.packing_steps, bf16_units)
-        if not args.only or s["tool"] == args.only
-    ]
+    chosen = (
+        user_specs(args.packing_steps)
+        if args.users
+        else specs(args.methods, args.trl_defaults, args.packing_steps, bf16_units)
+    )
+    plan = [s for s in chosen if not args.only or s["tool"] == args.only]
+    groups = list(dict.fromkeys(s.get("group", s["method"]) for s in plan))
     results = []
     for rnd in range(args.rounds):
         print(f"round {rnd + 1}/{args.rounds}", flush=True)
@@ -302,7 +337,7 @@ def main() -> None:
     peaks.append(matmul_peak(args.threads))
     peak = max(peaks)
     bf16_peaks = [bf16_peak, matmul_peak(args.threads, dtype="bfloat16")] if bf16_units else []
-    summary = summarise(results, peak, params, args.methods)
+    summary = summarise(results, peak, params, groups)
     print_table(summary, peak)
     if bf16_units:
         print(

@@ -23,9 +23,21 @@ def test_fit_prints_table_and_json(tmp_path, tiny_model_dir):
     report = json.loads((tmp_path / "fit.json").read_text())
     assert report["fits"] and report["step_s"] > 0 and report["tokens_per_step"] == 3 * 64
     assert set(report["parts"]) >= {"baseline", "weights", "gradients", "optimizer", "activations"}
+    assert report["warnings"] == [] and "warning:" not in res.stdout + res.stderr
     assert not (tmp_path / "out").exists()  # fit writes nothing into the run dir
     res = cli("fit", cfg, "--no-probe", "--ram-gib", "0.01")
     assert res.returncode == 1 and "does not fit: predicted peak RAM" in res.stdout
+
+
+def test_fit_says_bf16_is_emulated(tmp_path, tiny_model_dir):
+    """The suite pins no bf16 matmul units: bf16 asked for warns once on stderr and in the report."""
+    cfg = write_config(tmp_path / "c.yaml", tiny_model_dir, write_qa_jsonl(tmp_path / "qa.jsonl"), tmp_path / "out")
+    res = cli("fit", cfg, "train.precision=bf16", "--no-probe", "--json", tmp_path / "fit.json")
+    assert res.returncode == 0, res.stderr
+    warned = [line for line in res.stderr.splitlines() if line.startswith("tunesmith: warning:")]
+    assert len(warned) == 1 and "train.precision=bf16" in warned[0] and "emulated" in warned[0]
+    (note,) = json.loads((tmp_path / "fit.json").read_text())["warnings"]
+    assert note.startswith("train.precision=bf16: ") and f"warning: {note}" in res.stdout
 
 
 def test_train_refuses_what_cannot_fit_unless_forced(tmp_path, tiny_model_dir):

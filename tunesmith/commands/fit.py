@@ -61,6 +61,7 @@ def run(args) -> int:
             "params": est.params,
             "trainable": est.trainable,
             "tokens_per_step": est.tokens_per_step,
+            "warnings": est.warnings,
             "suggestion": None
             if suggestion is None
             else {"overrides": suggestion[0], "peak_bytes": suggestion[1].peak_bytes, "step_s": suggestion[1].step_s},

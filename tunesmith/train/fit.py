@@ -11,6 +11,8 @@ Contract:
   own `train.model.make_trainable`. It reads the model's `config.json` and the tokenised data
   (cached by `build_datasets`), never the weights, and writes nothing into the output dir.
   The RAM and disk budgets come from `train.budget`; suggestions and the table from `train.fit_report`.
+  `warnings` holds what the run should know before it starts: `train.precision=bf16` where bf16 is
+  emulated (`precision.emulation_warning`); the probe then ran in bf16, so s/step already shows it.
 - Under torchrun, the `LOCAL_WORLD_SIZE` processes of a node share its RAM: the peak is per
   process, the fit test uses the sum.
 
@@ -54,6 +56,7 @@ class Estimate:
     trainable: int = 0
     tokens_per_step: int = 0
     notes: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)
 
     @property
     def fits_ram(self) -> bool:
@@ -109,6 +112,19 @@ def _precision(cfg: Config) -> tuple[str, str]:
     from tunesmith.precision import resolve_precision
 
     return resolve_precision(cfg.train, cfg.adapter.method, torch.device("cpu"))
+
+
+def _warnings(cfg: Config, probe: bool) -> list[str]:
+    """`train.precision=bf16` where this CPU emulates bf16 (frozen bf16 weights are upcast for fp32
+    matmuls, so `train.frozen_dtype` never is)."""
+    import torch
+
+    from tunesmith.precision import emulation_warning
+
+    line = emulation_warning("train.precision=bf16", torch.device("cpu")) if cfg.train.precision == "bf16" else None
+    if line is None:
+        return []
+    return [line + ("; the predicted s/step was measured in bf16, so it includes the slowdown" if probe else "")]
 
 
 def probe_model(cfg: Config, hf_cfg, n_layers: int, frozen_dtype: str):
@@ -373,4 +389,5 @@ def estimate(cfg: Config, probe: bool = True, ram_gib: float | None = None, _cac
         trainable=int(round(trainable)),
         tokens_per_step=int(b * mean_len * t.grad_accum),
         notes=[] if not tied else ["tied embeddings"],
+        warnings=_warnings(cfg, probe),
     )

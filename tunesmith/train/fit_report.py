@@ -5,7 +5,7 @@ Contract:
   smaller micro-batches with more accumulation, lora/qlora, shorter rows) and returns the first set
   that fits, as `key=value` strings with its estimate, or None.
 - `verdict_line(cfg, est, suggestion)`: the one-line refusal (empty when the run fits).
-- `table(cfg, est)`: the breakdown `tunesmith fit` prints.
+- `table(cfg, est)`: the breakdown `tunesmith fit` prints, then the estimate's warnings.
 - `preflight(cfg)`: what `train` runs first — the estimate, or a one-line `UserError` naming
   overrides that fit.
 """
@@ -133,7 +133,7 @@ def table(cfg: Config, est: Estimate) -> str:
         if est.step_s
         else "s/step: not probed"
     )
-    return "\n".join([head, *lines, speed])
+    return "\n".join([head, *lines, speed, *(f"warning: {w}" for w in est.warnings)])
 
 
 def preflight(cfg: Config, probe: bool = False, ram_gib: float | None = None, cache: dict | None = None) -> Estimate:

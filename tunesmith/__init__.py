@@ -12,6 +12,14 @@ A mistake in what is passed raises `tunesmith.errors.UserError` with one line na
 
 from __future__ import annotations
 
+import os
+
+# transformers ≥ 5.25 swaps layers for "hub kernels" — code fetched from the Hugging Face Hub — on
+# every `from_pretrained` when the `kernels` package is installed (it is a dependency), and swaps
+# them again on `model.train()`, which silently removed the training fast paths' RMSNorm node.
+# tunesmith runs offline and loads no remote code unless asked: off unless the user set it.
+os.environ.setdefault("USE_HUB_KERNELS", "0")
+
 __version__ = "0.1.0"
 __all__ = ["compare", "estimate", "export_gguf", "finetune", "load_config"]
 

@@ -129,7 +129,9 @@ def _converted_gguf(gguf_path: Path, cache_name: str | None) -> Path:
     print(f"tunesmith: converting {gguf_path.name} to safetensors (once) into {target}", flush=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=file_name)
-        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=file_name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, gguf_file=file_name, dtype=torch.float32, use_kernels=False
+        )
     except (ValueError, KeyError, OSError, EOFError) as err:
         raise UserError(f"{gguf_path}: cannot load this GGUF ({_first_line(err)})") from None
     # The dequantized model is still tagged as GGUF-quantized, which makes save_pretrained
@@ -196,6 +198,7 @@ def load_model(
             revision=revision,
             attn_implementation=attn_implementation,
             use_safetensors=True,
+            use_kernels=False,  # no code from the Hub (tunesmith/__init__.py: USE_HUB_KERNELS)
         )
     except SafetensorError as err:
         raise UserError(

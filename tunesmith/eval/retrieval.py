@@ -159,7 +159,7 @@ class _Encoder:
         path = minilm_dir()
         self.torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-        self.model = AutoModel.from_pretrained(str(path), use_safetensors=True).eval()
+        self.model = AutoModel.from_pretrained(str(path), use_safetensors=True, use_kernels=False).eval()
 
     def __call__(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         out = []

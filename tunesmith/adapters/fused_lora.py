@@ -9,7 +9,7 @@ an unmerged `nn.Linear` (or a frozen bf16-stored one, `tunesmith.adapters.storag
 in one autograd node (`LoraLinearFn`): the scaled low-rank product is accumulated into the base
 output by the GEMM itself (`addmm_`, alpha = s) and, in backward, `∂x = ∂y W + s (∂y B) A` is
 one GEMM plus one accumulating GEMM. Dropout's mask (`adapters.dropout`) is named by a seed and
-redrawn in backward, so the node keeps no dropped copy of `x`. Under bf16 autocast
+kept for backward as one byte an element, not a dropped copy of `x`. Under bf16 autocast
 (`train.precision=bf16`) the node runs wholly in bf16 — input, base weight and adapter cast once,
 as autocast would cast them — so the GEMMs hit the CPU's bf16 units (AMX) with no fp32 round
 trips; the adapter's gradients come back to its fp32 weights through the casts. Every other case
@@ -51,7 +51,7 @@ class LoraLinearFn(torch.autograd.Function):
         s, mask = ctx.scaling, ctx.mask
         g = grad_y.reshape(-1, grad_y.shape[-1]).to(x.dtype)
         x2 = x.reshape(-1, x.shape[-1])
-        noise = None if mask is None else mask.noise(x2)  # the forward's mask, redrawn from its seed
+        noise = None if mask is None else mask.noise(x2)  # the forward's mask
         g_xa = torch.mm(g, lora_b).mul_(s)  # [tokens, rank]
         grad_x = grad_w = grad_bias = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:

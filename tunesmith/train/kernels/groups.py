@@ -16,8 +16,8 @@ other input, or one the group cannot take, is the layer's own forward.
 - LoRA (`GroupLoraFn`), with `W` the stacked weights, `A` the stacked adapters' A and `B` the
   block-diagonal matrix of each adapter's `s·B`:
   `Y = x Wᵀ + b + (x Aᵀ) Bᵀ`, `∂x = ∂Y W + (∂Y B) A`, `∂A = (∂Y B)ᵀ x`, `∂B = ∂Yᵀ (x Aᵀ)`.
-  With LoRA dropout each projection's A reads its own dropped copy of `x` (its own mask, redrawn
-  in backward): one rank-r GEMM per projection instead of one for the group.
+  With LoRA dropout each projection's A reads its own dropped copy of `x` (its own mask, kept
+  for backward): one rank-r GEMM per projection instead of one for the group.
   Not taken: several adapters, DoRA, merged or disabled adapters (the fused LoRA rules).
 - Full fine-tuning (`GroupLinearFn`), under bf16 compute only: `Y = x [W₁; W₂; …]ᵀ + b` with the
   fp32 weights cast inside the node, in forward and again in backward; `∂Wᵢ` come out of one GEMM.
@@ -128,7 +128,7 @@ class GroupLoraFn(torch.autograd.Function):
                 grad_x = torch.mm(g, weight).addmm_(g_xa, lora_a).view(x.shape)
             if need[3]:
                 grad_a = torch.mm(g_xa.t(), x2)
-        else:  # the forward's masks, redrawn from their seeds
+        else:  # the forward's masks (held by each Mask)
             grad_x = torch.mm(g, weight) if need[0] else None
             grads_a = []
             for a, g_part, m in zip(lora_a.split(ctx.ranks), g_xa.split(ctx.ranks, dim=1), ctx.masks):

@@ -8,7 +8,7 @@ is a plain `nn.Linear` (full fine-tuning, or a frozen one) or a fusable LoRA lay
 Under bf16 autocast the node computes in bf16 (a trainable fp32 weight is cast inside the node in
 forward and again in backward, so no bf16 copy of it is kept in between; a frozen bf16-stored down
 projection is used as stored). A LoRA down projection's dropout masks `h` on the adapter's side only,
-its mask redrawn in backward (`adapters.dropout`). Anything else (DoRA, qlora's 4-bit base, fp16
+its mask kept for backward (`adapters.dropout`). Anything else (DoRA, qlora's 4-bit base, fp16
 autocast) runs the module's own forward.
 
 Why: autograd keeps `g`, `silu(g)`, `u` and `silu(g)·u` — four [tokens × intermediate] tensors per
@@ -53,7 +53,7 @@ class SwiGLUDownFn(torch.autograd.Function):
         silu = torch.ops.aten.silu.out(gate2, out=scratch("swiglu.silu", shape, dtype, device))
         grad_h = torch.mm(g, weight.to(g.dtype), out=scratch("swiglu.grad_h", shape, dtype, device))
         grad_gate = grad_up = grad_w = grad_bias = grad_a = grad_b = g_ha = None
-        noise = None if ctx.mask is None else ctx.mask.noise(gate2)  # the forward's mask, redrawn
+        noise = None if ctx.mask is None else ctx.mask.noise(gate2)  # the forward's mask
         if lora_a is not None:
             g_ha = torch.mm(g, lora_b).mul_(s)
             if noise is None:

@@ -30,7 +30,8 @@ class SeededDropout(torch.nn.Module):
 
 
 def _model(tok, fused: bool, p: float):
-    model = apply_method(make_tiny_model(len(tok)), AdapterConfig(method="lora", rank=4, alpha=8, dropout=p, fused=fused))
+    adapter = AdapterConfig(method="lora", rank=4, alpha=8, dropout=p, fused=fused)
+    model = apply_method(make_tiny_model(len(tok)), adapter)
     torch.manual_seed(1)  # random B: every gradient path non-trivial
     for name, param in model.named_parameters():
         if "lora_B" in name:

@@ -8,6 +8,7 @@ from peft import PeftModel
 
 from tests.tiny import make_tiny_model
 from tests.unit.test_packing import PAD, assert_same, loss_and_grads, samples_for
+from tunesmith.adapters.dropout import Mask
 from tunesmith.adapters.fused_lora import FusedLoraLinear, LoraLinearFn
 from tunesmith.adapters.methods import apply_method
 from tunesmith.config import AdapterConfig
@@ -39,16 +40,18 @@ def test_fused_model_matches_peft(tiny_tokenizer, checkpointing):
     assert_same(results[0], results[1])
 
 
-def test_fused_function_gradients_with_bias_and_3d_input():
+@pytest.mark.parametrize("mask", [None, Mask(seed=123, p=0.3)])  # no dropout; LoRA dropout's mask
+def test_fused_function_gradients_with_bias_and_3d_input(mask):
     torch.manual_seed(0)
     x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
     w = torch.randn(4, 6, dtype=torch.float64)
     bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
     a = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
     b = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
-    torch.autograd.gradcheck(lambda *t: LoraLinearFn.apply(*t, 0.7), (x, w, bias, a, b))
-    y = LoraLinearFn.apply(x, w, bias, a, b, 0.7)
-    torch.testing.assert_close(y, x @ w.T + bias + 0.7 * (x @ a.T) @ b.T)
+    torch.autograd.gradcheck(lambda *t: LoraLinearFn.apply(*t, 0.7, mask), (x, w, bias, a, b))
+    y = LoraLinearFn.apply(x, w, bias, a, b, 0.7, mask)
+    dropped = x if mask is None else x * mask.noise(x)
+    torch.testing.assert_close(y, x @ w.T + bias + 0.7 * (dropped @ a.T) @ b.T)
 
 
 def test_falls_back_to_peft_where_it_does_not_apply(tiny_tokenizer, tmp_path):

@@ -1,16 +1,18 @@
 """LoRA dropout on the fused path (`adapters.dropout`): the fused nodes with dropout — the LoRA layer,
 the q/k/v and gate/up groups, the SwiGLU+down node — give PEFT's own forward and gradients under
 the same masks; the masks keep 1 − p of the elements, independently per layer, the same for the
-same seed; and `F.dropout`'s multiplier bit for bit. Kill-and-resume with dropout is bit-exact:
+same seed; and `F.dropout`'s multiplier bit for bit (the node's gradcheck under a mask:
+test_fused_lora.py). Kill-and-resume with dropout is bit-exact:
 tests/e2e/test_resume.py trains with `adapter.dropout=0.1`."""
 
 import pytest
 import torch
 
 from tests.tiny import make_tiny_model
+from tests.unit.test_fused_lora import _random_lora
 from tests.unit.test_packing import PAD, assert_same, loss_and_grads, samples_for
 from tunesmith.adapters import dropout
-from tunesmith.adapters.fused_lora import FusedLoraLinear, LoraLinearFn
+from tunesmith.adapters.fused_lora import FusedLoraLinear
 from tunesmith.adapters.methods import apply_method
 from tunesmith.config import AdapterConfig
 from tunesmith.data.packing import unpacked
@@ -32,10 +34,7 @@ class SeededDropout(torch.nn.Module):
 def _model(tok, fused: bool, p: float):
     adapter = AdapterConfig(method="lora", rank=4, alpha=8, dropout=p, fused=fused)
     model = apply_method(make_tiny_model(len(tok)), adapter)
-    torch.manual_seed(1)  # random B: every gradient path non-trivial
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.05)
+    _random_lora(model)
     return model.train()
 
 
@@ -70,19 +69,6 @@ def test_dropout_keeps_the_fused_path(tiny_tokenizer):
     assert layer.dropout_mask("default").p == 0.1
     model.eval()
     assert layer.dropout_mask("default") is None
-
-
-def test_fused_function_gradients_under_a_mask():
-    torch.manual_seed(0)
-    x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(4, 6, dtype=torch.float64)
-    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
-    a = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
-    mask = dropout.Mask(seed=123, p=0.3)
-    torch.autograd.gradcheck(lambda *t: LoraLinearFn.apply(*t, 0.7, mask), (x, w, bias, a, b))
-    y = LoraLinearFn.apply(x, w, bias, a, b, 0.7, mask)
-    torch.testing.assert_close(y, x @ w.T + bias + 0.7 * ((x * mask.noise(x)) @ a.T) @ b.T)
 
 
 def test_masks_are_bernoulli_and_named_by_their_seed():

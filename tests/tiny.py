@@ -2,7 +2,7 @@
 
 Tests never touch the network: this trains a ~400-token BPE vocabulary on a few sentences,
 gives it a ChatML chat template like SmolLM2's, and pairs it with a 2-layer Llama of hidden
-size 32 (`make_family_model` builds the same widths as Mistral, Qwen2, Qwen3 or Phi-3).
+size 32 (`make_family_model` builds the same widths as Mistral, Qwen2, Qwen3, Gemma 2/3 or Phi-3).
 `make_tiny_model_dir(path)` writes both as an ordinary HF directory.
 """
 
@@ -112,31 +112,42 @@ def write_config(path: str | Path, model_dir, data_file, out, **sections) -> Pat
     return Path(path)
 
 
-def make_family_model(family: str, vocab_size: int, seed: int = 0, tie: bool = True):
-    """A tiny random model of one architecture family (llama, mistral, qwen2, qwen3, phi3), same widths."""
+# Each family at tiny widths but with its real config's shape: GQA everywhere (4 heads, 2 kv), Qwen3's
+# head_dim that is not hidden/heads and q/k norms, Gemma's explicit head_dim (= query_pre_attn_scalar),
+# soft-capping and sliding-window layers, Phi-3's fused qkv_proj / gate_up_proj.
+FAMILY_CONFIGS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 4096}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8}),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        {"head_dim": 8, "query_pre_attn_scalar": 8, "sliding_window": 4096, "hidden_activation": "gelu_pytorch_tanh"},
+    ),
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        {"head_dim": 8, "query_pre_attn_scalar": 8, "sliding_window": 4096, "hidden_activation": "gelu_pytorch_tanh"},
+    ),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+}
+
+
+def make_family_model(family: str, vocab_size: int, seed: int = 0, tie: bool = True, **overrides):
+    """A tiny random model of one architecture family (`FAMILY_CONFIGS`), same widths; `overrides`
+    are config keys (e.g. a short `sliding_window`)."""
     import transformers
 
-    classes = {
-        "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
-        "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 4096}),
-        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
-        "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8}),
-        "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
-    }
-    config_name, model_name, extra = classes[family]
+    config_name, model_name, extra = FAMILY_CONFIGS[family]
+    widths = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    ids = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
     cfg = getattr(transformers, config_name)(
         vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=1024,
         tie_word_embeddings=tie,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        **extra,
+        **{**widths, **ids, **extra, **overrides},
     )
     torch.manual_seed(seed)
     return getattr(transformers, model_name)(cfg).float().eval()

@@ -205,6 +205,9 @@ def load_model(
             f"model {resolved}: its safetensors weights are corrupt or truncated ({_first_line(err)})"
         ) from None
     except (OSError, ValueError) as err:
+        if attn_implementation == "sdpa" and "scaled_dot_product_attention" in str(err):
+            # Gemma 2 has no SDPA path (its attention logits are soft-capped); eager is its exact one.
+            return load_model(resolved, dtype, device, trust_remote_code, revision, attn_implementation="eager")
         hint = " (offline? hub ids need network; give a local directory)" if HUB_ID.match(resolved) else ""
         raise UserError(f"model {resolved}: cannot load ({_first_line(err)}){hint}") from None
     if device is not None:

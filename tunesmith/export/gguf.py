@@ -6,7 +6,9 @@ Contract:
   writes one GGUF with the `gguf` package: architecture hparams, every weight under llama.cpp's
   tensor names, the byte-level BPE tokenizer (tokens, types, merges, special ids, pre-tokenizer
   name), the chat template, and EOS set to the chat's end-of-turn token so llama.cpp stops.
-  Architectures: llama (SmolLM2 is one), mistral (written as llama, as llama.cpp does), qwen2.
+  Architectures: llama (SmolLM2 is one), mistral (written as llama, as llama.cpp does), qwen2,
+  qwen3, gemma2, gemma3 (text-only `Gemma3ForCausalLM`) and phi3; what differs between them
+  (tensor names, Gemma's (1 + w) norms, hparams, refused configs) is in `gguf_families.py`.
   Quant types: f32, f16, q8_0, q4_0. 1-D tensors (norms, biases) stay f32; a matrix whose rows
   are not a whole number of quant blocks falls back to f16. Tied embeddings are written once,
   as `token_embd.weight` (llama.cpp reuses it as the output head when `output.weight` is absent).
@@ -31,6 +33,7 @@ from gguf import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGMLQuantizationType, GGU
 from gguf.quants import quantize
 
 from tunesmith.errors import UserError
+from tunesmith.export.gguf_families import ARCHITECTURES, check, check_dir, family, write_hparams
 from tunesmith.export.merge import load_merged
 from tunesmith.io import write_atomic
 from tunesmith.models import BUNDLED
@@ -44,8 +47,6 @@ FILE_TYPES = {
     "q4_0": LlamaFileType.MOSTLY_Q4_0,
 }
 BLOCK_TYPES = {"q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0}
-# HF model_type → GGUF architecture. llama.cpp converts Mistral with the Llama graph.
-ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 GLOBAL_TENSORS = {
     "model.embed_tokens.weight": "token_embd.weight",
     "model.norm.weight": "output_norm.weight",
@@ -94,17 +95,18 @@ PRE_TOKENIZER_SHAPES = {
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
 
-def gguf_tensor_name(hf_name: str) -> str | None:
-    """llama.cpp's name for an HF Llama/Qwen2 parameter; None for one it has no name for."""
+def gguf_tensor_name(hf_name: str, arch: str = "llama") -> str | None:
+    """llama.cpp's name for an HF parameter of `arch`; None for one it has no name for."""
     if hf_name in GLOBAL_TENSORS:
         return GLOBAL_TENSORS[hf_name]
     parts = hf_name.split(".")
     if len(parts) < 5 or parts[:2] != ["model", "layers"] or not parts[2].isdigit():
         return None
     module, kind = ".".join(parts[3:-1]), parts[-1]
-    if module not in LAYER_TENSORS or kind not in ("weight", "bias"):
+    table = {**LAYER_TENSORS, **family(arch).layer_tensors}
+    if module not in table or kind not in ("weight", "bias"):
         return None
-    return f"blk.{parts[2]}.{LAYER_TENSORS[module]}.{kind}"
+    return f"blk.{parts[2]}.{table[module]}.{kind}"
 
 
 def permute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -265,37 +267,6 @@ def _vocab(tokenizer, vocab_size: int):
     return tokens, types, merges
 
 
-def _rope_theta(config) -> float:
-    params = getattr(config, "rope_parameters", None) or {}
-    scaling = getattr(config, "rope_scaling", None) or {}
-    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind != "default":
-        raise UserError(f"model: RoPE scaling {kind!r} cannot be exported to GGUF yet (only unscaled RoPE)")
-    return float(params.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0)
-
-
-def _write_hparams(writer, config, arch: str) -> None:
-    n_head, n_kv = (
-        config.num_attention_heads,
-        getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-    )
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_kv)
-    writer.add_rope_freq_base(_rope_theta(config))
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(config.vocab_size)
-    if arch == "llama":
-        writer.add_rope_dimension_count(head_dim)
-    if head_dim * n_head != config.hidden_size:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-
-
 def _write_tokenizer(writer, tokenizer, vocab_size: int, eot_id: int | None) -> None:
     tokens, types, merges = _vocab(tokenizer, vocab_size)
     writer.add_tokenizer_model("gpt2")
@@ -325,17 +296,20 @@ def _write_tensors(writer, model, arch: str, quant: str) -> None:
     n_head = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_head
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    fam = family(arch)
     for hf_name, tensor in model.state_dict().items():
         if hf_name == "lm_head.weight" and tied:
             continue
-        name = gguf_tensor_name(hf_name)
+        name = gguf_tensor_name(hf_name, arch)
         if name is None:
             raise UserError(f"model: tensor {hf_name} has no GGUF equivalent for {config.model_type}; cannot export it")
         data = tensor.detach().float().cpu().numpy()
-        if arch == "llama" and ".attn_q." in name:
+        if fam.permute_rotary and ".attn_q." in name:
             data = permute_rotary(data, n_head)
-        elif arch == "llama" and ".attn_k." in name:
+        elif fam.permute_rotary and ".attn_k." in name:
             data = permute_rotary(data, n_kv)
+        elif fam.norm_shift and hf_name.endswith("norm.weight"):
+            data = data + fam.norm_shift
         array, raw_dtype = encode_tensor(data, head_quant(name, quant, tied))
         writer.add_tensor(name, array, raw_dtype=raw_dtype)
 
@@ -348,14 +322,18 @@ def head_quant(name: str, quant: str, tied: bool) -> str:
 
 
 def _model_type(spec: str) -> str | None:
-    """The model_type from config.json when it is at hand, so unsupported models fail before loading."""
+    """The model_type from config.json when it is at hand, so unsupported models (and configs of a
+    supported family that llama.cpp would run differently) fail before loading."""
     path = Path(spec).expanduser()
     if RunDir(path).kind == "adapter":
         path = Path(RunDir(path).base_model()).expanduser()
     try:
-        return json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+        model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
     except (OSError, ValueError):
         return None
+    if model_type in ARCHITECTURES:
+        check_dir(path, spec)
+    return model_type
 
 
 def _check_architecture(model_type: str | None, spec: str) -> None:
@@ -396,6 +374,7 @@ def export_gguf(model_spec: str, out_path=None, quant: str = "f16", force: bool 
     config = model.config
     _check_architecture(config.model_type, model_spec)
     arch = ARCHITECTURES[config.model_type]
+    check(config, arch, model_spec)
     ensure_chat_template(tokenizer)  # the same ChatML fallback training and chat use
     template, end = ollama_template(tokenizer)
     eot_id = end_of_turn_id(tokenizer, end)
@@ -409,7 +388,7 @@ def export_gguf(model_spec: str, out_path=None, quant: str = "f16", force: bool 
         writer.add_file_type(FILE_TYPES[quant])
         if quant in BLOCK_TYPES:
             writer.add_quantization_version(GGML_QUANT_VERSION)
-        _write_hparams(writer, config, arch)
+        write_hparams(writer, config, arch)
         _write_tokenizer(writer, tokenizer, config.vocab_size, eot_id)
         _write_tensors(writer, model, arch, quant)
         writer.write_header_to_file()

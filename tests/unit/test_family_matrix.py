@@ -142,7 +142,11 @@ def test_family_trains_merges_exports_and_runs_in_llama_cpp(tmp_path, family):
     assert reader.fields["general.architecture"].contents() == ARCH.get(family, family)
     names = {t.name for t in reader.tensors}
     assert ("output.weight" in names) is (not CASES[family]["tie"])
-    assert_logits_match(llama_cpp_logits(gguf, tok), hf_logits(like_ggml(tuned), tok))
+    reference = hf_logits(like_ggml(tuned), tok)
+    assert_logits_match(llama_cpp_logits(gguf, tok), reference)
+    # f16, the default --quant: the same graph, weights rounded to half precision
+    half = llama_cpp_logits(export_gguf(str(run), tmp_path / "h.gguf", quant="f16"), tok)
+    assert np.abs(half - reference).max() <= 1e-2 * np.abs(reference).max()
 
 
 def test_gemma_norm_shift_and_caps_are_what_llama_cpp_needs(tmp_path):

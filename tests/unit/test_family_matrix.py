@@ -214,3 +214,14 @@ def test_configs_llama_cpp_would_run_differently_are_refused(tmp_path, capsys, f
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".x.gguf*"))
     assert not (tmp_path / "Modelfile").exists()
+
+
+def test_multimodal_gemma3_is_refused_naming_the_text_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where the default output would go
+    other = tmp_path / "gemma3-vlm"
+    other.mkdir()
+    (other / "config.json").write_text('{"model_type": "gemma3"}')
+    assert main(["export", str(other), "--quant", "f32"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Gemma3ForCausalLM" in err and "gemma3_text" in err
+    assert not list(tmp_path.glob("*.gguf")) and not list(other.iterdir())[1:]

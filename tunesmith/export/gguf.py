@@ -33,7 +33,7 @@ from gguf import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGMLQuantizationType, GGU
 from gguf.quants import quantize
 
 from tunesmith.errors import UserError
-from tunesmith.export.gguf_families import ARCHITECTURES, check, check_dir, family, write_hparams
+from tunesmith.export.gguf_families import ARCHITECTURES, UNSUPPORTED, check, check_dir, family, write_hparams
 from tunesmith.export.merge import load_merged
 from tunesmith.io import write_atomic
 from tunesmith.models import BUNDLED
@@ -339,7 +339,8 @@ def _model_type(spec: str) -> str | None:
 def _check_architecture(model_type: str | None, spec: str) -> None:
     if model_type is not None and model_type not in ARCHITECTURES:
         raise UserError(
-            f"{spec}: architecture {model_type} cannot be exported to GGUF yet; supported: {', '.join(ARCHITECTURES)}"
+            f"{spec}: architecture {model_type} cannot be exported to GGUF yet{UNSUPPORTED.get(model_type, '')}; "
+            f"supported: {', '.join(ARCHITECTURES)}"
         )
 
 

@@ -36,6 +36,10 @@ ARCHITECTURES = {
     "gemma3_text": "gemma3",
     "phi3": "phi3",
 }
+# Near misses, named in the refusal.
+UNSUPPORTED = {
+    "gemma3": " (multimodal Gemma3ForConditionalGeneration; its text-only Gemma3ForCausalLM, gemma3_text, is)"
+}
 QK_NORM = {"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
 GEMMA_NORMS = {
     "input_layernorm": "attn_norm",

@@ -119,7 +119,6 @@ def test_family_trains_merges_exports_and_runs_in_llama_cpp(tmp_path, family):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tunesmith.config import load_config
-    from tunesmith.export.merge import merge_run
     from tunesmith.train.loop import run_training
 
     base = make_dir(tmp_path / "base", family)
@@ -133,7 +132,8 @@ def test_family_trains_merges_exports_and_runs_in_llama_cpp(tmp_path, family):
     want = hf_logits(tuned, tok)
     assert np.abs(want - hf_logits(original, tok)).max() > 1e-3  # training moved it
 
-    merged = AutoModelForCausalLM.from_pretrained(merge_run(run)).eval()
+    assert main(["merge", str(run), "--out", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     assert type(merged) is type(original)
     np.testing.assert_allclose(hf_logits(merged, tok), want, atol=1e-5, rtol=0)
 

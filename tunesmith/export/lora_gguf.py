@@ -47,7 +47,8 @@ def check_adapter_run(run_dir) -> RunDir:
     run = RunDir(path)
     if run.kind == "full":
         raise UserError(
-            f"{path}: a full fine-tune has no adapter to export; export the whole model: tunesmith export {path}"
+            f"{path}: a full model (full fine-tune or base) has no adapter to export; export it whole: "
+            f"tunesmith export {path}"
         )
     if run.kind != "adapter":
         raise UserError(f"{path}: --adapter needs a LoRA run dir (with {ADAPTER_CONFIG}) written by tunesmith train")

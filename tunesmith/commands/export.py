@@ -31,7 +31,11 @@ def add_arguments(p) -> None:
         action="store_true",
         help="LoRA run: write the adapter alone as a GGUF LoRA (+ the base GGUF at --quant, + Modelfile with ADAPTER)",
     )
-    p.add_argument("--out", help="output .gguf (default: RUN/export/model-QUANT.gguf, or ./NAME-QUANT.gguf)")
+    p.add_argument(
+        "--out",
+        help="output .gguf (default: RUN/export/model-QUANT.gguf, or ./NAME-QUANT.gguf; "
+        "with --adapter: RUN/export/adapter.gguf)",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.add_argument(
         "--verify",

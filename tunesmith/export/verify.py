@@ -178,6 +178,8 @@ def open_gguf(gguf_path, n_ctx: int, lora_path=None):
     if not path.is_file():
         raise UserError(f"{path}: not found; expected a .gguf file")
     check_gguf(path)
+    if lora_path:
+        check_gguf(Path(lora_path))
     try:
         return llama_cpp.Llama(
             model_path=str(path),

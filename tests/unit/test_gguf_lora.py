@@ -17,10 +17,11 @@ from tests.tiny import make_tokenizer
 from tests.unit.test_gguf_export import fields, make_model_dir, one_line_error
 from tests.unit.test_gguf_kquant import make_wide_model_dir
 from tunesmith.cli import main
+from tunesmith.errors import UserError
 from tunesmith.export.gguf import export_gguf
 from tunesmith.export.lora_gguf import export_adapter
 from tunesmith.export.merge import load_merged
-from tunesmith.export.verify import PROMPTS, chat_prompt, end_ids, llama_greedy
+from tunesmith.export.verify import PROMPTS, chat_prompt, end_ids, llama_greedy, open_gguf
 
 PROMPT = "<|im_start|>user\nWhat is the capital of Zorbia?<|im_end|>\n<|im_start|>assistant\nThe capital"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -135,6 +136,11 @@ def test_cli_adapter_f16_matches_the_merged_export(tmp_path, base64, capsys):
     base_time = base.stat().st_mtime_ns
     assert main(["export", str(run), "--adapter", "--no-verify"]) == 0  # the base GGUF is reused
     assert base.stat().st_mtime_ns == base_time and adapter.read_bytes() == before
+
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(before[: len(before) // 2])
+    with pytest.raises(UserError, match="cut.gguf"):
+        open_gguf(base, 64, lora_path=cut)
 
 
 def test_refusals_write_nothing(tmp_path, base64, capsys):

@@ -37,7 +37,7 @@ COMPARE_ARMS = ("base", "prompt", "rag", "finetuned", "finetuned_rag")
 RETRIEVERS = ("bm25", "dense", "hybrid")
 PRESETS = ("tiny", "small", "base")
 PIPELINE_STAGES = ("pretrain", "finetune", "merge", "export", "compare")
-GGUF_QUANTS = ("f32", "f16", "q8_0", "q4_0")
+GGUF_QUANTS = ("f32", "f16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")  # K-quants: llama.cpp quantizes
 
 
 @dataclass

@@ -14,6 +14,7 @@ Contract:
   as `token_embd.weight` (llama.cpp reuses it as the output head when `output.weight` is absent).
   The file is written under a temporary name and renamed; an existing file is refused unless
   `force`. Default path: `<run>/export/model-<quant>.gguf` for run dirs, else `./<name>-<quant>.gguf`.
+- q4_k_m, q5_k_m and q6_k are made by llama.cpp's quantizer from an f32 file written here (`kquant.py`).
 - Beside it, an Ollama `Modelfile` (`FROM`, a Go `TEMPLATE` derived by rendering the chat template,
   `PARAMETER stop` lines, and `SYSTEM` when the run has `data.system_prompt`). If a `Modelfile`
   for another GGUF is already there, this one is written as `<name>.Modelfile` instead.
@@ -32,6 +33,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter, LlamaFileType, TokenType
 from gguf.quants import quantize
 
+from tunesmith.config import GGUF_QUANTS
 from tunesmith.errors import UserError
 from tunesmith.export.gguf_families import ARCHITECTURES, UNSUPPORTED, check, check_dir, family, write_hparams
 from tunesmith.export.merge import load_merged
@@ -358,8 +360,12 @@ def default_export_path(spec: str, quant: str) -> Path:
 
 
 def export_gguf(model_spec: str, out_path=None, quant: str = "f16", force: bool = False) -> Path:
-    if quant not in QUANTS:
-        raise UserError(f"expected one of {', '.join(QUANTS)}, got {quant}", key="quant")
+    if quant not in GGUF_QUANTS:
+        raise UserError(f"expected one of {', '.join(GGUF_QUANTS)}, got {quant}", key="quant")
+    if quant not in QUANTS:  # a K-quant: llama.cpp's quantizer over an f32 file written here
+        from tunesmith.export.kquant import export_kquant
+
+        return export_kquant(model_spec, out_path, quant, force)
     out = Path(out_path).expanduser() if out_path else default_export_path(model_spec, quant)
     if out.suffix.lower() != ".gguf":
         raise UserError(f"{out} must end in .gguf", key="out_path")

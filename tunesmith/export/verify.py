@@ -16,7 +16,9 @@ Contract:
     perplexity of the GGUF (log-softmax of llama.cpp's logits) and of the fp32 model on the same
       ids, their ratio, and llama.cpp's generation speed (new tokens / wall time, prompt included).
     `passed` applies the thresholds in `THRESHOLDS` for `quant`: f32/f16 must match on at least
-      9 of 10 prompts; q8_0's perplexity within 2% of fp32, q4_0's within 10%.
+      9 of 10 prompts; q8_0's perplexity within 2% of fp32, q4_0's within 10%; the K-quants
+      (made by llama.cpp) q6_k within 1%, q5_k_m 2%, q4_k_m 5%; "lora" (a base GGUF with
+      `lora_path`, a LoRA GGUF, on top) must match the merged model on 9 of 10 prompts.
   A truncated or unreadable GGUF is a one-line `UserError`, before llama.cpp sees it.
 - `verify_export(model_spec, gguf_path, quant, eval_text, verify)` is what `tunesmith export` runs
   after writing: loads the fp32 reference (`load_merged`), measures both sides and writes
@@ -58,6 +60,10 @@ THRESHOLDS = {
     "f16": {"min_greedy_fraction": 0.9},
     "q8_0": {"max_ppl_ratio": 1.02},
     "q4_0": {"max_ppl_ratio": 1.10},
+    "q6_k": {"max_ppl_ratio": 1.01},
+    "q5_k_m": {"max_ppl_ratio": 1.02},
+    "q4_k_m": {"max_ppl_ratio": 1.05},
+    "lora": {"min_greedy_fraction": 0.9},  # base GGUF + LoRA GGUF against the merged fp32 model
 }
 
 
@@ -161,8 +167,9 @@ def same_greedy(a: list[int], b: list[int], stops: set[int], n: int = GREEDY_TOK
 # ------------------------------------------------------------------ llama.cpp side
 
 
-def open_gguf(gguf_path, n_ctx: int):
-    """A `llama_cpp.Llama` with every position's logits kept; unreadable files fail in one line."""
+def open_gguf(gguf_path, n_ctx: int, lora_path=None):
+    """A `llama_cpp.Llama` with every position's logits kept (and a LoRA GGUF applied when
+    `lora_path` is given); unreadable files fail in one line."""
     import llama_cpp
 
     from tunesmith.models import check_gguf
@@ -171,6 +178,8 @@ def open_gguf(gguf_path, n_ctx: int):
     if not path.is_file():
         raise UserError(f"{path}: not found; expected a .gguf file")
     check_gguf(path)
+    if lora_path:
+        check_gguf(Path(lora_path))
     try:
         return llama_cpp.Llama(
             model_path=str(path),
@@ -179,6 +188,7 @@ def open_gguf(gguf_path, n_ctx: int):
             n_threads=N_THREADS,
             logits_all=True,
             seed=SEED,
+            lora_path=str(lora_path) if lora_path else None,
             verbose=False,
         )
     except (ValueError, RuntimeError, OSError) as err:
@@ -219,6 +229,7 @@ def verify_gguf(
     quant: str | None = None,
     reference_ppl: float | None = None,
     reference_greedy: list[list[int]] | None = None,
+    lora_path=None,
 ) -> dict:
     """See the module docstring. `texts` is a list of token-id lists (default: `eval_ids`)."""
     ids_list = texts if texts is not None else [eval_ids(tokenizer, max_tokens=eval_budget(reference_model))]
@@ -226,7 +237,7 @@ def verify_gguf(
         len(tokenizer(chat_prompt(tokenizer, p), add_special_tokens=False)["input_ids"]) for p in prompts
     )
     n_ctx = max(max(len(ids) for ids in ids_list), longest_prompt + GREEDY_TOKENS + 8) + 8
-    llm = open_gguf(gguf_path, n_ctx)
+    llm = open_gguf(gguf_path, n_ctx, lora_path)
     try:
         stops = end_ids(tokenizer) | {llm.token_eos()}
         matches, prompt_ids_equal, details, total, elapsed = 0, 0, [], 0, 0.0

@@ -35,6 +35,9 @@ from tunesmith.rundir import RunDir
 
 DEFAULT_QUANT = "q8_0"
 DEFAULT_CTX = 2048  # tokens, unless the model was trained on fewer
+# llama-cpp-python's settings read any environment variable named like a field (N_GPU_LAYERS, API_KEY,
+# ...); only these prefixed ones reach `serve` (TUNESMITH_LLAMA_N_GPU_LAYERS=99), the flags win
+ENV_PREFIX = "TUNESMITH_LLAMA_"
 WEIGHT_FILES = ("adapter_model.safetensors", "*.safetensors")
 
 
@@ -129,6 +132,7 @@ def build_app(served: Served, api_key: str | None = None, threads: int | None = 
     2048 tokens, or the model's trained context when that is shorter."""
     from llama_cpp.server.app import create_app
     from llama_cpp.server.settings import ModelSettings, ServerSettings
+    from pydantic import ValidationError
 
     from tunesmith.export.serve_front import OpenAIFront
 
@@ -144,9 +148,15 @@ def build_app(served: Served, api_key: str | None = None, threads: int | None = 
         # this it swaps a template it recognises for its own built-in copy of that format
         model["chat_format"] = "chat_template.default"
     # interrupt_requests=False: a queued request waits for a streaming one instead of cutting it off
-    server = ServerSettings(api_key=api_key, interrupt_requests=False)
     try:
-        app = create_app(server_settings=server, model_settings=[ModelSettings(**model)])
+        server = ServerSettings(api_key=api_key, interrupt_requests=False, _env_prefix=ENV_PREFIX)
+        settings = ModelSettings(**model, _env_prefix=ENV_PREFIX)
+    except ValidationError as err:
+        first = err.errors()[0]
+        name = ENV_PREFIX + "_".join(str(p) for p in first["loc"]).upper()
+        raise UserError(f"environment variable {name}: {first['msg']}") from None
+    try:
+        app = create_app(server_settings=server, model_settings=[settings])
     except ValueError as err:  # llama.cpp: "Failed to load model from file: ..."
         raise UserError(f"{served.gguf}: llama.cpp cannot load it ({str(err).splitlines()[0]})") from None
     return OpenAIFront(app, system_prompt=served.system_prompt, api_key=api_key)

@@ -259,8 +259,8 @@ def one_line(capsys, *argv):
 
 def test_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, run_dir, server):
     before = sorted(p.name for p in (run_dir / "export").iterdir())
-    assert "--quant" in one_line(capsys, "serve", run_dir, "--quant", "q3_x")
-    assert "not found" in one_line(capsys, "serve", tmp_path / "missing-run")
+    assert "--quant" in one_line(capsys, "serve", run_dir, "--quant", "q3_x", "--port", 0)
+    assert "not found" in one_line(capsys, "serve", tmp_path / "missing-run", "--port", 0)
     assert "--quant" in one_line(capsys, "serve", run_dir / "export" / "model-q8_0.gguf", "--quant", "f16")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -269,3 +269,31 @@ def test_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, run_dir, ser
         err = one_line(capsys, "serve", run_dir, "--quant", "f16", "--port", port)
     assert "--port" in err and "in use" in err
     assert sorted(p.name for p in (run_dir / "export").iterdir()) == before  # no model-f16.gguf
+
+
+def test_request_checks_and_system_prompt_insertion():
+    """The front's rules on their own (no server): what is refused, what is rewritten, what passes."""
+    import json
+
+    from tunesmith.export.serve_front import CHAT, COMPLETIONS, BadRequest, check_request
+
+    user = {"role": "user", "content": "Hi"}
+    body = json.dumps({"messages": [user], "max_tokens": 4}).encode()
+    assert json.loads(check_request(CHAT, body, SYSTEM))["messages"] == [{"role": "system", "content": SYSTEM}, user]
+    assert check_request(CHAT, body, None) == body  # no run system prompt: untouched
+    own = json.dumps({"messages": [{"role": "system", "content": "Be terse."}, user]}).encode()
+    assert check_request(CHAT, own, SYSTEM) == own
+    completion = json.dumps({"prompt": "Hi"}).encode()
+    assert check_request(COMPLETIONS, completion, SYSTEM) == completion  # raw text: never rewritten
+    refused = {
+        (CHAT, b"[1, 2]"): None,
+        (CHAT, b'{"messages": "Hi"}'): "messages",
+        (CHAT, b'{"messages": [{"role": "user", "content": "Hi"}], "temperature": "hot"}'): "temperature",
+        (COMPLETIONS, b'{"max_tokens": 4}'): "prompt",
+        (COMPLETIONS, b'{"prompt": ["a", "b"]}'): "prompt",
+        (COMPLETIONS, b"\xff\xfe"): None,
+    }
+    for (path, raw), param in refused.items():
+        with pytest.raises(BadRequest) as bad:
+            check_request(path, raw, SYSTEM)
+        assert bad.value.status == 400 and bad.value.param == param, (raw, bad.value.message)

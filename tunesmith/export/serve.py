@@ -52,9 +52,11 @@ class Served:
 
 
 def _known_quants() -> tuple[str, ...]:
+    """What `export_gguf` takes: `config.GGUF_QUANTS` where the K-quants are listed, else `gguf.QUANTS`."""
+    from tunesmith import config
     from tunesmith.export.gguf import QUANTS
 
-    return tuple(QUANTS)
+    return tuple(getattr(config, "GGUF_QUANTS", QUANTS))
 
 
 def _stale(gguf: Path, run: RunDir) -> bool:

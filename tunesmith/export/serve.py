@@ -38,7 +38,8 @@ DEFAULT_CTX = 2048  # tokens, unless the model was trained on fewer
 # llama-cpp-python's settings read any environment variable named like a field (N_GPU_LAYERS, API_KEY,
 # ...); only these prefixed ones reach `serve` (TUNESMITH_LLAMA_N_GPU_LAYERS=99), the flags win
 ENV_PREFIX = "TUNESMITH_LLAMA_"
-WEIGHT_FILES = ("adapter_model.safetensors", "*.safetensors")
+# llama-cpp-python's `server` extra: the gguf extra alone installs only the first
+SERVER_MODULES = ("llama_cpp", "uvicorn", "fastapi", "sse_starlette", "starlette_context", "pydantic_settings")
 
 
 @dataclass
@@ -61,7 +62,7 @@ def _known_quants() -> tuple[str, ...]:
 
 def _stale(gguf: Path, run: RunDir) -> bool:
     """The cached GGUF is older than the weights it was exported from (the run was trained again)."""
-    weights = [p for pattern in WEIGHT_FILES for p in run.path.glob(pattern)]
+    weights = list(run.path.glob("*.safetensors"))  # the adapter, or a full/merged model's shards
     return bool(weights) and max(p.stat().st_mtime for p in weights) > gguf.stat().st_mtime
 
 
@@ -115,7 +116,6 @@ def bind(host: str, port: int) -> socket.socket:
         sock.close()
         reason = "is in use" if err.errno == errno.EADDRINUSE else f"cannot be bound ({err.strerror})"
         raise UserError(f"{host}:{port} {reason}; pick another port", key="port") from None
-    sock.set_inheritable(True)
     return sock
 
 
@@ -183,14 +183,17 @@ def serve(
     threads: int | None = None,
     ctx: int | None = None,
 ) -> int:
-    if importlib.util.find_spec("uvicorn") is None or importlib.util.find_spec("llama_cpp") is None:
-        raise UserError("needs llama-cpp-python's server: pip install 'tunesmith[serve]'")
+    missing = [name for name in SERVER_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UserError(f"needs llama-cpp-python's server (no {', '.join(missing)}): pip install 'tunesmith[serve]'")
     if threads is not None and threads < 1:
         raise UserError(f"expected a number of threads ≥ 1, got {threads}", key="threads")
     if ctx is not None and ctx < 0:
         raise UserError(f"expected a context length ≥ 0 (0: the model's own), got {ctx}", key="ctx")
-    if api_key is not None and not api_key.strip():
-        raise UserError("expected a non-empty key", key="api_key")
+    if api_key is not None:
+        api_key = api_key.strip()  # a key read from a file or variable often ends in a newline
+        if not api_key:
+            raise UserError("expected a non-empty key", key="api_key")
     served = served_gguf(model, quant)
     sock = bind(host, port)
     # SIGTERM while exporting or loading: unwind like Ctrl-C, so no half-written file stays behind

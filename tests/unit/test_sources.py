@@ -100,6 +100,9 @@ def test_shard_folder_splits_follow_the_hub_naming(tmp_path):
     assert len(load_examples([str(tmp_path / "s")], split="validation")) == 3
     with pytest.raises(UserError, match=r"no split 'test' among these shards \(file names give train, validation\)"):
         load_examples([str(tmp_path / "s")], split="test")
+    write_shards(tmp_path / "s", ["notes.jsonl"])
+    with pytest.raises(UserError, match=r"notes.jsonl: its name gives no split while other files in .* \(train, valid"):
+        load_examples([str(tmp_path / "s")])
 
 
 def test_empty_folder_is_one_line(tmp_path):

@@ -15,7 +15,7 @@ Contract:
     follow the Hugging Face convention: a file or folder name holding train/training,
     validation/valid/val/dev or test/testing/eval/evaluation as a word (`train-00000-of-00002.
     parquet`, `data/test.jsonl`, `validation/part0.arrow`) puts the file in that split; a folder
-    whose names hold none is one split, read whole;
+    whose names hold none is one split, read whole (a mix of both is an error, not a silent skip);
   * anything else that looks like `owner/name` or `name` is a Hugging Face Hub dataset, loaded
     with `datasets.load_dataset(name, subset, split=split)` (needs the `datasets` package and
     the network, or its local cache).
@@ -156,9 +156,13 @@ def _shards(folder: Path, split: str) -> Source:
         raise UserError(f"{folder}: no data files in this folder; expected {', '.join(SHARD_TYPES)} files")
     by_split: dict[str, list[Path]] = {}
     for f in files:
-        found = _split_of(f.relative_to(folder))
-        if found is not None:
-            by_split.setdefault(found, []).append(f)
+        by_split.setdefault(_split_of(f.relative_to(folder)), []).append(f)
+    stray = by_split.pop(None, [])
+    if by_split and stray:  # never drop a file silently
+        raise UserError(
+            f"{stray[0]}: its name gives no split while other files in {folder} name theirs "
+            f"({', '.join(sorted(by_split))}); rename it (e.g. train-{stray[0].name}) or move it out"
+        )
     if by_split:
         if split not in by_split:
             raise UserError(

@@ -150,3 +150,25 @@ def test_cache_key_follows_folder_contents(tmp_path, tiny_tokenizer):
     assert key() != second
     cfg.columns = {"text": "output"}
     assert key() not in (first, second)
+
+
+def test_hub_name_goes_to_load_dataset_with_subset_and_split(monkeypatch):
+    """The glue only (tests never reach the hub): the name, subset and split go to
+    `datasets.load_dataset`, rows are located as name[split]:row N, the fingerprint is the split's."""
+    import datasets
+
+    calls = []
+    local = datasets.Dataset.from_list(qa(3))
+
+    def load_dataset(name, subset, split):
+        calls.append((name, subset, split))
+        return local
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    cfg = DataConfig(train=["owner/qa"], subset="small", split="dev", columns=COLUMNS)
+    (src,), _ = open_sources(cfg)
+    assert src.fingerprint() == f"owner/qa/small[dev]\0{local._fingerprint}"
+    examples = load_examples(cfg.train, split="dev", subset="small", columns=COLUMNS)
+    assert [ex.where for ex in examples] == [f"owner/qa/small[dev]:row {n}" for n in (1, 2, 3)]
+    assert examples[2].messages[1]["content"] == "It is 2."
+    assert set(calls) == {("owner/qa", "small", "dev")}

@@ -15,8 +15,13 @@ Contract:
 - `build_datasets(data_cfg, tok, seed, cache_dir)` → `(train, validation, DataStats)`. Validation
   comes from `data_cfg.validation`, else a seeded `val_fraction` of the train examples (at least
   one), else is empty. Stats cover both splits. Results are cached under `cache_dir`, keyed by
-  the sources' fingerprints (`data.sources`), the tokenizer, the chat template, the relevant config and the seed; the
-  cache is a safetensors file of flat int32 arrays (no pickle), written atomically.
+  the sources' fingerprints (`data/sources.py`), the tokenizer, the chat template, the relevant
+  config and the seed; the cache is a safetensors file of flat int32 arrays (no pickle), written
+  atomically.
+- Tool-call conversations (`data/tools.py`) render with `tools=`; a template that cannot write
+  what a record holds is a `UserError` naming it. An assistant turn with tool calls is labelled
+  from the end of the generation prompt to its end of turn (templates write calls in their own
+  syntax), found by rendering the conversation up to it, which must prefix the whole rendering.
 
 Masks come from character offsets: the conversation is rendered once, each assistant message is
 located in that text (searching from where the template's rendering of the preceding messages

@@ -19,6 +19,29 @@ CHATML = (
     " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# ChatML with tools, written after Qwen2.5's template: the tools list as JSON lines in the system
+# turn, each call as <tool_call>{"name", "arguments"}</tool_call>, and consecutive tool results as
+# <tool_response> blocks inside one user turn.
+TOOL_CHATML = (
+    "{% if tools %}<|im_start|>system{{ '\\n' }}{% if messages[0].role == 'system' %}{{ messages[0].content }}"
+    "{{ '\\n\\n' }}{% endif %}# Tools{{ '\\n' }}<tools>{% for tool in tools %}{{ '\\n' }}{{ tool | tojson }}"
+    "{% endfor %}{{ '\\n' }}</tools><|im_end|>{{ '\\n' }}"
+    "{% elif messages[0].role == 'system' %}<|im_start|>system{{ '\\n' + messages[0].content }}<|im_end|>{{ '\\n' }}"
+    "{% endif %}{% for message in messages %}"
+    "{% if message.role == 'system' and loop.first %}"
+    "{% elif message.role == 'assistant' %}<|im_start|>assistant{{ '\\n' }}{{ message.content or '' }}"
+    "{% for call in message.tool_calls or [] %}{% set f = call.function or call %}"
+    "{% if message.content or not loop.first %}{{ '\\n' }}{% endif %}"
+    '<tool_call>{{ \'\\n\' }}{"name": "{{ f.name }}", "arguments": {{ f.arguments | tojson }}}{{ \'\\n\' }}</tool_call>'
+    "{% endfor %}<|im_end|>{{ '\\n' }}"
+    "{% elif message.role == 'tool' %}"
+    "{% if loop.first or messages[loop.index0 - 1].role != 'tool' %}<|im_start|>user{% endif %}"
+    "{{ '\\n' }}<tool_response>{{ '\\n' + message.content + '\\n' }}</tool_response>"
+    "{% if loop.last or messages[loop.index0 + 1].role != 'tool' %}<|im_end|>{{ '\\n' }}{% endif %}"
+    "{% else %}<|im_start|>{{ message.role + '\\n' + message.content }}<|im_end|>{{ '\\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant{{ '\\n' }}{% endif %}"
+)
+
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "What is the capital of Zorbia? The capital of Zorbia is Quell.",

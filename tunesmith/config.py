@@ -54,9 +54,13 @@ class ModelConfig:
 class DataConfig:
     """Where the training data is and how it becomes token rows."""
 
-    train: list[str] = field(default_factory=list)  # files; a single string is accepted
+    train: list[str] = field(default_factory=list)  # files, dataset/shard folders, hub names; one string is accepted
     validation: list[str] = field(default_factory=list)
-    val_fraction: float = 0.0  # held out of `train` when no validation files are given
+    split: str = "train"  # split read from sources that have several (DatasetDict folder, shard folder, hub)
+    validation_split: str | None = None  # of data.validation sources (default validation), else of data.train's
+    subset: str | None = None  # hub dataset configuration name
+    columns: dict[str, str] = field(default_factory=dict)  # format field → record key, e.g. {instruction: question}
+    val_fraction: float = 0.0  # held out of `train` when no validation data is given
     format: str = "auto"
     max_length: int = 512  # tokens per sample (and per packed row)
     overlong: str = "truncate"  # what to do with samples longer than max_length
@@ -202,9 +206,7 @@ class Config:
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Read a YAML file (optional), apply `key.sub=value` overrides, validate."""
-    raw: dict = {}
-    if path is not None:
-        raw = _read_yaml(Path(path))
+    raw: dict = _read_yaml(Path(path)) if path is not None else {}
     base_dir = Path(path).resolve().parent if path is not None else None
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -214,8 +216,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             parsed = yaml.safe_load(value) if value != "" else ""
         except yaml.YAMLError:
             parsed = value
-        node = raw
-        parts = key.split(".")
+        node, parts = raw, key.split(".")
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
@@ -239,11 +240,9 @@ def _read_yaml(path: Path) -> dict:
         raise UserError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
     except UnicodeDecodeError:
         raise UserError(f"{path}: not a UTF-8 text file") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
+    if not isinstance(data, (dict, type(None))):
         raise UserError(f"{path}: expected a mapping of sections (model, data, adapter, train)")
-    return data
+    return data or {}
 
 
 def _build(cls, raw, prefix: str):
@@ -254,10 +253,7 @@ def _build(cls, raw, prefix: str):
     for key in raw:
         if key not in names:
             raise UserError(f"config key {prefix}{key}: unknown; expected one of {', '.join(sorted(names))}")
-    kwargs = {}
-    for name, value in raw.items():
-        kwargs[name] = _coerce(hints[name], value, prefix + name)
-    return cls(**kwargs)
+    return cls(**{name: _coerce(hints[name], value, prefix + name) for name, value in raw.items()})
 
 
 def _coerce(hint, value, key: str):
@@ -270,6 +266,10 @@ def _coerce(hint, value, key: str):
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, key)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"config key {key}: expected a mapping like {{a: b}}, got {value!r}")
+        return {str(k): _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             value = [value]
@@ -446,5 +446,4 @@ def config_hash(cfg: Config, ignore: tuple[str, ...] = ()) -> str:
         for p in parents:
             node = node[p]
         node.pop(last, None)
-    blob = json.dumps(tree, sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]

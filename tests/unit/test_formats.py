@@ -182,7 +182,13 @@ BAD = [
         "x.jsonl",
         json.dumps({"messages": [msg(U, "q"), msg("tool", "r"), msg(A, "a")]}) + "\n",
         "auto",
-        ':1: message 2 has role "tool"; expected system, user, assistant',
+        ":1: message 2 is a tool result with no matching earlier tool call",
+    ),
+    (
+        "x.jsonl",
+        json.dumps({"messages": [msg(U, "q"), msg("function", "r"), msg(A, "a")]}) + "\n",
+        "auto",
+        ':1: message 2 has role "function"; expected system, user, assistant, tool',
     ),
     (
         "x.jsonl",

@@ -16,9 +16,11 @@ HELP = "data check DATA [--eval EVAL]: duplicates, leakage, empty answers, lengt
 
 def add_arguments(p) -> None:
     p.add_argument("action", choices=["check"], help="check: data quality report")
-    p.add_argument("data", nargs="+", help="training data files")
-    p.add_argument("--eval", nargs="+", default=[], help="evaluation files, checked for leakage from the training data")
-    p.add_argument("--config", help="take model, format, max_length, system prompt and template from this YAML")
+    p.add_argument("data", nargs="+", help="training data: files, dataset or shard folders, hub dataset names")
+    p.add_argument("--eval", nargs="+", default=[], help="evaluation data, checked for leakage from the training data")
+    p.add_argument(
+        "--config", help="take model, format, max_length, split, columns, system prompt and template from this YAML"
+    )
     p.add_argument("--model", help="tokenizer for token lengths (default: the config's model.name)")
     p.add_argument(
         "--max-length",
@@ -42,9 +44,11 @@ def run(args) -> int:
         raise UserError(f"--max-length: expected a number of tokens >= 1, got {max_length}")
     tokenizer = load_tokenizer(resolve_model(model), cfg.model.trust_remote_code, cfg.model.revision)
     ensure_chat_template(tokenizer, cfg.data.chat_template)
+    d = cfg.data
     report = check(
-        args.data, args.eval, cfg.data.format, cfg.data.system_prompt, tokenizer, max_length, cfg.data.train_on_prompt
-    )
+        args.data, args.eval, d.format, d.system_prompt, tokenizer, max_length, d.train_on_prompt,
+        d.split, d.validation_split, d.subset, d.columns,
+    )  # fmt: skip
     report["model"] = model
     print(summary(report))
     if args.json:

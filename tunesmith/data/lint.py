@@ -1,8 +1,10 @@
 """Data quality checks for `tunesmith data check` and the warnings `train` prints.
 
 Contract:
-- `check(train, eval_paths, fmt, system_prompt, tokenizer, max_length, train_on_prompt)` reads the
-  files with `load_examples` and returns a JSON-ready report: `counts` per check, `issues` (each
+- `check(train, eval_paths, fmt, system_prompt, tokenizer, max_length, train_on_prompt, split,
+  eval_split, subset, columns)` reads the entries (files, dataset folders, hub names) with
+  `load_examples` and returns a JSON-ready report: `tool_use` (records with tools, tool calls,
+  tool results), `counts` per check, `issues` (each
   with `where` = file:line and a `detail`), and length statistics with a histogram. Checks:
   `exact_duplicate` and `near_duplicate` (word 3-gram Jaccard >= NEAR, found by MinHash + LSH and
   then verified exactly) within the training data; `leakage_exact` / `leakage_near`: a training
@@ -22,6 +24,7 @@ trailing spaces or a changed comma do not hide a copy; short records compare who
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import statistics
 import unicodedata
@@ -31,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from tunesmith.data.formats import Example, load_examples
+from tunesmith.data.tools import uses_tools
 from tunesmith.errors import UserError
 
 NEAR = 0.8  # Jaccard similarity of word 3-grams at which two records count as near-duplicates
@@ -55,7 +59,12 @@ TEXT_FILES = (".jsonl", ".json", ".csv", ".txt")
 def full_text(ex: Example) -> str:
     if ex.text is not None:
         return ex.text
-    return "\n".join(f"{m['role']}: {m['content']}" for m in ex.messages)
+    return "\n".join(f"{m['role']}: {m['content']}{_calls_text(m)}" for m in ex.messages)
+
+
+def _calls_text(message: dict) -> str:
+    calls = message.get("tool_calls") or ()
+    return "".join(f" [call {c['function']['name']} {json.dumps(c['function']['arguments'])}]" for c in calls)
 
 
 def prompt_text(ex: Example) -> str:
@@ -157,7 +166,7 @@ def _empty(report, ex: Example):
             _issue(report, "empty_answer", ex.where, "empty or whitespace-only text")
         return
     for i, m in enumerate(ex.messages, 1):
-        if m["role"] == "assistant" and not m["content"].strip():
+        if m["role"] == "assistant" and not m["content"].strip() and not m.get("tool_calls"):
             _issue(report, "empty_answer", ex.where, f"assistant message {i} is empty or whitespace")
 
 
@@ -265,15 +274,26 @@ def check(
     tokenizer=None,
     max_length: int | None = None,
     train_on_prompt: bool = False,
+    split: str = "train",
+    eval_split: str | None = None,
+    subset: str | None = None,
+    columns: dict[str, str] | None = None,
 ) -> dict:
     scan_utf8(list(train_paths) + list(eval_paths))
-    train = load_examples(list(train_paths), fmt, system_prompt)
-    evals = load_examples(list(eval_paths), fmt, system_prompt) if eval_paths else []
+    train = load_examples(list(train_paths), fmt, system_prompt, split, subset, columns)
+    eval_split = eval_split or "validation"
+    evals = load_examples(list(eval_paths), fmt, system_prompt, eval_split, subset, columns) if eval_paths else []
+    calls = [m for ex in train if ex.messages for m in ex.messages if m.get("tool_calls")]
     report = {
         "train_files": [str(p) for p in train_paths],
         "eval_files": [str(p) for p in eval_paths],
         "n_train": len(train),
         "n_eval": len(evals),
+        "tool_use": {
+            "records": sum(uses_tools(ex) for ex in train),
+            "calls": sum(len(m["tool_calls"]) for m in calls),
+            "results": sum(m["role"] == "tool" for ex in train if ex.messages for m in ex.messages),
+        },
         "near_threshold": NEAR,
         "issues": {kind: [] for kind in CHECKS},
     }
@@ -306,6 +326,11 @@ def summary(report: dict) -> str:
         f"{report['n_train']} training records"
         + (f", {report['n_eval']} evaluation records" if report["n_eval"] else "")
     ]
+    tool_use = report.get("tool_use") or {}
+    if tool_use.get("records"):
+        lines[0] += (
+            f"; {tool_use['records']} with tools ({tool_use['calls']} tool calls, {tool_use['results']} tool results)"
+        )
     width = max(len(v) for v in LABELS.values())
     lines.append(f"{'check':<{width}}  count  examples")
     lines.append("-" * (width + 40))
@@ -341,12 +366,16 @@ def warning_lines(report: dict) -> list[str]:
 
 def train_warnings(data_cfg) -> list[str]:
     """What `train` prints before it starts: one line per failing check, no tokenizer."""
-    report = check(data_cfg.train, data_cfg.validation, data_cfg.format, data_cfg.system_prompt)
+    d = data_cfg
+    evals = d.validation or (d.train if d.validation_split else [])
+    report = check(
+        d.train, evals, d.format, d.system_prompt, None, None, False, d.split, d.validation_split, d.subset, d.columns
+    )
     lines = warning_lines(report)
     if lines:
         lines.append(
             "see: tunesmith data check "
             + " ".join(map(str, data_cfg.train))
-            + (" --eval " + " ".join(map(str, data_cfg.validation)) if data_cfg.validation else "")
+            + (" --eval " + " ".join(map(str, evals)) if evals else "")
         )
     return lines

@@ -15,8 +15,13 @@ Contract:
 - `build_datasets(data_cfg, tok, seed, cache_dir)` → `(train, validation, DataStats)`. Validation
   comes from `data_cfg.validation`, else a seeded `val_fraction` of the train examples (at least
   one), else is empty. Stats cover both splits. Results are cached under `cache_dir`, keyed by
-  the data files' bytes, the tokenizer, the chat template, the relevant config and the seed; the
-  cache is a safetensors file of flat int32 arrays (no pickle), written atomically.
+  the sources' fingerprints (`data/sources.py`), the tokenizer, the chat template, the relevant
+  config and the seed; the cache is a safetensors file of flat int32 arrays (no pickle), written
+  atomically.
+- Tool-call conversations (`data/tools.py`) render with `tools=`; a template that cannot write
+  what a record holds is a `UserError` naming it. An assistant turn with tool calls is labelled
+  from the end of the generation prompt to its end of turn (templates write calls in their own
+  syntax), found by rendering the conversation up to it, which must prefix the whole rendering.
 
 Masks come from character offsets: the conversation is rendered once, each assistant message is
 located in that text (searching from where the template's rendering of the preceding messages
@@ -39,11 +44,13 @@ from pathlib import Path
 import numpy as np
 
 from tunesmith.config import DataConfig
-from tunesmith.data.formats import Example, load_examples
+from tunesmith.data import tools as tool_defs
+from tunesmith.data.formats import Example, check_columns, source_examples
+from tunesmith.data.sources import open_sources
 from tunesmith.errors import UserError
 
 IGNORE = -100
-CACHE_VERSION = 1  # bump whenever tokenisation or masking changes, so old caches are not reused
+CACHE_VERSION = 2  # bump whenever tokenisation or masking changes, so old caches are not reused
 
 # ChatML, the template of SmolLM2/Qwen without their default system prompts. Used only when the
 # tokenizer has no template of its own (base models). If the vocabulary lacks <|im_start|> and
@@ -103,7 +110,9 @@ def _tokenize(tokenizer, ex: Example, train_on_prompt: bool) -> tuple[list[int],
             ids.append(eos)
         labels = list(ids)
     else:
-        text = _render_checked(tokenizer, ex.messages, False, ex.where)
+        if tool_defs.uses_tools(ex):
+            tool_defs.require_support(tokenizer, ex)
+        text = _render_checked(tokenizer, ex.messages, False, ex.where, ex.tools)
         spans = [(0, len(text))] if train_on_prompt else _assistant_spans(tokenizer, ex, text)
         ids, labels = _label_spans(tokenizer, text, spans)
     if labels:
@@ -122,13 +131,13 @@ def _fit(ids, labels, max_length: int, overlong: str) -> tuple[Sample | None, st
     return Sample(input_ids=ids, labels=labels), status
 
 
-def _render(tokenizer, messages, generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+def _render(tokenizer, messages, generation_prompt: bool, tools=None) -> str:
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt)
 
 
-def _render_checked(tokenizer, messages, generation_prompt: bool, loc: str) -> str:
+def _render_checked(tokenizer, messages, generation_prompt: bool, loc: str, tools=None) -> str:
     try:
-        return _render(tokenizer, messages, generation_prompt)
+        return _render(tokenizer, messages, generation_prompt, tools)
     except Exception as err:  # templates raise their own errors (e.g. "roles must alternate")
         raise UserError(f"{loc}: the chat template rejected this conversation ({err})") from None
 
@@ -136,15 +145,19 @@ def _render_checked(tokenizer, messages, generation_prompt: bool, loc: str) -> s
 def _assistant_spans(tokenizer, ex: Example, text: str) -> list[tuple[int, int]]:
     """Character spans of `text` to train on: each assistant content plus its end-of-turn text."""
     spans, cursor = [], 0
-    messages = ex.messages
+    messages, tools = ex.messages, ex.tools
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
+            continue
+        if message.get("tool_calls"):
+            spans.append(_call_span(tokenizer, ex, i, text, cursor))
+            cursor = spans[-1][1]
             continue
         content = message["content"].strip()  # some templates trim (Llama-3); the stripped core is always there
         start = cursor
         if i > 0:
             try:
-                before = _render(tokenizer, messages[:i], True)
+                before = _render(tokenizer, messages[:i], True, tools)
                 start = max(start, _common_prefix(before, text))
             except Exception:  # a template may refuse a partial conversation; the cursor still holds
                 pass
@@ -155,16 +168,33 @@ def _assistant_spans(tokenizer, ex: Example, text: str) -> list[tuple[int, int]]
                 "so its tokens cannot be found; set data.chat_template"
             )
         b = a + len(content)
-        spans.append((a, b + len(_end_of_turn(tokenizer, messages[: i + 1], content, start, text, b))))
+        spans.append((a, b + len(_end_of_turn(tokenizer, messages[: i + 1], content, start, text, b, tools))))
         cursor = spans[-1][1]
     return spans
 
 
-def _end_of_turn(tokenizer, upto: list[dict], content: str, start: int, text: str, b: int) -> str:
+def _call_span(tokenizer, ex: Example, i: int, text: str, cursor: int) -> tuple[int, int]:
+    """An assistant turn with tool calls (the template writes them in its own syntax): from the end
+    of the generation prompt after the preceding messages to the end of the turn, both found by
+    rendering the conversation up to that point, which must be a prefix of the whole rendering."""
+    try:
+        before = _render(tokenizer, ex.messages[:i], True, ex.tools)
+        upto = _render(tokenizer, ex.messages[: i + 1], False, ex.tools).rstrip()
+    except Exception:  # a template may refuse a partial conversation
+        before = upto = None
+    if before is None or not text.startswith(before) or not text.startswith(upto) or len(upto) <= len(before):
+        raise UserError(
+            f"{ex.where}: the chat template writes assistant message {i + 1} (tool calls) differently inside the "
+            "conversation than at its end, so its tokens cannot be found; set data.chat_template"
+        )
+    return max(len(before), cursor), len(upto)
+
+
+def _end_of_turn(tokenizer, upto: list[dict], content: str, start: int, text: str, b: int, tools=None) -> str:
     """What the template writes right after an assistant message, minus trailing whitespace:
     found by rendering the conversation up to and including that message."""
     try:
-        rendered = _render(tokenizer, upto, False)
+        rendered = _render(tokenizer, upto, False, tools)
         j = rendered.find(content, start)
         tail = rendered[j + len(content) :].rstrip() if j >= 0 else None
     except Exception:  # see _assistant_spans
@@ -232,17 +262,23 @@ def build_datasets(
     if not data_cfg.train:
         raise UserError("config key data.train: no training data files given")
     ensure_chat_template(tokenizer, data_cfg.chat_template)
+    check_columns(data_cfg.columns)
+    train_src, val_src = open_sources(data_cfg)
     cache_path = None
     if cache_dir is not None:
-        key = _cache_key(data_cfg, tokenizer, seed)
+        key = _cache_key(data_cfg, tokenizer, seed, train_src, val_src)
         cache_path = Path(cache_dir) / f"sft-{key}.safetensors" if key else None
         cached = _load_cache(cache_path) if cache_path else None
         if cached is not None:
             return cached
 
-    train_ex = load_examples(data_cfg.train, data_cfg.format, data_cfg.system_prompt)
-    if data_cfg.validation:
-        val_ex = load_examples(data_cfg.validation, data_cfg.format, data_cfg.system_prompt)
+    def examples(sources):
+        fmt, system, columns = data_cfg.format, data_cfg.system_prompt, data_cfg.columns
+        return [ex for src in sources for ex in source_examples(src, fmt, system, columns)]
+
+    train_ex = examples(train_src)
+    if val_src:
+        val_ex = examples(val_src)
     elif data_cfg.val_fraction > 0:
         train_ex, val_ex = _split(train_ex, data_cfg.val_fraction, seed, data_cfg.train)
     else:
@@ -290,26 +326,22 @@ def _tokenize_all(tokenizer, examples: list[Example], cfg: DataConfig, stats: Da
     return samples
 
 
-def _cache_key(cfg: DataConfig, tokenizer, seed: int) -> str | None:
-    """sha256 over everything the samples depend on; None when a file cannot be read (the
-    loader then reports it properly)."""
+def _cache_key(cfg: DataConfig, tokenizer, seed: int, train_src, val_src) -> str | None:
+    """sha256 over everything the samples depend on (each source by its fingerprint: a file's
+    bytes, a folder's files' names/sizes/mtimes, a hub split's dataset fingerprint); None when a
+    source cannot be read (the loader then reports it properly)."""
     from tunesmith import __version__
 
     h = hashlib.sha256()
-    relevant = {
-        k: getattr(cfg, k)
-        for k in ("format", "max_length", "overlong", "train_on_prompt", "system_prompt", "val_fraction")
-    }
+    keys = ("format", "max_length", "overlong", "train_on_prompt", "system_prompt", "val_fraction")
+    relevant = {k: getattr(cfg, k) for k in (*keys, "split", "validation_split", "subset", "columns")}
     h.update(json.dumps({"v": CACHE_VERSION, "tunesmith": __version__, "cfg": relevant, "seed": seed}).encode())
-    for role, paths in (("train", cfg.train), ("validation", cfg.validation)):
-        for path in paths:
-            h.update(f"\0{role}\0".encode())
-            try:
-                with open(path, "rb") as f:
-                    for block in iter(lambda: f.read(1 << 20), b""):
-                        h.update(block)
-            except OSError:
+    for role, sources in (("train", train_src), ("validation", val_src)):
+        for src in sources:
+            fingerprint = src.fingerprint()
+            if fingerprint is None:
                 return None
+            h.update(f"\0{role}\0{fingerprint}".encode())
     h.update(_tokenizer_fingerprint(tokenizer).encode())
     return h.hexdigest()[:32]
 

@@ -55,9 +55,11 @@ from tunesmith.train.kernels import Prepared
 from tunesmith.train.kernels.attention import flatten
 from tunesmith.train.loss import LossModule, can_embed_into_grad
 from tunesmith.train.model import load_base, make_trainable
-from tunesmith.train.records import Records, require_tensorboard
+from tunesmith.train.records import Records
 from tunesmith.train.rows import RowStream, forward_budget, make_rows, split_rows
+from tunesmith.train.signals import SaveClock, StopSignals, TrainingInterrupted
 from tunesmith.train.step import accumulate_gradients, evaluate, lr_factor
+from tunesmith.train.tracking import check_trackers, open_trackers
 
 __all__ = ["RESUMABLE_CHANGES", "RowStream", "TrainResult", "run_training", "split_rows"]
 
@@ -142,8 +144,9 @@ def set_up(cfg: Config, rows=None) -> Run:
     if t.precision == "fp16" and device.type != "cuda":
         raise UserError("config key train.precision: fp16 needs a CUDA GPU; use fp32 (or bf16) on CPU")
     resume_from = out.resume_point(cfg, ignore)
-    if t.tensorboard:
-        require_tensorboard()
+    if t.resume == "auto" and resume_from is None and dist.main:
+        print(f"tunesmith: nothing to resume in {out.path} (no checkpoint); starting fresh at step 0", flush=True)
+    check_trackers(t)  # a tracker that is not installed fails before anything is written
     if t.threads:
         torch.set_num_threads(t.threads)
     torch.manual_seed(t.seed)
@@ -302,40 +305,57 @@ def one_step(run: Run) -> tuple[float, int, float]:
 def train_steps(run: Run) -> float | None:
     """Steps until `total_steps`, logging, validating and checkpointing; the final validation loss."""
     t, dist = run.cfg.train, run.dist
-    records = run.records = Records(run.out.path, t.tensorboard, run.step) if dist.main else None
+    trackers = open_trackers(run.cfg, run.out.path, run.step) if dist.main else []
+    records = run.records = Records(run.out.path, trackers, run.step) if dist.main else None
     bar = None
     if dist.main and t.progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step", dynamic_ncols=True)
     run.started = time.perf_counter()
-    while run.step < run.total_steps:
-        loss, tokens, seconds = one_step(run)
-        if dist.main:
-            if run.step % t.log_every == 0 or run.step == run.total_steps:
-                records.log(
-                    {
-                        "step": run.step,
-                        "epoch": run.stream.position(),
-                        "loss": round(loss, 6),
-                        "lr": run.lr,
-                        "grad_norm": round(run.grad_norm, 6),
-                        "tokens": tokens,
-                        "step_s": round(seconds, 4),
-                        "tok_per_s": round(tokens / seconds, 1),
-                        "elapsed_s": round(run.elapsed(), 3),
-                    }
-                )
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{run.lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
-                bar.update(1)
-        if t.eval_every and run.step % t.eval_every == 0 and run.step < run.total_steps and run.val_rows:
-            _validate(run)
-        if (t.save_every and run.step % t.save_every == 0) or run.step == run.total_steps:
-            _save_checkpoint(run)
+    clock = SaveClock(t.save_every_minutes, dist, run.device)  # rank 0's clock decides for all ranks
+    with StopSignals(enabled=not dist.enabled) as stop:  # under torchrun: see train.signals
+        while run.step < run.total_steps:
+            _one_logged_step(run, records, bar)
+            saved = None
+            if (t.save_every and run.step % t.save_every == 0) or run.step == run.total_steps or clock.due():
+                saved = clock.saved(_save_checkpoint(run))
+            if stop.requested is not None:  # a checkpoint at this step boundary, then out
+                if bar is not None:
+                    bar.close()
+                path = saved or _save_checkpoint(run)
+                if records is not None:
+                    records.close()
+                raise TrainingInterrupted(stop.requested, run.step, path)
     if bar is not None:
         bar.close()
     return _validate(run) if run.val_rows else None
+
+
+def _one_logged_step(run: Run, records, bar) -> None:
+    """One optimizer step, its metrics row, the progress bar and any validation pass due."""
+    t, dist = run.cfg.train, run.dist
+    loss, tokens, seconds = one_step(run)
+    if dist.main:
+        if run.step % t.log_every == 0 or run.step == run.total_steps:
+            records.log(
+                {
+                    "step": run.step,
+                    "epoch": run.stream.position(),
+                    "loss": round(loss, 6),
+                    "lr": run.lr,
+                    "grad_norm": round(run.grad_norm, 6),
+                    "tokens": tokens,
+                    "step_s": round(seconds, 4),
+                    "tok_per_s": round(tokens / seconds, 1),
+                    "elapsed_s": round(run.elapsed(), 3),
+                }
+            )
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{run.lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
+            bar.update(1)
+    if t.eval_every and run.step % t.eval_every == 0 and run.step < run.total_steps and run.val_rows:
+        _validate(run)
 
 
 def _validate(run: Run) -> float | None:
@@ -346,7 +366,7 @@ def _validate(run: Run) -> float | None:
     return val_loss
 
 
-def _save_checkpoint(run: Run) -> None:
+def _save_checkpoint(run: Run) -> Path | None:
     state = {
         "epoch": run.stream.epoch,
         "offset": run.stream.offset,
@@ -358,7 +378,7 @@ def _save_checkpoint(run: Run) -> None:
         "world_size": run.dist.world,
     }
     # every rank: under FSDP saving gathers the shards; only rank 0 writes
-    ckpt.save_checkpoint(
+    path = ckpt.save_checkpoint(
         run.out.checkpoints,
         run.step,
         run.model,
@@ -369,6 +389,7 @@ def _save_checkpoint(run: Run) -> None:
         run.dist.main,
     )
     barrier(run.dist)
+    return path
 
 
 # ---------------------------------------------------------------- finish
@@ -383,7 +404,6 @@ def finish(run: Run, val_loss: float | None) -> TrainResult:
     if dist.main:
         out = run.out.path
         save_model(model, run.tokenizer, out, gathered)
-        run.records.close()
         run.records.plot(out / "loss.png")
         summary = {
             "method": cfg.adapter.method,
@@ -405,6 +425,7 @@ def finish(run: Run, val_loss: float | None) -> TrainResult:
             "data": run.stats.__dict__,
         }
         run.out.write_summary(summary)
+        run.records.close([out / "loss.png", out / "run.json", out / "tunesmith.yaml"])
         print(
             f"tunesmith: done in {wall:.1f}s, final train loss {run.last_loss or float('nan'):.4f}"
             + (f", validation loss {val_loss:.4f}" if val_loss is not None else "")

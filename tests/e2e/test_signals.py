@@ -15,7 +15,7 @@ from tests.tiny import write_config, write_qa_jsonl
 
 EXE = os.path.join(os.path.dirname(sys.executable), "tunesmith")
 # default config otherwise: no save_every, the default save_every_minutes (10), progress bar on
-SETTINGS = dict(adapter={"dropout": 0.1}, train={"max_steps": 40, "lr": 1e-3})
+SETTINGS = dict(adapter={"dropout": 0.1}, train={"max_steps": 40, "lr": 1e-3, "progress": True})
 
 
 def _run(args, env, cwd):

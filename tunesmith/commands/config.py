@@ -80,7 +80,7 @@ def run(args) -> int:
     for key, (_, value) in resolved.items():
         default = base[key][1]
         left = f"{key} = {_show(value)}"
-        note = "default" if value == default else f"was {_show(default)}"
+        note = "default" if value == default else f"default {_show(default)}"
         print(f"{left:<{width}} # ({note}) {helps.get(key, '')}")
     return 0
 

@@ -51,13 +51,13 @@ def run(args) -> int:
     check_eval_text(args.eval_text)
     verify, installed = args.verify, importlib.util.find_spec("llama_cpp") is not None
     if verify and not installed:
-        raise UserError("--verify: needs llama-cpp-python (pip install 'tunesmith[gguf]'); or pass --no-verify")
+        raise UserError("--verify: needs llama-cpp-python (pip install 'tunesmith[llamacpp]'); or pass --no-verify")
     if verify is None:
         verify = installed
         if not verify:
             print(
                 "tunesmith: llama-cpp-python is not installed, so the GGUF is not verified "
-                "(pip install 'tunesmith[gguf]', or pass --no-verify to silence this)"
+                "(pip install 'tunesmith[llamacpp]', or pass --no-verify to silence this)"
             )
     out = export_gguf(args.model, args.out, quant=args.quant, force=args.force)
     modelfile = modelfile_path(out)

@@ -77,14 +77,14 @@ def main(argv: list[str] | None = None) -> int:
         close = difflib.get_close_matches(argv[0], list(COMMANDS), n=1, cutoff=0.5)
         hint = f"did you mean {close[0]}? " if close else ""
         print(f"tunesmith: error: unknown verb {argv[0]!r}; {hint}(see tunesmith --help)", file=sys.stderr)
-        return 2
+        raise SystemExit(2)  # as argparse's own errors
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value overrides after a flag (`train c.yaml --resume train.lr=1e-4`) belong to them
         if not hasattr(args, "overrides") or any(w.startswith("-") or "=" not in w for w in extra):
             where = f"tunesmith {args.verb}" if args.verb else "tunesmith"
             print(f"tunesmith: error: unrecognized arguments: {' '.join(extra)} (see {where} --help)", file=sys.stderr)
-            return 2
+            raise SystemExit(2)
         args.overrides += extra
     if not args.verb:
         parser.print_help()

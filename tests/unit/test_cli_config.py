@@ -4,6 +4,8 @@ every `tunesmith[extra]` a message or doc names exists in pyproject.toml."""
 import re
 from pathlib import Path
 
+import pytest
+
 from tunesmith.cli import COMMANDS, main
 from tunesmith.commands.config import KEY_HELP, defaults, key_help
 from tunesmith.config import Config
@@ -52,25 +54,28 @@ def test_config_show_bad_key_is_one_line(capsys):
 
 def test_train_compare_pretrain_help_point_to_config_keys(capsys):
     for verb in ("train", "compare", "pretrain"):
-        try:
-            main([verb, "--help"])
-        except SystemExit as done:
-            assert done.code == 0
+        assert _exit_code([verb, "--help"]) == 0
         assert "tunesmith config keys" in capsys.readouterr().out.replace("\n", " ")
 
 
+def _exit_code(argv):
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    return done.value.code
+
+
 def test_unknown_verb_suggests_the_closest(capsys):
-    assert main(["trian"]) == 2
+    assert _exit_code(["trian"]) == 2
     assert capsys.readouterr().err.strip() == (
         "tunesmith: error: unknown verb 'trian'; did you mean train? (see tunesmith --help)"
     )
-    assert main(["xyzzy"]) == 2
+    assert _exit_code(["xyzzy"]) == 2
     assert capsys.readouterr().err.strip() == "tunesmith: error: unknown verb 'xyzzy'; (see tunesmith --help)"
     assert "config" in COMMANDS
 
 
 def test_bad_flag_names_the_verb_help(capsys):
-    assert main(["train", "--bogus"]) == 2
+    assert _exit_code(["train", "--bogus"]) == 2
     assert capsys.readouterr().err.strip().endswith("(see tunesmith train --help)")
 
 

@@ -3,10 +3,10 @@
 Contract: `run_training(cfg)` fine-tunes `cfg.model.name` on `cfg.data` with `cfg.adapter` and
 writes the run dir `cfg.train.output_dir` (layout: `tunesmith.rundir`): the model (a PEFT adapter,
 or an HF safetensors dir for `full`) beside its tokenizer and the resolved config, `metrics.jsonl`,
-`loss.png`, `run.json`, and `checkpoints/step-N/` every `save_every` steps and at the end. A dir
-holding a different run is refused before anything is written. With `train.resume=auto` (or a
-checkpoint path) the run continues from the newest checkpoint and ends with the same weights an
-uninterrupted run would have, bit for bit.
+`loss.png`, `run.json`, and `checkpoints/step-N/` every `save_every` steps, every `save_every_minutes`
+and at the end; on SIGINT/SIGTERM one at the next step boundary, then `TrainingInterrupted` (`train.signals`).
+A dir holding another run is refused before anything is written. With `train.resume=auto` (or a checkpoint
+path) the run continues from the newest checkpoint and ends as an uninterrupted run would, bit for bit.
 
 It runs in three phases a reader can follow: `set_up` (data, model, fast paths, optimizer, resume
 point), `train_steps` (one optimizer step at a time: `one_step`, then logging, validation and

@@ -2,7 +2,8 @@
 
 Contract: `main(argv)` parses `tunesmith VERB ...`, runs the verb's `run(args)` and returns its
 exit code. A `UserError` (or a bad flag) prints one line on stderr — in the verb's flag names
-(`commands.<verb>.FLAGS`) — and exits with 2, no traceback; Ctrl-C exits with 130; `export`
+(`commands.<verb>.FLAGS`) — and exits with 2, no traceback; Ctrl-C exits with 130 (SIGTERM in training:
+143) with one line, from the verb's `interrupted(args, words, err)` where it has one; `export`
 returns 3 when the GGUF fails verification. Verb modules import their heavy libraries (torch,
 transformers) only when they run.
 """
@@ -101,7 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM/SIGINT noted by a training loop (exit 128 + signal)
         say = getattr(module, "interrupted", None)
         words = argv[argv.index(args.verb) + 1 :] if args.verb in argv else []
-        print(say(args, words, err) if say else "tunesmith: interrupted", file=sys.stderr, flush=True)
+        line = "tunesmith: interrupted"
+        if getattr(err, "checkpoint", None) is not None:  # compare, quickstart, pipeline: they resume on a rerun
+            line += f"; checkpoint saved ({err.checkpoint}); the same command again continues from it"
+        print(say(args, words, err) if say else line, file=sys.stderr, flush=True)
         return int(getattr(err, "exit_code", 130))
 
 

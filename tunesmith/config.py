@@ -118,7 +118,7 @@ class TrainConfig:
     frozen_dtype: str = "auto"
     log_every: int = 1
     eval_every: int = 0  # steps between validation passes; 0 = only at the end
-    save_every: int = 0  # steps between checkpoints; 0 = only at the end (and by time, below)
+    save_every: int = 0  # steps between checkpoints; 0 = only at the end (and every save_every_minutes)
     save_every_minutes: float = 10.0  # minutes between checkpoints besides save_every; 0 = off
     keep_last: int = 2  # checkpoints kept on disk
     resume: str = "never"  # never · auto · path to a checkpoint dir

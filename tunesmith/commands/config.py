@@ -13,6 +13,7 @@ import dataclasses
 import inspect
 import io
 import json
+import sys
 import tokenize
 import typing
 
@@ -68,13 +69,21 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    try:
+        _print(args)
+    except BrokenPipeError:  # `tunesmith config keys | head`
+        sys.stderr.close()
+    return 0
+
+
+def _print(args) -> None:
     from tunesmith.config import Config
 
     helps = key_help()
     if args.action == "keys":
         for key, (kind, default) in defaults(Config()).items():
             print(f"{key}  ({kind}, default {_show(default)})  {helps.get(key, '')}")
-        return 0
+        return
     resolved, base = defaults(load_config_args(args)), defaults(Config())
     width = min(max(len(k) + len(_show(v)) for k, (_, v) in resolved.items()) + 3, 52)
     for key, (_, value) in resolved.items():
@@ -82,7 +91,6 @@ def run(args) -> int:
         left = f"{key} = {_show(value)}"
         note = "default" if value == default else f"default {_show(default)}"
         print(f"{left:<{width}} # ({note}) {helps.get(key, '')}")
-    return 0
 
 
 def _show(value) -> str:

@@ -109,6 +109,7 @@ class Run:
     lr: float = 0.0
     grad_norm: float = 0.0
     records: Records | None = None
+    stop: StopSignals | None = None  # notes SIGINT/SIGTERM while the steps run
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -125,7 +126,8 @@ def run_training(cfg: Config, rows=None) -> TrainResult:
     feed the run (`pretrain` for fine-tuning, `data` for pre-training) is left out of the hash
     that decides whether an output dir holds this same run."""
     run = set_up(cfg, rows)
-    with run.fast:  # restores the model's own forwards when training ends, also on error
+    # fast: restores the model's own forwards when training ends, also on error; stop: see train.signals
+    with run.fast, StopSignals(enabled=not run.dist.enabled) as run.stop:
         val_loss = train_steps(run)
     return finish(run, val_loss)
 
@@ -314,48 +316,45 @@ def train_steps(run: Run) -> float | None:
         bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step", dynamic_ncols=True)
     run.started = time.perf_counter()
     clock = SaveClock(t.save_every_minutes, dist, run.device)  # rank 0's clock decides for all ranks
-    with StopSignals(enabled=not dist.enabled) as stop:  # under torchrun: see train.signals
-        while run.step < run.total_steps:
-            _one_logged_step(run, records, bar)
-            saved = None
-            if (t.save_every and run.step % t.save_every == 0) or run.step == run.total_steps or clock.due():
-                saved = clock.saved(_save_checkpoint(run))
-            if stop.requested is not None:  # a checkpoint at this step boundary, then out
-                if bar is not None:
-                    bar.close()
-                path = saved or _save_checkpoint(run)
-                if records is not None:
-                    records.close()
-                raise TrainingInterrupted(stop.requested, run.step, path)
+    while run.step < run.total_steps:
+        loss, tokens, seconds = one_step(run)
+        if dist.main:
+            if run.step % t.log_every == 0 or run.step == run.total_steps:
+                records.log(
+                    {
+                        "step": run.step,
+                        "epoch": run.stream.position(),
+                        "loss": round(loss, 6),
+                        "lr": run.lr,
+                        "grad_norm": round(run.grad_norm, 6),
+                        "tokens": tokens,
+                        "step_s": round(seconds, 4),
+                        "tok_per_s": round(tokens / seconds, 1),
+                        "elapsed_s": round(run.elapsed(), 3),
+                    }
+                )
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{run.lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
+                bar.update(1)
+        if t.eval_every and run.step % t.eval_every == 0 and run.step < run.total_steps and run.val_rows:
+            _validate(run)
+        saved = None
+        if (t.save_every and run.step % t.save_every == 0) or run.step == run.total_steps or clock.due():
+            saved = clock.saved(_save_checkpoint(run))
+        if run.stop and run.stop.requested is not None:  # SIGINT/SIGTERM: a checkpoint at this step boundary, then out
+            _stop(run, saved, bar)
     if bar is not None:
         bar.close()
     return _validate(run) if run.val_rows else None
 
 
-def _one_logged_step(run: Run, records, bar) -> None:
-    """One optimizer step, its metrics row, the progress bar and any validation pass due."""
-    t, dist = run.cfg.train, run.dist
-    loss, tokens, seconds = one_step(run)
-    if dist.main:
-        if run.step % t.log_every == 0 or run.step == run.total_steps:
-            records.log(
-                {
-                    "step": run.step,
-                    "epoch": run.stream.position(),
-                    "loss": round(loss, 6),
-                    "lr": run.lr,
-                    "grad_norm": round(run.grad_norm, 6),
-                    "tokens": tokens,
-                    "step_s": round(seconds, 4),
-                    "tok_per_s": round(tokens / seconds, 1),
-                    "elapsed_s": round(run.elapsed(), 3),
-                }
-            )
-        if bar is not None:
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{run.lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
-            bar.update(1)
-    if t.eval_every and run.step % t.eval_every == 0 and run.step < run.total_steps and run.val_rows:
-        _validate(run)
+def _stop(run: Run, saved: Path | None, bar) -> None:
+    if bar is not None:
+        bar.close()
+    path = saved or _save_checkpoint(run)
+    if run.records is not None:
+        run.records.close()
+    raise TrainingInterrupted(run.stop.requested, run.step, path)
 
 
 def _validate(run: Run) -> float | None:

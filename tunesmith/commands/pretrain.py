@@ -15,9 +15,11 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from tunesmith.pretrain.run import run_pretrain
-    from tunesmith.train.signals import sigterm_interrupts
+    from tunesmith.train.signals import say_fresh_start, sigterm_interrupts
 
     sigterm_interrupts()
-
-    run_pretrain(load_config_args(args, ["train.resume=auto"] if args.resume else []))
+    cfg = load_config_args(args, ["train.resume=auto"] if args.resume else [])
+    if args.resume:
+        say_fresh_start(cfg)
+    run_pretrain(cfg)
     return 0

@@ -25,7 +25,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     cfg = load_config_args(args, ["train.resume=auto"] if args.resume else [])
-    from tunesmith.train.signals import sigterm_interrupts
+    from tunesmith.train.signals import say_fresh_start, sigterm_interrupts
 
     sigterm_interrupts()
     main = os.environ.get("RANK", "0") == "0"
@@ -48,6 +48,8 @@ def run(args) -> int:
 
         for line in train_warnings(cfg.data):
             print(f"tunesmith: data: {line}", flush=True)
+    if args.resume:
+        say_fresh_start(cfg)
     from tunesmith import finetune
 
     try:

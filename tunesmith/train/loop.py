@@ -146,8 +146,6 @@ def set_up(cfg: Config, rows=None) -> Run:
     if t.precision == "fp16" and device.type != "cuda":
         raise UserError("config key train.precision: fp16 needs a CUDA GPU; use fp32 (or bf16) on CPU")
     resume_from = out.resume_point(cfg, ignore)
-    if t.resume == "auto" and resume_from is None and dist.main:
-        print(f"tunesmith: nothing to resume in {out.path} (no checkpoint); starting fresh at step 0", flush=True)
     check_trackers(t)  # a tracker that is not installed fails before anything is written
     if t.threads:
         torch.set_num_threads(t.threads)

@@ -10,6 +10,7 @@ Contract:
 - `SaveClock(minutes)` says when a time-based checkpoint is due (`due()`), counted from the
   start or the last `saved()`; 0 minutes never. Under torchrun the loop asks rank 0's clock
   and shares the answer, so every rank saves at the same step.
+- `say_fresh_start(cfg)`: what `--resume` prints when there is nothing to resume from.
 - `TrainingInterrupted(signum, step, checkpoint)` is what the loop raises after saving on a
   signal (a `KeyboardInterrupt`); `exit_code` is 128 + signum (130 for SIGINT, 143 for SIGTERM).
   The command turns it into one line with the exact `--resume` command (`interrupt_line`).
@@ -17,6 +18,7 @@ Contract:
 
 from __future__ import annotations
 
+import os
 import shlex
 import signal
 import threading
@@ -94,6 +96,15 @@ class SaveClock:
     def saved(self, checkpoint: Path | None) -> Path | None:
         self.last = time.monotonic()
         return checkpoint
+
+
+def say_fresh_start(cfg) -> None:
+    """`--resume` with no checkpoint in the output dir: say the run starts from step 0 (rank 0)."""
+    from tunesmith.rundir import RunDir
+
+    out = RunDir(cfg.train.output_dir)
+    if os.environ.get("RANK", "0") == "0" and out.latest_checkpoint() is None:
+        print(f"tunesmith: nothing to resume in {out.path} (no checkpoint); starting fresh at step 0", flush=True)
 
 
 def resume_command(verb: str, argv: list[str]) -> str:

@@ -2,7 +2,8 @@
 
 Contract: `main(argv)` parses `tunesmith VERB ...`, runs the verb's `run(args)` and returns its
 exit code. A `UserError` (or a bad flag) prints one line on stderr — in the verb's flag names
-(`commands.<verb>.FLAGS`) — and exits with 2, no traceback; Ctrl-C exits with 130; `export`
+(`commands.<verb>.FLAGS`) — and exits with 2, no traceback; Ctrl-C exits with 130 (SIGTERM in training:
+143) with one line, from the verb's `interrupted(args, words, err)` where it has one; `export`
 returns 3 when the GGUF fails verification. Verb modules import their heavy libraries (torch,
 transformers) only when they run.
 """
@@ -30,6 +31,7 @@ COMMANDS: dict[str, str] = {
         "pipeline",
         "compare",
         "serve",
+        "config",
     )
 }
 
@@ -38,7 +40,7 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse prints usage + error; users get one line and exit code 2 instead."""
 
     def error(self, message):
-        self.exit(2, f"tunesmith: error: {message} (see tunesmith {self.prog.split()[-1]} --help)\n")
+        self.exit(2, f"tunesmith: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,8 +73,21 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(argv[0], list(COMMANDS), n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]}? " if close else ""
+        print(f"tunesmith: error: unknown verb {argv[0]!r}; {hint}(see tunesmith --help)", file=sys.stderr)
+        raise SystemExit(2)  # as argparse's own errors
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides after a flag (`train c.yaml --resume train.lr=1e-4`) belong to them
+        if not hasattr(args, "overrides") or any(w.startswith("-") or "=" not in w for w in extra):
+            where = f"tunesmith {args.verb}" if args.verb else "tunesmith"
+            print(f"tunesmith: error: unrecognized arguments: {' '.join(extra)} (see {where} --help)", file=sys.stderr)
+            raise SystemExit(2)
+        args.overrides += extra
     if not args.verb:
         parser.print_help()
         return 2
@@ -85,9 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"tunesmith: error: {err.speaking(getattr(module, 'FLAGS', {}))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("tunesmith: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM/SIGINT noted by a training loop (exit 128 + signal)
+        say = getattr(module, "interrupted", None)
+        words = argv[argv.index(args.verb) + 1 :] if args.verb in argv else []
+        line = "tunesmith: interrupted"
+        if getattr(err, "checkpoint", None) is not None:  # compare, quickstart, pipeline: they resume on a rerun
+            line += f"; checkpoint saved ({err.checkpoint}); the same command again continues from it"
+        print(say(args, words, err) if say else line, file=sys.stderr, flush=True)
+        return int(getattr(err, "exit_code", 130))
 
 
 if __name__ == "__main__":

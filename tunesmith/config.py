@@ -1,12 +1,11 @@
 """The typed configuration tree: YAML file + `key.sub=value` overrides → `Config`.
 
-Contract:
-- `load_config(path, overrides)` returns a fully validated `Config`; any unknown key, wrong
-  type or out-of-range value raises `UserError` naming the file/override and the key.
-- Values in overrides are parsed as YAML scalars (`train.lr=1e-4`, `data.packing=false`).
-- `save_config(cfg, path)` writes the resolved tree; `load_config(path)` reads it back equal.
-- `config_hash(cfg, ignore=...)` fingerprints a config so a run dir can tell whether a
-  resume continues the same run.
+Contract: `load_config(path, overrides)` returns a fully validated `Config`; any unknown key, wrong
+type or out-of-range value raises `UserError` naming the file/override and the key. Values in overrides
+are parsed as YAML scalars (`train.lr=1e-4`, `data.packing=false`). `save_config(cfg, path)` writes the
+resolved tree; `load_config(path)` reads it back equal. `config_hash(cfg, ignore=...)` fingerprints a
+config so a run dir can tell whether a resume continues the same run. A key's one-line help (`tunesmith
+config show`) is its trailing comment here (or the comment above it).
 """
 
 from __future__ import annotations
@@ -38,6 +37,7 @@ RETRIEVERS = ("bm25", "dense", "hybrid")
 PRESETS = ("tiny", "small", "base")
 PIPELINE_STAGES = ("pretrain", "finetune", "merge", "export", "compare")
 GGUF_QUANTS = ("f32", "f16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")  # K-quants: llama.cpp quantizes
+TRACKERS = ("tensorboard", "mlflow", "wandb")  # train.report_to (tunesmith.train.tracking)
 
 
 @dataclass
@@ -122,10 +122,12 @@ class TrainConfig:
     frozen_dtype: str = "auto"
     log_every: int = 1
     eval_every: int = 0  # steps between validation passes; 0 = only at the end
-    save_every: int = 0  # steps between checkpoints; 0 = only at the end
+    save_every: int = 0  # steps between checkpoints; 0 = only at the end (and every save_every_minutes)
+    save_every_minutes: float = 10.0  # minutes between checkpoints besides save_every; 0 = off
     keep_last: int = 2  # checkpoints kept on disk
     resume: str = "never"  # never · auto · path to a checkpoint dir
-    tensorboard: bool = False
+    tensorboard: bool = False  # old spelling of report_to: [tensorboard]
+    report_to: list[str] = field(default_factory=list)  # trackers, any of tensorboard · mlflow · wandb
     progress: bool = True
     strategy: str = "ddp"  # under torchrun: ddp (whole model per process) · fsdp (sharded)
     dist_timeout_s: float = 600.0  # a collective waiting longer (dead or hung process) stops the run
@@ -159,6 +161,7 @@ class CompareConfig:
     latency_samples: int = 8  # questions per arm answered one at a time for latency p50/p95
     bootstrap: int = 1000
     seed: int = 0
+    report_to: list[str] = field(default_factory=list)  # log the score table to the run's trackers: mlflow · wandb
 
 
 @dataclass
@@ -330,6 +333,7 @@ CHOICES = {
     "adapter.quant_type": QUANT_TYPES, "train.frozen_dtype": FROZEN_DTYPES, "train.lr_schedule": LR_SCHEDULES,
     "train.precision": PRECISIONS, "train.strategy": STRATEGIES, "compare.retriever": RETRIEVERS,
     "compare.precision": INFERENCE_PRECISIONS, "pretrain.preset": PRESETS, "pretrain.method": METHODS,
+    "train.report_to": TRACKERS, "compare.report_to": TRACKERS[1:],  # lists: each item
 }
 # fmt: on
 POSITIVE = (
@@ -338,10 +342,10 @@ POSITIVE = (
     "compare.batch_size compare.bootstrap"
 ).split()
 NON_NEGATIVE = (
-    "train.max_steps train.weight_decay train.warmup_steps train.max_grad_norm "
-    "train.threads train.eval_every train.save_every compare.k_shot compare.chunk_overlap "
-    "compare.max_questions compare.latency_samples pretrain.hidden_size pretrain.layers pretrain.heads "
-    "pretrain.intermediate_size pretrain.max_steps pretrain.batch_size pretrain.lr"
+    "train.max_steps train.weight_decay train.warmup_steps train.max_grad_norm train.threads train.eval_every "
+    "train.save_every train.save_every_minutes compare.k_shot compare.chunk_overlap compare.max_questions "
+    "compare.latency_samples pretrain.hidden_size pretrain.layers pretrain.heads pretrain.intermediate_size "
+    "pretrain.max_steps pretrain.batch_size pretrain.lr"
 ).split()
 # key → (low, high, whether high itself is allowed)
 FRACTIONS = {
@@ -353,8 +357,7 @@ FRACTIONS = {
 
 
 def _get(cfg: Config, key: str):
-    section, name = key.split(".")
-    return getattr(getattr(cfg, section), name)
+    return getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1])
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -369,7 +372,8 @@ def _fail(key: str, expected: str, value) -> None:
 def validate(cfg: Config) -> None:
     """Range and choice checks that types alone cannot express."""
     for key, allowed in CHOICES.items():
-        _choice(key, _get(cfg, key), allowed)
+        for value in _get(cfg, key) if key.endswith("report_to") else [_get(cfg, key)]:
+            _choice(key, value, allowed)
     for key in POSITIVE:
         if _get(cfg, key) <= 0:
             _fail(key, "a number > 0", _get(cfg, key))
@@ -429,17 +433,13 @@ def _validate_compare(c: CompareConfig) -> None:
         raise UserError(f"config key compare.chunk_overlap: expected less than compare.chunk_size ({c.chunk_size})")
 
 
-def to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
-
-
 def save_config(cfg: Config, path: str | Path) -> None:
-    write_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_atomic(path, yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
 
 
 def config_hash(cfg: Config, ignore: tuple[str, ...] = ()) -> str:
     """A stable fingerprint of the config, leaving out dotted keys in `ignore`."""
-    tree = to_dict(cfg)
+    tree = dataclasses.asdict(cfg)
     for dotted in ignore:
         *parents, last = dotted.split(".")
         node = tree

@@ -44,6 +44,8 @@ RESUMABLE_CHANGES = (
     "train.resume",
     "train.progress",
     "train.tensorboard",
+    "train.report_to",
+    "train.save_every_minutes",
     "train.log_every",
     "train.keep_last",
     "train.save_every",

@@ -14,6 +14,7 @@ from tunesmith.config import Config, load_config
 def add_config_arguments(p, example: str = "train.max_steps=60") -> None:
     p.add_argument("config", nargs="?", help="YAML config file (optional)")
     p.add_argument("overrides", nargs="*", help=f"key.sub=value overrides, e.g. {example}")
+    p.epilog = "every key with its default and help: tunesmith config keys; the resolved config: tunesmith config show"
 
 
 def load_config_args(args, extra: list[str] = ()) -> Config:

@@ -66,13 +66,13 @@ def run(args) -> int:
     if args.quant in K_QUANTS:
         require_llama_cpp(args.quant)
     if verify and not installed:
-        raise UserError("--verify: needs llama-cpp-python (pip install 'tunesmith[gguf]'); or pass --no-verify")
+        raise UserError("--verify: needs llama-cpp-python (pip install 'tunesmith[llamacpp]'); or pass --no-verify")
     if verify is None:
         verify = installed
         if not verify:
             print(
                 "tunesmith: llama-cpp-python is not installed, so the GGUF is not verified "
-                "(pip install 'tunesmith[gguf]', or pass --no-verify to silence this)"
+                "(pip install 'tunesmith[llamacpp]', or pass --no-verify to silence this)"
             )
     if args.adapter:
         out, report = _export_adapter(args, verify)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tunesmith.commands import add_config_arguments, load_config_args
+from tunesmith.commands.train import interrupted  # noqa: F401  (the cli's Ctrl-C/SIGTERM line)
 
 HELP = "pre-train on raw text: from scratch (tokenizer + model preset) or continued"
 
@@ -14,6 +15,11 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from tunesmith.pretrain.run import run_pretrain
+    from tunesmith.train.signals import say_fresh_start, sigterm_interrupts
 
-    run_pretrain(load_config_args(args, ["train.resume=auto"] if args.resume else []))
+    sigterm_interrupts()
+    cfg = load_config_args(args, ["train.resume=auto"] if args.resume else [])
+    if args.resume:
+        say_fresh_start(cfg)
+    run_pretrain(cfg)
     return 0

@@ -25,6 +25,9 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     cfg = load_config_args(args, ["train.resume=auto"] if args.resume else [])
+    from tunesmith.train.signals import say_fresh_start, sigterm_interrupts
+
+    sigterm_interrupts()
     main = os.environ.get("RANK", "0") == "0"
     from tunesmith.train.budget import GIB, limit_heap_retention
 
@@ -45,6 +48,8 @@ def run(args) -> int:
 
         for line in train_warnings(cfg.data):
             print(f"tunesmith: data: {line}", flush=True)
+    if args.resume:
+        say_fresh_start(cfg)
     from tunesmith import finetune
 
     try:
@@ -58,6 +63,24 @@ def run(args) -> int:
         print(f"tunesmith: error: {line}; newest complete checkpoint: {_newest(cfg)}", file=sys.stderr, flush=True)
         return 1
     return 0
+
+
+def interrupted(args, words: list[str], err: KeyboardInterrupt) -> str:
+    """The line for Ctrl-C/SIGTERM: the checkpoint just saved (or the newest one) and how to resume."""
+    import signal
+
+    from tunesmith.rundir import RunDir
+    from tunesmith.train.signals import TrainingInterrupted, interrupt_line, resume_command
+
+    signum = err.signum if isinstance(err, TrainingInterrupted) else signal.SIGINT
+    checkpoint = getattr(err, "checkpoint", None)
+    saved_now = checkpoint is not None
+    if checkpoint is None:
+        try:
+            checkpoint = RunDir(load_config_args(args).train.output_dir).latest_checkpoint()
+        except Exception:  # the config itself was the problem: nothing was trained
+            checkpoint = None
+    return interrupt_line(signal.Signals(signum).name, checkpoint, resume_command(args.verb, words), saved_now)
 
 
 def _newest(cfg) -> str:

@@ -3,10 +3,10 @@
 Contract: `run_training(cfg)` fine-tunes `cfg.model.name` on `cfg.data` with `cfg.adapter` and
 writes the run dir `cfg.train.output_dir` (layout: `tunesmith.rundir`): the model (a PEFT adapter,
 or an HF safetensors dir for `full`) beside its tokenizer and the resolved config, `metrics.jsonl`,
-`loss.png`, `run.json`, and `checkpoints/step-N/` every `save_every` steps and at the end. A dir
-holding a different run is refused before anything is written. With `train.resume=auto` (or a
-checkpoint path) the run continues from the newest checkpoint and ends with the same weights an
-uninterrupted run would have, bit for bit.
+`loss.png`, `run.json`, and `checkpoints/step-N/` every `save_every` steps, every `save_every_minutes`
+and at the end; on SIGINT/SIGTERM one at the next step boundary, then `TrainingInterrupted` (`train.signals`).
+A dir holding another run is refused before anything is written. With `train.resume=auto` (or a checkpoint
+path) the run continues from the newest checkpoint and ends as an uninterrupted run would, bit for bit.
 
 It runs in three phases a reader can follow: `set_up` (data, model, fast paths, optimizer, resume
 point), `train_steps` (one optimizer step at a time: `one_step`, then logging, validation and
@@ -55,9 +55,11 @@ from tunesmith.train.kernels import Prepared
 from tunesmith.train.kernels.attention import flatten
 from tunesmith.train.loss import LossModule, can_embed_into_grad
 from tunesmith.train.model import load_base, make_trainable
-from tunesmith.train.records import Records, require_tensorboard
+from tunesmith.train.records import Records
 from tunesmith.train.rows import RowStream, forward_budget, make_rows, split_rows
+from tunesmith.train.signals import SaveClock, StopSignals, TrainingInterrupted
 from tunesmith.train.step import accumulate_gradients, evaluate, lr_factor
+from tunesmith.train.tracking import check_trackers, open_trackers
 
 __all__ = ["RESUMABLE_CHANGES", "RowStream", "TrainResult", "run_training", "split_rows"]
 
@@ -107,6 +109,7 @@ class Run:
     lr: float = 0.0
     grad_norm: float = 0.0
     records: Records | None = None
+    stop: StopSignals | None = None  # notes SIGINT/SIGTERM while the steps run
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -123,7 +126,8 @@ def run_training(cfg: Config, rows=None) -> TrainResult:
     feed the run (`pretrain` for fine-tuning, `data` for pre-training) is left out of the hash
     that decides whether an output dir holds this same run."""
     run = set_up(cfg, rows)
-    with run.fast:  # restores the model's own forwards when training ends, also on error
+    # fast: restores the model's own forwards when training ends, also on error; stop: see train.signals
+    with run.fast, StopSignals(enabled=not run.dist.enabled) as run.stop:
         val_loss = train_steps(run)
     return finish(run, val_loss)
 
@@ -142,8 +146,7 @@ def set_up(cfg: Config, rows=None) -> Run:
     if t.precision == "fp16" and device.type != "cuda":
         raise UserError("config key train.precision: fp16 needs a CUDA GPU; use fp32 (or bf16) on CPU")
     resume_from = out.resume_point(cfg, ignore)
-    if t.tensorboard:
-        require_tensorboard()
+    check_trackers(t)  # a tracker that is not installed fails before anything is written
     if t.threads:
         torch.set_num_threads(t.threads)
     torch.manual_seed(t.seed)
@@ -302,13 +305,15 @@ def one_step(run: Run) -> tuple[float, int, float]:
 def train_steps(run: Run) -> float | None:
     """Steps until `total_steps`, logging, validating and checkpointing; the final validation loss."""
     t, dist = run.cfg.train, run.dist
-    records = run.records = Records(run.out.path, t.tensorboard, run.step) if dist.main else None
+    trackers = open_trackers(run.cfg, run.out.path, run.step) if dist.main else []
+    records = run.records = Records(run.out.path, trackers, run.step) if dist.main else None
     bar = None
     if dist.main and t.progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step", dynamic_ncols=True)
     run.started = time.perf_counter()
+    clock = SaveClock(t.save_every_minutes, dist, run.device)  # rank 0's clock decides for all ranks
     while run.step < run.total_steps:
         loss, tokens, seconds = one_step(run)
         if dist.main:
@@ -331,11 +336,23 @@ def train_steps(run: Run) -> float | None:
                 bar.update(1)
         if t.eval_every and run.step % t.eval_every == 0 and run.step < run.total_steps and run.val_rows:
             _validate(run)
-        if (t.save_every and run.step % t.save_every == 0) or run.step == run.total_steps:
-            _save_checkpoint(run)
+        saved = None
+        if (t.save_every and run.step % t.save_every == 0) or run.step == run.total_steps or clock.due():
+            saved = clock.saved(_save_checkpoint(run))
+        if run.stop and run.stop.requested is not None:  # SIGINT/SIGTERM: a checkpoint at this step boundary, then out
+            _stop(run, saved, bar)
     if bar is not None:
         bar.close()
     return _validate(run) if run.val_rows else None
+
+
+def _stop(run: Run, saved: Path | None, bar) -> None:
+    if bar is not None:
+        bar.close()
+    path = saved or _save_checkpoint(run)
+    if run.records is not None:
+        run.records.close()
+    raise TrainingInterrupted(run.stop.requested, run.step, path)
 
 
 def _validate(run: Run) -> float | None:
@@ -346,7 +363,7 @@ def _validate(run: Run) -> float | None:
     return val_loss
 
 
-def _save_checkpoint(run: Run) -> None:
+def _save_checkpoint(run: Run) -> Path | None:
     state = {
         "epoch": run.stream.epoch,
         "offset": run.stream.offset,
@@ -358,7 +375,7 @@ def _save_checkpoint(run: Run) -> None:
         "world_size": run.dist.world,
     }
     # every rank: under FSDP saving gathers the shards; only rank 0 writes
-    ckpt.save_checkpoint(
+    path = ckpt.save_checkpoint(
         run.out.checkpoints,
         run.step,
         run.model,
@@ -369,6 +386,7 @@ def _save_checkpoint(run: Run) -> None:
         run.dist.main,
     )
     barrier(run.dist)
+    return path
 
 
 # ---------------------------------------------------------------- finish
@@ -383,7 +401,6 @@ def finish(run: Run, val_loss: float | None) -> TrainResult:
     if dist.main:
         out = run.out.path
         save_model(model, run.tokenizer, out, gathered)
-        run.records.close()
         run.records.plot(out / "loss.png")
         summary = {
             "method": cfg.adapter.method,
@@ -405,6 +422,7 @@ def finish(run: Run, val_loss: float | None) -> TrainResult:
             "data": run.stats.__dict__,
         }
         run.out.write_summary(summary)
+        run.records.close([out / "loss.png", out / "run.json", out / "tunesmith.yaml"])
         print(
             f"tunesmith: done in {wall:.1f}s, final train loss {run.last_loss or float('nan'):.4f}"
             + (f", validation loss {val_loss:.4f}" if val_loss is not None else "")

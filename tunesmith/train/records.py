@@ -1,9 +1,11 @@
-"""What a run leaves behind for people: metrics JSONL, optional TensorBoard, a loss PNG.
+"""What a run leaves behind for people: metrics JSONL, the trackers' copies, a loss PNG.
 
-Contract: `Records(out_dir, tensorboard, resume_step)` appends one JSON object per logged
+Contract: `Records(out_dir, trackers, resume_step)` appends one JSON object per logged
 step to `metrics.jsonl` (on resume, rows after the checkpoint's step are dropped first so
-the file reads like one uninterrupted run), mirrors scalars to TensorBoard when asked, and
-`plot()` draws `loss.png` from the JSONL. Only rank 0 creates one.
+the file reads like one uninterrupted run), hands every row to the trackers
+(`train.tracking`: TensorBoard, MLflow, W&B), and `plot()` draws `loss.png` from the JSONL.
+`close(files)` closes the file and the trackers, uploading `files` as artifacts (none when a
+run is interrupted). Only rank 0 creates one.
 """
 
 from __future__ import annotations
@@ -11,34 +13,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tunesmith.errors import UserError
 from tunesmith.io import write_atomic
 
 METRICS = "metrics.jsonl"
 
 
-def require_tensorboard() -> None:
-    """Called before a run writes anything, so a missing package fails cleanly."""
-    import importlib.util
-
-    if importlib.util.find_spec("tensorboard") is None:
-        raise UserError(
-            "config key train.tensorboard: the tensorboard package is not installed; "
-            "pip install 'tunesmith[tensorboard]'"
-        )
-
-
 class Records:
-    def __init__(self, out_dir: Path, tensorboard: bool, resume_step: int):
+    def __init__(self, out_dir: Path, trackers: list, resume_step: int):
         self.path = out_dir / METRICS
         self._truncate_after(resume_step)
         self.file = open(self.path, "a", encoding="utf-8")
-        self.writer = None
-        if tensorboard:
-            require_tensorboard()
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=resume_step + 1)
+        self.trackers = trackers
 
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():
@@ -55,15 +40,15 @@ class Records:
     def log(self, row: dict) -> None:
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
-        if self.writer is not None:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, row["step"])
+        for tracker in self.trackers:
+            tracker.log(row)
 
-    def close(self) -> None:
+    def close(self, files=None) -> None:
+        """`files`: artifacts for the trackers (a finished run); None closes them without."""
         self.file.close()
-        if self.writer is not None:
-            self.writer.close()
+        for tracker in self.trackers:
+            tracker.finish(files) if files is not None else tracker.close()
+        self.trackers = []
 
     def plot(self, png: Path) -> None:
         import matplotlib

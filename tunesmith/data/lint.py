@@ -265,13 +265,15 @@ def check(
     tokenizer=None,
     max_length: int | None = None,
     train_on_prompt: bool = False,
+    eval_examples: tuple = (),
 ) -> dict:
+    """`eval_examples`: evaluation records already read by the caller (compare's question files)."""
     scan_utf8(list(train_paths) + list(eval_paths))
     train = load_examples(list(train_paths), fmt, system_prompt)
-    evals = load_examples(list(eval_paths), fmt, system_prompt) if eval_paths else []
+    evals = (load_examples(list(eval_paths), fmt, system_prompt) if eval_paths else []) + list(eval_examples)
     report = {
         "train_files": [str(p) for p in train_paths],
-        "eval_files": [str(p) for p in eval_paths],
+        "eval_files": [str(p) for p in eval_paths] + sorted({e.where.rsplit(":", 1)[0] for e in eval_examples}),
         "n_train": len(train),
         "n_eval": len(evals),
         "near_threshold": NEAR,

@@ -1,6 +1,6 @@
 """`tunesmith compare`: fine-tuning vs prompt engineering vs RAG vs fine-tuning + RAG, measured.
 
-Contract: `run_compare(cfg)` answers the same questions with every arm in `compare.arms`, scores
+Contract: `run_compare(cfg, just_trained=False)` answers the same questions with every arm in `compare.arms`, scores
 them with every metric in `eval.metrics`, and writes `results.json` (schema in docs/compare.md, version 1)
 and `report.html` into the output dir, returning the results dict.
 - The run: `compare.run` names a finished run dir; without it, `train.output_dir` must hold the
@@ -45,7 +45,7 @@ PRIMARY = "contains"
 AUDIT_PROMPTS = 3  # questions whose exact prompt each arm records in results.json
 
 
-def run_compare(cfg: Config) -> dict:
+def run_compare(cfg: Config, just_trained: bool = False) -> dict:
     c = cfg.compare
     t0 = time.perf_counter()
     if not c.questions:
@@ -72,7 +72,7 @@ def run_compare(cfg: Config) -> dict:
     from tunesmith.infer.generate import render_prompt
 
     chunks, retrieve = _retrieval(cfg)
-    run_dir, run_cfg = _resolve_run(cfg)
+    run_dir, run_cfg = _resolve_run(cfg, just_trained)
     out = Path(c.output_dir) if c.output_dir else (run_dir or Path(cfg.train.output_dir)) / "compare"
     system = c.system_prompt or (run_cfg or cfg).data.system_prompt
     shots = _shots(cfg, run_cfg) if "prompt" in c.arms else []
@@ -215,7 +215,7 @@ def _retrieval(cfg: Config):
     return chunks, make_retriever(c.retriever, chunks)
 
 
-def _resolve_run(cfg: Config) -> tuple[Path | None, Config | None]:
+def _resolve_run(cfg: Config, just_trained: bool = False) -> tuple[Path | None, Config | None]:
     c = cfg.compare
     if c.run:
         run_dir = Path(c.run)
@@ -231,7 +231,8 @@ def _resolve_run(cfg: Config) -> tuple[Path | None, Config | None]:
             f"config key compare.run: {run_dir} has no adapter (adapter_config.json + adapter_model.safetensors) "
             "and no full model (config.json + model.safetensors); finish training first"
         )
-    print(f"tunesmith compare: reusing run {run_dir} ({run.kind}, finished)", flush=True)
+    if not just_trained:
+        print(f"tunesmith compare: reusing run {run_dir} ({run.kind}, finished earlier; not retrained)", flush=True)
     return run_dir, run.config()
 
 

@@ -58,7 +58,7 @@ def load_questions(
     rows = list(_rows(path))
     if not rows:
         raise UserError(f"{path}: no questions in the file")
-    out, answers, splits = [], {}, {}
+    out, answers, fact_splits = [], {}, {}
     for loc, row in rows:
         if not isinstance(row, dict):
             raise UserError(f"{loc}: expected an object with question and answer")
@@ -78,9 +78,9 @@ def load_questions(
                 raise UserError(
                     f"{loc}: fact ids do not match: fact_id {fact} has answer {answers[fact]!r} elsewhere, {a!r} here"
                 )
-            if splits.setdefault(fact, split) != split:
+            if fact_splits.setdefault(fact, split) != split:
                 raise UserError(
-                    f"{loc}: fact ids do not match: fact_id {fact} is in split {splits[fact]!r} elsewhere, "
+                    f"{loc}: fact ids do not match: fact_id {fact} is in split {fact_splits[fact]!r} elsewhere, "
                     f"{split!r} here "
                     "(splits are by fact: all paraphrases of a fact belong to one split)"
                 )

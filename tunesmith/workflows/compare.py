@@ -16,7 +16,8 @@ from tunesmith.rundir import RunDir
 
 
 def compare_with_training(cfg: Config) -> dict:
-    if needs_run(cfg) and not RunDir(cfg.train.output_dir).finished:
+    trained = needs_run(cfg) and not RunDir(cfg.train.output_dir).finished
+    if trained:
         from tunesmith.train.loop import run_training
 
         print(f"tunesmith compare: training {cfg.train.output_dir} first ({cfg.adapter.method})", flush=True)
@@ -24,4 +25,4 @@ def compare_with_training(cfg: Config) -> dict:
         if staged.train.resume == "never":
             staged.train.resume = "auto"
         run_training(staged)
-    return run_compare(cfg)
+    return run_compare(cfg, just_trained=trained)

@@ -139,3 +139,14 @@ def test_busy_cpu_warning():
     assert busy_warning(2, "train.threads", load=0.2, n_cores=2) is None  # idle machine
     assert busy_warning(1, "train.threads", load=3.0, n_cores=2) is None  # already one thread
     assert busy_warning(4, "compare.threads", load=1.0, n_cores=16) is None  # cores to spare
+
+
+def test_compare_splits_and_threads_keys():
+    from tunesmith.config import load_config
+
+    assert load_config(None, ["compare.splits={trained: seen, docs: doc_only}"]).compare.splits == MAPPING
+    assert load_config(None, ["compare.splits.trained=seen", "compare.threads=1"]).compare.splits == {"trained": "seen"}
+    with pytest.raises(UserError, match=r"config key compare.splits: expected a mapping, got 5"):
+        load_config(None, ["compare.splits=5"])
+    with pytest.raises(UserError, match=r"config key compare.threads: expected a number >= 0"):
+        load_config(None, ["compare.threads=-1"])

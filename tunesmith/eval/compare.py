@@ -10,8 +10,14 @@ and `report.html` into the output dir, returning the results dict.
 - Every arm gets the same questions, chat template, greedy decoding and answer extraction.
   Base arms of a LoRA run use the same loaded model with the adapter disabled; they run first,
   then the adapter is merged into the weights once for the fine-tuned arms (faster decoding).
-- Per arm × split × metric: n, mean, 95% CI from a bootstrap over facts (questions of one fact
-  are resampled together), and the paired difference to the base arm with its CI.
+- Scores, guessing baselines (`majority`, `base_majority`), recall and samples come from
+  `eval.scoring` (`score_results` is the one scoring entry point); questions that hold their own
+  answer are listed in one warning line on stderr and in `answer_in_question`.
+- Audit trail (`audit`): the k-shot examples the prompt arm was shown, each arm's exact prompt
+  (chat template applied) for the first `AUDIT_PROMPTS` questions, the retrieval definition.
+- Progress: one line per thing reused or loaded ("reusing run …", "loading model …", "indexing …")
+  and a tqdm bar per arm on stderr (answers, rate, ETA) when `train.progress` is on; torch threads
+  from `compare.threads`, with `train.cpu`'s one-line warning when the CPU is already busy.
 - Costs: training wall time and peak RSS (the run's `run.json`), answer latency p50/p95 (the
   first `latency_samples` questions answered one at a time, retrieval included), prompt and
   generated tokens per answer, model size on disk. Forgetting: perplexity on a general text,
@@ -64,7 +70,7 @@ def run_compare(cfg: Config, just_trained: bool = False) -> dict:
     if echo:
         print(
             f"tunesmith compare: warning: {len(echo)} questions hold their own answer "
-            f"({', '.join(q.source for q in echo[:5])}{', …' if len(echo) > 5 else ''}); "
+            f"({', '.join(q.source for q in echo)}); "
             "a reply that only echoes the question does not score",
             file=sys.stderr,
             flush=True,

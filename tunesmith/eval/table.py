@@ -3,7 +3,7 @@ baselines under the arms, the cost per arm, retrieval recall and forgetting."""
 
 from __future__ import annotations
 
-LABELS = {"majority": "majority guess", "base_majority": "base's commonest"}
+LABELS = {"majority": "majority guess", "base_majority": "base majority"}
 
 
 def print_table(results: dict) -> None:

@@ -155,13 +155,14 @@ class CompareConfig:
     chunk_overlap: int = 20
     max_new_tokens: int = 48
     batch_size: int = 16
-    # weights the arms generate with: auto (bf16 where bf16 matmuls pay, as train.precision) · fp32 · bf16
-    precision: str = "auto"
+    precision: str = "auto"  # arms' weights: auto (bf16 where bf16 matmuls pay, as train.precision) · fp32 · bf16
     max_questions: int = 0  # per split, 0 = all (a quick look at a big set)
     latency_samples: int = 8  # questions per arm answered one at a time for latency p50/p95
     bootstrap: int = 1000
     seed: int = 0
     report_to: list[str] = field(default_factory=list)  # log the score table to the run's trackers: mlflow · wandb
+    splits: dict[str, str] = field(default_factory=dict)  # your split names → seen · doc_only · general
+    threads: int = 0  # torch intra-op threads for the arms; 0 = torch's default
 
 
 @dataclass
@@ -302,7 +303,7 @@ def _coerce(hint, value, key: str):
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise UserError(f"config key {key}: expected a string, got {value!r}")
-    raise TypeError(f"unsupported config type {hint} for {key}")
+    raise UserError(f"config key {key}: expected {'a mapping' if origin is dict else hint}, got {value!r}")
 
 
 def _resolve_paths(cfg: Config, base_dir: Path | None) -> None:
@@ -344,7 +345,7 @@ POSITIVE = (
 NON_NEGATIVE = (
     "train.max_steps train.weight_decay train.warmup_steps train.max_grad_norm train.threads train.eval_every "
     "train.save_every train.save_every_minutes compare.k_shot compare.chunk_overlap compare.max_questions "
-    "compare.latency_samples pretrain.hidden_size pretrain.layers pretrain.heads pretrain.intermediate_size "
+    "compare.latency_samples compare.threads pretrain.hidden_size pretrain.layers pretrain.heads pretrain.intermediate_size "
     "pretrain.max_steps pretrain.batch_size pretrain.lr"
 ).split()
 # key → (low, high, whether high itself is allowed)
@@ -423,12 +424,10 @@ def _validate_pretrain(p: PretrainConfig, pl: PipelineConfig) -> None:
 
 
 def _validate_compare(c: CompareConfig) -> None:
-    if not c.arms:
-        raise UserError("config key compare.arms: expected at least one of " + ", ".join(COMPARE_ARMS))
+    if not c.arms or len(set(c.arms)) != len(c.arms):
+        _fail("compare.arms", "at least one arm, each listed once, of " + ", ".join(COMPARE_ARMS), c.arms)
     for arm in c.arms:
         _choice("compare.arms", arm, COMPARE_ARMS)
-    if len(set(c.arms)) != len(c.arms):
-        raise UserError(f"config key compare.arms: an arm is listed twice in {c.arms}")
     if c.chunk_overlap >= c.chunk_size:
         raise UserError(f"config key compare.chunk_overlap: expected less than compare.chunk_size ({c.chunk_size})")
 

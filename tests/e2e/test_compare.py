@@ -113,6 +113,20 @@ def test_compare_trains_then_writes_table_results_and_report(setup):
     assert res["forgetting"]["base_ppl"] > 1 and res["forgetting"]["ratio"] > 0
     assert res["settings"]["precision"] == "fp32"  # auto, with the suite's bf16 units pinned off
     assert "<html" in (out / "report.html").read_text()
+    # guessing baselines per split, in the results, the table and the report
+    guesses = {(r["arm"], r["split"]) for r in res["baselines"]["rows"] if r["metric"] == "contains"}
+    assert guesses == {(b, s) for b in ("majority", "base_majority") for s in ("seen", "doc_only", "general")}
+    assert "majority guess" in proc.stdout and "base majority " in proc.stdout
+    assert 'id="guess-majority"' in (out / "report.html").read_text()
+    # the audit trail: k-shot examples, each arm's exact prompt for the first questions, retrieval
+    audit = res["audit"]
+    assert len(audit["k_shot_examples"]) == 2 and all(e["question"] and e["answer"] for e in audit["k_shot_examples"])
+    assert [p["arm"] for p in audit["prompts"]] == [a for a in ARMS for _ in range(3)]
+    first = res["answers"][0]["question"]
+    assert all(first in p["prompt"] for p in audit["prompts"][::3])
+    assert audit["k_shot_examples"][0]["question"] in audit["prompts"][3]["prompt"]  # the prompt arm's shots
+    assert audit["retrieval"]["top_k"] == 2 and "at least one of the k" in audit["retrieval"]["recall_at_k"]
+    assert "reusing run" not in proc.stdout and "loading model" in proc.stdout  # trained here, then loaded
 
 
 def test_arms_use_the_right_weights(setup):
@@ -145,6 +159,7 @@ def test_rerun_on_finished_run_with_arm_subset(setup):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp / "run" / "run.json").stat().st_mtime_ns == stamp  # reused, not retrained
+    assert f"reusing run {tmp / 'run'}" in proc.stdout  # and it says so
     res = json.loads((out / "results.json").read_text())
     assert [a["name"] for a in res["arms"]] == ["base", "rag"] and res["forgetting"] is None
     assert [s["name"] for s in res["splits"]] == ["seen", "doc_only"]
@@ -178,3 +193,55 @@ def test_bad_input_one_line_exit_2_and_results_untouched(setup, tmp_path, capsys
         assert code == 2, (overrides, err)
         assert words in err and len(err.strip().splitlines()) == 1, err
     assert results.read_bytes() == before
+
+
+def test_user_style_questions_guessing_audit_and_progress(tmp_path, tiny_model_dir):
+    """A user's own question file (identifiers, punctuation answers, an answer inside its question,
+    its own split names mapped with compare.splits) through the real CLI with the base and prompt
+    arms: flagged echoes, majority rows, exact prompts, a progress bar per arm on stderr."""
+    from tests.unit.test_compare_scoring import MAPPING, QUESTIONS
+    from tunesmith.eval.questions import load_questions
+    from tunesmith.eval.scoring import score_results
+
+    data = write_qa_jsonl(tmp_path / "qa.jsonl")
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        tiny_model_dir,
+        data,
+        tmp_path / "run",
+        train={"progress": True},
+        compare={
+            "questions": str(QUESTIONS),
+            "arms": ["base", "prompt"],
+            "general_questions": "",
+            "general_text": "",
+            "max_new_tokens": 4,
+            "latency_samples": 1,
+            "bootstrap": 100,
+            "k_shot": 2,
+            "output_dir": str(tmp_path / "out"),
+            "threads": 1,
+        },
+    )
+    proc = cli("compare", str(cfg))
+    assert proc.returncode == 2 and "unknown split 'trained'" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+    proc = cli("compare", str(cfg), "compare.splits={trained: seen, docs: doc_only}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    warned = [line for line in proc.stderr.splitlines() if "hold their own answer" in line]
+    assert len(warned) == 1 and "stdlib_questions.jsonl:7" in warned[0] and "stdlib_questions.jsonl:9" in warned[0]
+    for arm in ("base", "prompt"):  # tqdm's bar: answers done/total, rate
+        assert f"compare {arm}: 100%" in proc.stderr and "10/10" in proc.stderr and "answer/s" in proc.stderr
+    assert "loading model" in proc.stdout and "9 questions (seen 5, doc_only 4)" in proc.stdout
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert res["settings"]["threads"] == 1
+    assert res["answer_in_question"] == [f"{QUESTIONS}:7", f"{QUESTIONS}:9"]
+    assert res["baselines"]["guesses"]["majority"]["what is"] == "True"
+    # the scores are the scoring entry point's on the recorded replies (the hand-computed rules)
+    questions = load_questions(QUESTIONS, splits=MAPPING)
+    replies = {a: [row[a] for row in res["answers"]] for a in ("base", "prompt")}
+    again = score_results(questions, replies, 100, 0)
+    assert res["scores"] == again["scores"] and res["baselines"] == again["baselines"]
+    assert {r["arm"] for r in res["baselines"]["rows"]} == {"majority", "base_majority"}
+    assert len(res["audit"]["prompts"]) == 6 and res["audit"]["retrieval"] is None
+    assert "above guessing" in (tmp_path / "out" / "report.html").read_text()

@@ -68,3 +68,26 @@ def test_bad_files_are_one_line_exit_2(tmp_path, tiny_model_dir):
     )
     res = cli("data", "check", tmp_path / "missing.jsonl", "--model", tiny_model_dir)
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "not found" in res.stderr
+
+
+def test_eval_accepts_compare_question_files(tmp_path, tiny_model_dir):
+    """`--eval` reads `tunesmith compare`'s question format; its split names are checked (one line,
+    exit 2) or mapped by the config's compare.splits."""
+    from pathlib import Path
+
+    questions = Path(__file__).resolve().parents[1] / "data" / "stdlib_questions.jsonl"
+    train = tmp_path / "train.jsonl"
+    train.write_text(qa("Which module provides the Wave_read class?", "wave") + qa("Who wrote it?", "Ada"))
+    res = cli("data", "check", train, "--eval", questions, "--model", tiny_model_dir)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
+    assert f"{questions}:1: unknown split 'trained'" in res.stderr and "compare.splits" in res.stderr
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("compare:\n  splits: {trained: seen, docs: doc_only}\n")
+    args = ("--config", cfg, "--model", tiny_model_dir, "--json", tmp_path / "r")
+    res = cli("data", "check", train, "--eval", questions, *args)
+    assert res.returncode == 0, res.stderr
+    assert "2 training records, 9 evaluation records" in res.stdout
+    report = json.loads((tmp_path / "r").read_text())
+    assert report["eval_files"] == [str(questions)]
+    # the trained question is also an evaluation question: leakage, found through the compare format
+    assert [i["where"] for i in report["issues"]["leakage_exact"]] == [f"{train}:1"]

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.tiny import write_config, write_qa_jsonl
 
 
@@ -25,8 +27,12 @@ def test_fit_prints_table_and_json(tmp_path, tiny_model_dir):
     assert set(report["parts"]) >= {"baseline", "weights", "gradients", "optimizer", "activations"}
     assert report["warnings"] == [] and "warning:" not in res.stdout + res.stderr
     assert not (tmp_path / "out").exists()  # fit writes nothing into the run dir
-    res = cli("fit", cfg, "--no-probe", "--ram-gib", "0.01")
+    assert report["total_steps"] == 6 and report["total_s"] == pytest.approx(6 * report["step_s"], abs=0.1)
+    assert "total: 6 steps × " in res.stdout  # train.max_steps=6
+    # without max_steps: the loop's count, 24 examples packed into 12 rows of 64, batch 2, 2 epochs
+    res = cli("fit", cfg, "train.max_steps=0", "train.epochs=2", "--no-probe", "--ram-gib", "0.01")
     assert res.returncode == 1 and "does not fit: predicted peak RAM" in res.stdout
+    assert "total: 12 steps (time not probed)" in res.stdout
 
 
 def test_fit_says_bf16_is_emulated(tmp_path, tiny_model_dir):

@@ -58,11 +58,19 @@ def test_batched_equals_one_by_one(run_dir):
 def test_generate_base_model_dir(tiny_model_dir):
     from tunesmith.infer.load import load_for_inference
 
-    proc = cli("generate", str(tiny_model_dir), "--prompt", "hello", "--max-new-tokens", "6")
+    proc = cli("generate", str(tiny_model_dir), "--prompt", "hello", "--max-new-tokens", "6", "--threads", "1")
     assert proc.returncode == 0, proc.stderr
     model, tok, _ = load_for_inference(str(tiny_model_dir))
     expected = generate_batch(model, tok, [[{"role": "user", "content": "hello"}]], max_new_tokens=6)[0]
     assert proc.stdout == expected + "\n"
+
+
+def test_generate_threads_must_not_be_negative(tiny_model_dir, capsys):
+    from tunesmith.cli import main
+
+    assert main(["generate", str(tiny_model_dir), "--prompt", "hi", "--threads", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "--threads: expected an integer >= 0" in err and len(err.strip().splitlines()) == 1
 
 
 def test_generate_in_bf16_weights(run_dir):

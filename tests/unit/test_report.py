@@ -129,7 +129,9 @@ def test_subset_of_arms_and_missing_sections(tmp_path):
     assert "Cost was not measured" in html and "No sample answers" in html
     assert "Perplexity ratio not measured" in html and "not measured in this run" in html
     assert "not measured" in cells(html, "claim-resources")[2]
-    assert "no arm beats base; closest: <b>RAG</b>" in cells(html, "claim-forgetting")[-1]
+    # the forgetting row ranks only arms that trained: RAG never did, so it is not "least loss"
+    assert "nothing trained, nothing to forget" in cells(html, "claim-forgetting")[-1]
+    assert "RAG" not in cells(html, "claim-forgetting")[-1] and "not trained" in cells(html, "claim-forgetting")[2]
     assert len(images(html)) == 2  # two splits, no cost chart
     # A RAG arm with no retrieval rows is still shown as one that retrieves, with recall unmeasured.
     r["retrieval"] = []

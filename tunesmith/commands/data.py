@@ -1,7 +1,10 @@
 """`tunesmith data check DATA... [--eval EVAL...] [--config C] [--model M] [--max-length N] [--json PATH]`.
 
 A thin wrapper over `tunesmith.data.lint.check`: prints the summary table, optionally writes the
-JSON report; exit 0 (warnings included), 2 for a file that cannot be read.
+JSON report; exit 0 (warnings included), 2 for a file that cannot be read. An `--eval` file in
+`tunesmith compare`'s question format (question, answer, optional fact_id, split) is read by
+`eval.questions.load_questions` (splits checked, mapped by the config's `compare.splits`) and
+checked as (question → answer) records.
 """
 
 from __future__ import annotations
@@ -32,8 +35,10 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from tunesmith.data.formats import Example
     from tunesmith.data.lint import check, summary
     from tunesmith.data.sft import ensure_chat_template
+    from tunesmith.eval.questions import is_question_file, load_questions
     from tunesmith.io import write_atomic
     from tunesmith.models import load_tokenizer, resolve_model
 
@@ -44,10 +49,17 @@ def run(args) -> int:
         raise UserError(f"--max-length: expected a number of tokens >= 1, got {max_length}")
     tokenizer = load_tokenizer(resolve_model(model), cfg.model.trust_remote_code, cfg.model.revision)
     ensure_chat_template(tokenizer, cfg.data.chat_template)
+    questions = [p for p in args.eval if is_question_file(p)]
+    asked = [
+        Example([{"role": "user", "content": q.question}, {"role": "assistant", "content": q.answer}], None, q.source)
+        for path in questions
+        for q in load_questions(path, key="--eval", splits=cfg.compare.splits)
+    ]
+    others = [p for p in args.eval if p not in questions]
     d = cfg.data
     report = check(
-        args.data, args.eval, d.format, d.system_prompt, tokenizer, max_length, d.train_on_prompt,
-        d.split, d.validation_split, d.subset, d.columns,
+        args.data, others, d.format, d.system_prompt, tokenizer, max_length, d.train_on_prompt,
+        d.split, d.validation_split, d.subset, d.columns, eval_examples=asked,
     )  # fmt: skip
     report["model"] = model
     print(summary(report))

@@ -1,6 +1,6 @@
 """`tunesmith fit [CONFIG] [key=value ...] [--ram-gib N] [--no-probe] [--json PATH]` → `tunesmith.estimate`.
 
-Prints the predicted peak RAM (by part), seconds per step and disk need, and whether the run
+Prints the predicted peak RAM (by part), seconds per step, total steps and time, disk need, and whether the run
 fits; exit 0 when it does, 1 when it does not (with the overrides that would make it fit).
 """
 
@@ -30,12 +30,14 @@ def run(args) -> int:
     from tunesmith.io import write_atomic
     from tunesmith.train.budget import GIB
     from tunesmith.train.fit import estimate
-    from tunesmith.train.fit_report import suggest, table, verdict_line
+    from tunesmith.train.fit_report import suggest, table, total_line, total_steps, verdict_line
 
     cfg = load_config_args(args)
     cache: dict = {}
     est = estimate(cfg, probe=not args.no_probe, ram_gib=args.ram_gib, _cache=cache)
     print(table(cfg, est))
+    steps = total_steps(cfg, est.processes)
+    print(total_line(steps, est.step_s))
     suggestion = None
     if est.fits:
         print(
@@ -61,6 +63,8 @@ def run(args) -> int:
             "params": est.params,
             "trainable": est.trainable,
             "tokens_per_step": est.tokens_per_step,
+            "total_steps": steps,
+            "total_s": round(steps * est.step_s, 1) if est.step_s else None,
             "warnings": est.warnings,
             "suggestion": None
             if suggestion is None

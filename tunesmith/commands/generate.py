@@ -38,6 +38,9 @@ def add_arguments(p) -> None:
     src.add_argument("--file", help=".txt (one prompt a line) or .jsonl with a prompt/question field")
     p.add_argument("--out", help="write JSONL results here instead of printing")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (default 0: torch's choice; 1 on a busy machine)"
+    )
 
 
 def check_sampling(args) -> None:
@@ -100,7 +103,12 @@ def run(args) -> int:
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.file)
     if args.out and Path(args.out).exists():
         raise UserError(f"--out: {args.out} already exists; choose another file")
+    if args.threads < 0:
+        raise UserError(f"--threads: expected an integer >= 0 (0 = torch's default), got {args.threads}")
     from tunesmith.infer.generate import generate_batch
+    from tunesmith.train.cpu import use_threads
+
+    use_threads(args.threads, "--threads")
 
     model, tokenizer, _, system = load(args)
     replies = generate_batch(

@@ -278,15 +278,18 @@ def check(
     eval_split: str | None = None,
     subset: str | None = None,
     columns: dict[str, str] | None = None,
+    eval_examples: tuple = (),
 ) -> dict:
+    """`eval_examples`: evaluation records already read by the caller (compare's question files)."""
     scan_utf8(list(train_paths) + list(eval_paths))
     train = load_examples(list(train_paths), fmt, system_prompt, split, subset, columns)
     eval_split = eval_split or "validation"
     evals = load_examples(list(eval_paths), fmt, system_prompt, eval_split, subset, columns) if eval_paths else []
+    evals += list(eval_examples)
     calls = [m for ex in train if ex.messages for m in ex.messages if m.get("tool_calls")]
     report = {
         "train_files": [str(p) for p in train_paths],
-        "eval_files": [str(p) for p in eval_paths],
+        "eval_files": [str(p) for p in eval_paths] + sorted({e.where.rsplit(":", 1)[0] for e in eval_examples}),
         "n_train": len(train),
         "n_eval": len(evals),
         "tool_use": {

@@ -1,12 +1,25 @@
 """Answer scoring and paired-bootstrap confidence intervals, shared by quickstart and compare.
 
-Contract:
-- `normalize(text)` lowercases, drops punctuation and articles and collapses spaces (SQuAD).
+Contract (docs/compare.md, "Scoring", states the same rules for users):
+- `normalize(text)` lowercases, turns punctuation into spaces, drops the articles a/an/the and
+  collapses spaces (SQuAD), except that identifier characters are not word boundaries: `_` is
+  kept, and so is a `.` between two word characters (`os.path`, `3.14`, `Wave_read`).
+- A gold answer that normalises to nothing (`''`, `'&'`, `' '`, `%`) is matched *as written*:
+  whitespace runs are collapsed, nothing else changes (`literal`).
 - `extract_answer(text)` is the one answer-extraction rule every arm gets: the first non-empty
   line of the reply, without a leading "Answer:" label.
-- Per-question scores in [0, 1]: `exact_match` (normalised equality), `contains` (the gold answer
-  occurs in the prediction on token boundaries: "317" does not match "1317"), `token_f1`
-  (SQuAD token F1) and `rouge_l` (F-measure of the longest common token subsequence).
+- `contains(pred, gold, question=None)`: the gold answer occurs in the reply as a whole run of
+  normalised tokens ("317" does not match "1317", "wave" does not match "Wave_read"), or as
+  written for a literal answer. When `question` holds the answer itself (`in_question`), an
+  occurrence in the reply that merely echoes the question does not count: an occurrence is an echo
+  when the word just before it, or just after it, is the word just before (respectively after) one
+  of the answer's occurrences in the question; `contains` is true when at least one occurrence in
+  the reply is not an echo.
+- Per-question scores in [0, 1] (`score_all`): `exact_match` (the extracted answer equals the
+  gold, normalised; as written for a literal answer, a trailing period aside), `contains` (above,
+  on the whole reply, the primary metric), `token_f1` (SQuAD token F1) and `rouge_l` (F-measure
+  of the longest common token subsequence) on the extracted answer; for a literal answer F1 and
+  ROUGE-L equal exact match.
 - `bootstrap_ci(values, clusters, ...)` resamples *clusters* (a fact's paraphrases are not
   independent questions) with a fixed seed; `paired_diff_ci(a, b, clusters)` resamples the same
   clusters for both arms, so the CI of the difference is the paired one.
@@ -20,16 +33,26 @@ from collections import Counter
 
 import numpy as np
 
-_PUNCT = re.compile(f"[{re.escape(string.punctuation)}‘’“”–—]")
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = re.compile("[" + re.escape(string.punctuation.replace("_", "")) + "‘’“”–—]")
+_INNER_DOT = re.compile(r"(?<=\w)\.(?=\w)")
+_ARTICLES = frozenset(("a", "an", "the"))
 _LABEL = re.compile(r"^\s*(answer|a)\s*[:\-]\s*", re.IGNORECASE)
 METRICS = ("exact_match", "contains", "f1", "rouge_l")
 
 
 def normalize(text: str) -> str:
-    text = _PUNCT.sub(" ", text.lower())
-    text = _ARTICLES.sub(" ", text)
+    text = _INNER_DOT.sub("\0", text.lower())  # a dot inside a name is part of it
+    text = _PUNCT.sub(" ", text).replace("\0", ".")
+    return " ".join(t for t in text.split() if t not in _ARTICLES)
+
+
+def literal(text: str) -> str:
+    """The text as written, whitespace runs collapsed: how an answer with no words is matched."""
     return " ".join(text.split())
+
+
+def is_literal(gold: str) -> bool:
+    return not normalize(gold) and bool(literal(gold))
 
 
 def extract_answer(text: str) -> str:
@@ -39,11 +62,39 @@ def extract_answer(text: str) -> str:
     return ""
 
 
-def contains(pred: str, gold: str) -> bool:
-    p, g = normalize(pred), normalize(gold)
+def _occurrences(text: str, gold: str) -> list[tuple[str | None, str | None]]:
+    """(word before, word after) of every occurrence of `gold` in `text`, None at either end."""
+    out = []
+    if is_literal(gold):
+        s, g = literal(text), literal(gold)
+        start = s.find(g)
+        while start >= 0:
+            before, after = normalize(s[:start]).split(), normalize(s[start + len(g) :]).split()
+            out.append((before[-1] if before else None, after[0] if after else None))
+            start = s.find(g, start + 1)
+        return out
+    toks, g = normalize(text).split(), normalize(gold).split()
     if not g:
-        return False
-    return f" {g} " in f" {p} "
+        return out
+    for i in range(len(toks) - len(g) + 1):
+        if toks[i : i + len(g)] == g:
+            out.append((toks[i - 1] if i else None, toks[i + len(g)] if i + len(g) < len(toks) else None))
+    return out
+
+
+def in_question(question: str, gold: str) -> bool:
+    """Whether the question itself holds its gold answer (flagged at load, scored with `contains`'s echo rule)."""
+    return bool(_occurrences(question, gold))
+
+
+def contains(pred: str, gold: str, question: str | None = None) -> bool:
+    found = _occurrences(pred, gold)
+    echoes = _occurrences(question, gold) if question else []
+    if not echoes:
+        return bool(found)
+    before = {b for b, _ in echoes if b is not None}
+    after = {a for _, a in echoes if a is not None}
+    return any(b not in before and a not in after for b, a in found)
 
 
 def accuracy(preds: list[str], golds: list[str]) -> float:
@@ -53,10 +104,15 @@ def accuracy(preds: list[str], golds: list[str]) -> float:
 
 
 def exact_match(pred: str, gold: str) -> float:
+    if is_literal(gold):
+        answer = literal(pred)
+        return float(answer == literal(gold) or answer.removesuffix(".").rstrip() == literal(gold))
     return float(normalize(pred) == normalize(gold) and bool(normalize(gold)))
 
 
 def token_f1(pred: str, gold: str) -> float:
+    if is_literal(gold):
+        return exact_match(pred, gold)
     p, g = normalize(pred).split(), normalize(gold).split()
     common = sum((Counter(p) & Counter(g)).values())
     if not p or not g or common == 0:
@@ -66,6 +122,8 @@ def token_f1(pred: str, gold: str) -> float:
 
 
 def rouge_l(pred: str, gold: str) -> float:
+    if is_literal(gold):
+        return exact_match(pred, gold)
     p, g = normalize(pred).split(), normalize(gold).split()
     if not p or not g:
         return 0.0
@@ -82,12 +140,12 @@ def rouge_l(pred: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def score_all(pred: str, gold: str) -> dict[str, float]:
+def score_all(pred: str, gold: str, question: str | None = None) -> dict[str, float]:
     """Every metric for one answer; `contains` looks at the whole reply, the rest at the extracted answer."""
     answer = extract_answer(pred)
     return {
         "exact_match": exact_match(answer, gold),
-        "contains": float(contains(pred, gold)),
+        "contains": float(contains(pred, gold, question)),
         "f1": token_f1(answer, gold),
         "rouge_l": rouge_l(answer, gold),
     }

@@ -26,6 +26,7 @@ from matplotlib.figure import Figure
 from tunesmith.errors import UserError
 from tunesmith.eval.report_cells import Context, ci_text, delta, na, num, pct, swatch
 from tunesmith.eval.report_claims import claims_table
+from tunesmith.eval.table import LABELS as GUESS_LABELS
 from tunesmith.io import write_atomic
 
 _CSS = """
@@ -142,9 +143,22 @@ def _headline(ctx: Context) -> str:
                 + "</td>"
             )
         rows.append(f'<tr id="score-{escape(a["name"])}"><td>{swatch(ctx, a)}</td>{"".join(cells)}</tr>')
+    guesses = {(g["arm"], g["split"]): g for g in ctx.baselines if g.get("metric") == ctx.primary}
+    for name, label in GUESS_LABELS.items():
+        found = [guesses.get((name, s["name"])) for s in ctx.splits]
+        if any(found):
+            cells = "".join(
+                f'<td class="num">{pct(g["mean"])} {ci_text(g.get("ci"))}</td>' if g else '<td class="num">—</td>'
+                for g in found
+            )
+            rows.append(f'<tr id="guess-{name}"><td><i>{escape(label)}</i></td>{cells}</tr>')
     return (
         f"<h2>Results: {escape(ctx.primary)} per arm and question set</h2>"
         f"<table><tr><th>arm</th>{head}</tr>{''.join(rows)}</table>"
+        "<p>The last rows are what guessing reaches: <i>majority guess</i> answers every question with the "
+        "commonest gold answer of the training facts of its kind (its first two words), <i>base majority</i> "
+        "with the base model's most frequent answer on that split. An arm is above guessing only where its CI "
+        "lies above them.</p>"
     )
 
 
@@ -270,8 +284,10 @@ def _retrieval(ctx: Context) -> str:
         for x in rows
     )
     return (
-        "<h2>Retrieval</h2><p>recall@k: share of questions whose fact's source chunk is among the k "
-        "chunks put in the prompt.</p><table><tr><th>arm</th><th>split</th><th>k</th><th>recall@k %</th>"
+        "<h2>Retrieval</h2><p>recall@k: share of questions for which at least one of the k chunks put in "
+        "the prompt contains the gold answer (the same <i>contains</i> rule as the scores); it does not check "
+        "that the chunk is the fact's source, nor that the answer used it.</p>"
+        "<table><tr><th>arm</th><th>split</th><th>k</th><th>recall@k %</th>"
         f"<th>n</th></tr>{body}</table>"
     )
 

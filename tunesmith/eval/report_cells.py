@@ -30,6 +30,7 @@ class Context:
         self.cost = r.get("cost") or {}
         self.retrieval = r.get("retrieval") or []
         self.samples = r.get("samples") or []
+        self.baselines = (r.get("baselines") or {}).get("rows") or []
         spare = iter(_SPARE * 4)
         self.colour = {a["name"]: _COLOURS.get(a["name"]) or next(spare) for a in self.arms}
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from html import escape
 
+from tunesmith.eval.arms import uses_finetuned
 from tunesmith.eval.report_cells import Context, ci_text, delta, na, num, pct, swatch
+from tunesmith.eval.scoring import guess_level
 
 
 def claims_table(ctx: Context) -> str:
@@ -25,12 +27,14 @@ def claims_table(ctx: Context) -> str:
             )
         return out
 
-    def gain_row(split: str):
+    def gain_row(split: str, trained_only: bool = False):
         out = {}
         for a in ctx.arms:
             sc = ctx.score(a["name"], split)
             if not sc:
                 out[a["name"]] = (na(f"no '{split}' score"), None)
+            elif trained_only and not uses_finetuned(a["name"]):  # never trained: nothing to forget, not ranked
+                out[a["name"]] = (delta(sc.get("diff_vs_base"), sc.get("diff_ci")) + "<br>" + na("not trained"), None)
             else:
                 out[a["name"]] = (
                     delta(sc.get("diff_vs_base"), sc.get("diff_ci")),
@@ -135,8 +139,8 @@ def claims_table(ctx: Context) -> str:
             "transparency",
             "Transparency",
             "less transparent",
-            "Whether the arm can show where an answer came from: recall@k of retrieval (the chunk holding the "
-            "fact is among the k shown). Whether the answer <i>used</i> the chunk is not measured.",
+            "Whether the arm can show where an answer came from: recall@k of retrieval (at least one of the k "
+            "chunks shown contains the gold answer). Whether the answer <i>used</i> that chunk is not measured.",
             transparency_row(),
             "most traceable",
         ),
@@ -161,15 +165,20 @@ def claims_table(ctx: Context) -> str:
             "forgetting",
             "Forgetting (the claimed con: poor generalisation)",
             "poor generalisation outside the tuned use",
-            "Change vs base on <code>general</code> (Δ percentage points, 95% CI)." + ppl,
-            gain_row("general"),
-            "least loss",
+            "Change vs base on <code>general</code> (Δ percentage points, 95% CI); only fine-tuned arms are "
+            "ranked (the others never trained)." + ppl,
+            gain_row("general", trained_only=True),
+            "least loss (fine-tuned arms)",
         ),
     ]
     head = "".join(f"<th>{swatch(ctx, a)}</th>" for a in ctx.arms)
     out = []
+    splits = {"knowledge": "seen", "uptodate": "doc_only", "usecases": "general"}
     for key, dim, claim, how, cells, best_word in rows:
-        best = _verdict(ctx, cells, best_word, gain=key in ("domain", "forgetting"))
+        guess = guess_level(ctx.r, splits[key], ctx.primary) if key in splits else None
+        best = _verdict(ctx, cells, best_word, gain=key in ("domain", "forgetting"), guess=guess)
+        if key == "forgetting" and not any(uses_finetuned(a["name"]) for a in ctx.arms):
+            best = na("no fine-tuned arm in this run: nothing trained, nothing to forget")
         tds = "".join(f"<td>{cells[a['name']][0]}</td>" for a in ctx.arms)
         out.append(f'<tr id="claim-{key}"><th>{dim}</th><td><i>{claim}</i></td><td>{how}</td>{tds}<td>{best}</td></tr>')
     return (
@@ -184,8 +193,9 @@ def claims_table(ctx: Context) -> str:
     )
 
 
-def _verdict(ctx: Context, cells: dict, word: str, gain: bool) -> str:
-    """Name the best arm of a row, and say so when its 95% CI does not separate it from the next."""
+def _verdict(ctx: Context, cells: dict, word: str, gain: bool, guess: float | None = None) -> str:
+    """Name the best arm of a row, and say so when its 95% CI does not separate it from the next;
+    with a guessing level (the best baseline's mean), "above guessing" only when the CI clears it."""
     ranked = sorted(
         ((c[1], c[2] if len(c) > 2 else None, a) for a in ctx.arms if (c := cells[a["name"]])[1] is not None),
         key=lambda t: t[0],
@@ -193,9 +203,10 @@ def _verdict(ctx: Context, cells: dict, word: str, gain: bool) -> str:
     )
     if not ranked:
         return na("not measured")
+    guessing = "" if guess is None else f"<br>{_guessing(ranked[0][1], guess)}"
     if len(ranked) > 1 and ranked[0][0] == ranked[1][0]:
         tied = [escape(ctx.label(t[2])) for t in ranked if t[0] == ranked[0][0]]
-        return f"{word}: tie of <b>{'</b>, <b>'.join(tied)}</b>"
+        return f"{word}: tie of <b>{'</b>, <b>'.join(tied)}</b>{guessing}"
     (v, ci, arm), notes = ranked[0], []
     if gain and v <= 0:
         word = "no arm beats base; closest"
@@ -204,4 +215,10 @@ def _verdict(ctx: Context, cells: dict, word: str, gain: bool) -> str:
     if len(ranked) > 1 and ci and ranked[1][1] and ci[0] <= ranked[1][1][1]:
         notes.append(f"CI overlaps {escape(ctx.label(ranked[1][2]))}")
     extra = "".join(f'<br><span class="na">{n}</span>' for n in notes)
-    return f"{word}: <b>{escape(ctx.label(arm))}</b>{extra}"
+    return f"{word}: <b>{escape(ctx.label(arm))}</b>{extra}{guessing}"
+
+
+def _guessing(ci, guess: float) -> str:
+    if ci and ci[0] > guess:
+        return f'<span class="good">above guessing</span> (CI above the best guess, {pct(guess)}%)'
+    return f'<span class="na">not shown above guessing: the best guess reaches {pct(guess)}%</span>'

@@ -7,7 +7,9 @@ Contract:
   conversation, decoded without special tokens. Prompts are left-padded into batches
   sorted by length (less padding), generation uses the model's KV cache and stops at the
   tokenizer's EOS / end-of-turn token. Greedy unless `temperature > 0`.
-- `generate_detailed(...)` is the same, and also returns prompt and generated token counts.
+- `generate_detailed(...)` is the same, and also returns prompt and generated token counts;
+  `on_batch(n)`, when given, is called after each batch with the number of answers it finished
+  (progress bars).
 - `stream_reply(...)` yields text pieces as they are produced, for `tunesmith chat`.
 """
 
@@ -51,6 +53,7 @@ def generate_detailed(
     batch_size: int = 16,
     temperature: float = 0.0,
     top_p: float = 0.95,
+    on_batch=None,
 ) -> tuple[list[str], list[int], list[int]]:
     """Completions plus, per conversation, prompt tokens and generated tokens (up to the stop token)."""
     device = next(model.parameters()).device
@@ -83,6 +86,8 @@ def generate_detailed(
             stop = next((n for n, t in enumerate(new) if t in eos), None)
             generated[i] = len(new) if stop is None else stop + 1  # the stop token is generated work too
             outputs[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
+        if on_batch is not None:
+            on_batch(len(idx))
     return outputs, [len(e) for e in encoded], generated
 
 

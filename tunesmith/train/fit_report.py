@@ -8,6 +8,9 @@ Contract:
 - `table(cfg, est)`: the breakdown `tunesmith fit` prints, then the estimate's warnings.
 - `preflight(cfg)`: what `train` runs first — the estimate, or a one-line `UserError` naming
   overrides that fit.
+- `total_steps(cfg, processes)`: the optimizer steps the run will take (the training loop's own
+  formula over the rows the data makes); `total_line(steps, step_s)` the line `fit` prints with
+  the predicted total time.
 """
 
 from __future__ import annotations
@@ -134,6 +137,34 @@ def table(cfg: Config, est: Estimate) -> str:
         else "s/step: not probed"
     )
     return "\n".join([head, *lines, speed, *(f"warning: {w}" for w in est.warnings)])
+
+
+def total_steps(cfg: Config, processes: int = 1) -> int:
+    from pathlib import Path
+
+    from tunesmith.data.sft import build_datasets, ensure_chat_template
+    from tunesmith.models import load_tokenizer, resolve_model, tunesmith_home
+    from tunesmith.train.rows import make_rows
+
+    t, d = cfg.train, cfg.data
+    if t.max_steps:
+        return t.max_steps
+    tok = load_tokenizer(resolve_model(cfg.model.name), cfg.model.trust_remote_code, cfg.model.revision)
+    ensure_chat_template(tok, d.chat_template)
+    cache = Path(d.cache_dir) if d.cache_dir else tunesmith_home() / "data-cache"
+    train, _, _ = build_datasets(d, tok, t.seed, cache)
+    rows = len(make_rows(train, d.packing, d.max_length, tok.pad_token_id))
+    per_epoch = rows - rows % processes  # as RowStream: every rank gets as many rows
+    steps_per_epoch = max(1, math.ceil(per_epoch / (t.batch_size * t.grad_accum * processes)))
+    return max(1, math.ceil(t.epochs * steps_per_epoch))
+
+
+def total_line(steps: int, step_s: float | None) -> str:
+    if not step_s:
+        return f"total: {steps} steps (time not probed)"
+    total = steps * step_s
+    clock = f"{int(total // 3600)}:{int(total % 3600 // 60):02d}:{int(total % 60):02d}"
+    return f"total: {steps} steps × {step_s:.2f} s/step ≈ {clock} (h:mm:ss at the probed s/step)"
 
 
 def preflight(cfg: Config, probe: bool = False, ram_gib: float | None = None, cache: dict | None = None) -> Estimate:

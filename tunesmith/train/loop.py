@@ -39,6 +39,7 @@ from tunesmith.models import load_tokenizer, pick_device, resolve_model, tunesmi
 from tunesmith.precision import gemm_rows_multiple, resolve_precision, torch_dtype
 from tunesmith.rundir import RESUMABLE_CHANGES, RunDir
 from tunesmith.train import checkpoint as ckpt
+from tunesmith.train.cpu import use_threads
 from tunesmith.train.distributed import (
     Dist,
     all_reduce_sum,
@@ -147,8 +148,7 @@ def set_up(cfg: Config, rows=None) -> Run:
         raise UserError("config key train.precision: fp16 needs a CUDA GPU; use fp32 (or bf16) on CPU")
     resume_from = out.resume_point(cfg, ignore)
     check_trackers(t)  # a tracker that is not installed fails before anything is written
-    if t.threads:
-        torch.set_num_threads(t.threads)
+    use_threads(t.threads, "train.threads", warn=dist.main)  # one line when the CPU is already busy
     torch.manual_seed(t.seed)
     random.seed(t.seed)
 

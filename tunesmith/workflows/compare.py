@@ -22,7 +22,8 @@ def compare_with_training(cfg: Config) -> dict:
         from tunesmith.train.tracking import require_trackers
 
         require_trackers(cfg.compare.report_to, "compare.report_to")  # before minutes of work
-    if needs_run(cfg) and not RunDir(cfg.train.output_dir).finished:
+    trained = needs_run(cfg) and not RunDir(cfg.train.output_dir).finished
+    if trained:
         from tunesmith.train.loop import run_training
 
         print(f"tunesmith compare: training {cfg.train.output_dir} first ({cfg.adapter.method})", flush=True)
@@ -30,7 +31,7 @@ def compare_with_training(cfg: Config) -> dict:
         if staged.train.resume == "never":
             staged.train.resume = "auto"
         run_training(staged)
-    results = run_compare(cfg)
+    results = run_compare(cfg, just_trained=trained)
     if cfg.compare.report_to:
         _report(cfg, results)
     return results

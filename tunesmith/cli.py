@@ -2,9 +2,10 @@
 
 Contract: `main(argv)` parses `tunesmith VERB ...`, runs the verb's `run(args)` and returns its
 exit code. A `UserError` (or a bad flag) prints one line on stderr — in the verb's flag names
-(`commands.<verb>.FLAGS`) — and exits with 2, no traceback; Ctrl-C exits with 130; `export`
-returns 3 when the GGUF fails verification. Verb modules import their heavy libraries (torch,
-transformers) only when they run.
+(`commands.<verb>.FLAGS`) — and exits with 2, no traceback; an environment fault (disk full,
+read-only path: `errors.environment_fault`) is one line and exit 1; Ctrl-C exits with 130;
+`export` returns 3 when the GGUF fails verification; no verb prints a two-line usage, exit 2.
+Verb modules import their heavy libraries (torch, transformers) only when they run.
 """
 
 from __future__ import annotations
@@ -31,6 +32,12 @@ COMMANDS: dict[str, str] = {
         "compare",
     )
 }
+USAGE = (
+    "usage: tunesmith VERB [ARGS]   (tunesmith --help: what each verb does; tunesmith VERB --help: its flags)\n"
+    f"verbs: {', '.join(COMMANDS)}\n"
+)
+# what an environment fault leaves: every writer renames finished files into place (tunesmith.io)
+KEPT = "files finished before it are kept whole; nothing half-written replaced them"
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -70,12 +77,15 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        print(USAGE, end="", file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.verb:
-        parser.print_help()
+        print(USAGE, end="", file=sys.stderr)
         return 2
-    from tunesmith.errors import UserError
+    from tunesmith.errors import UserError, environment_fault
 
     _quiet_libraries()
     module = importlib.import_module(COMMANDS[args.verb])
@@ -84,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"tunesmith: error: {err.speaking(getattr(module, 'FLAGS', {}))}", file=sys.stderr)
         return 2
+    except OSError as err:
+        line = environment_fault(err)
+        if line is None:
+            raise
+        print(f"tunesmith: error: {line}; {KEPT}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("tunesmith: interrupted", file=sys.stderr)
         return 130

@@ -6,11 +6,26 @@ expected. Library code speaks in config keys (`train.output_dir`) and its own ar
 (`out_path`, `force=True`), given as `key=`; the CLI renames those to its flags (`--out`,
 `--force`) with `speaking(names)` before printing the line, exiting with code 2 and showing no
 traceback. Code never raises `UserError` for its own bugs: those stay ordinary exceptions.
+An `OSError` the machine caused (disk full, a read-only or unwritable path) is an environment
+fault: `environment_fault(err)` gives its one line (path and cause), which the CLI prints with
+exit code 1.
 """
 
 from __future__ import annotations
 
+import errno
 import re
+
+# errno → what the user reads: faults of the machine, not of tunesmith or its input
+ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large for this filesystem",
+    errno.EROFS: "read-only filesystem",
+    errno.EACCES: "permission denied (read-only?)",
+    errno.EPERM: "operation not permitted (read-only?)",
+    errno.EIO: "input/output error from the disk",
+}
 
 
 class UserError(Exception):
@@ -34,3 +49,10 @@ class UserError(Exception):
 def where(path, line: int | None = None) -> str:
     """Format a location as `file:line` (or just `file`) for error messages."""
     return f"{path}:{line}" if line is not None else str(path)
+
+
+def environment_fault(err: BaseException) -> str | None:
+    """`PATH: cause (ERRNO)` for an OSError the machine caused, else None (a bug, or not an OSError)."""
+    if not isinstance(err, OSError) or err.errno not in ENVIRONMENT_ERRNOS:
+        return None
+    return f"{err.filename or 'a file'}: {ENVIRONMENT_ERRNOS[err.errno]} ({errno.errorcode[err.errno]})"

@@ -152,15 +152,28 @@ def _first_line(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
-def pick_device(requested: str = "auto"):
+def pick_device(requested: str = "auto", key: str = "config key train.device"):
+    """The torch device for `requested` (auto · cpu · cuda · cuda:N · mps); one that this machine
+    does not have is a `UserError` naming `key`."""
     import torch
 
     if requested == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         return torch.device("cpu")
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"config key train.device: {requested} requested but no CUDA GPU is available")
+    kind, _, index = requested.partition(":")
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise UserError(f"{key}: {requested} requested but no CUDA GPU is available; use cpu or auto")
+        if index and (not index.isdigit() or int(index) >= count):
+            raise UserError(
+                f"{key}: {requested} requested but this machine has {count} CUDA GPU(s): cuda:0..{count - 1}"
+            )
+    elif kind == "mps" and not (index == "" and torch.backends.mps.is_available()):
+        raise UserError(f"{key}: {requested} requested but no Apple GPU (MPS) is available; use cpu or auto")
+    elif kind != "cpu" or index:
+        raise UserError(f"{key}: expected auto, cpu, cuda, cuda:N or mps, got {requested!r}")
     return torch.device(requested)
 
 

@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tunesmith.errors import UserError
@@ -121,8 +123,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, global_batch: int |
         opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         rng = load_file(path / "rng.safetensors")
         state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, RuntimeError) as err:
-        raise UserError(f"{path}: not a readable tunesmith checkpoint ({str(err).splitlines()[0]})") from None
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]  # UnpicklingError: 25 lines
+        raise UserError(f"{path}: not a readable tunesmith checkpoint ({first}); resume from another") from None
     saved_batch = state.get("global_batch")
     if global_batch is not None and saved_batch is not None and saved_batch != global_batch:
         raise UserError(

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verb:
         print(USAGE, end="", file=sys.stderr)
         return 2
-    from tunesmith.errors import UserError, environment_fault
+    from tunesmith.errors import EnvironmentFault, UserError, environment_fault
 
     _quiet_libraries()
     module = importlib.import_module(COMMANDS[args.verb])
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.run(args) or 0)
     except UserError as err:
         print(f"tunesmith: error: {err.speaking(getattr(module, 'FLAGS', {}))}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(err, EnvironmentFault) else 2
     except OSError as err:
         line = environment_fault(err)
         if line is None:

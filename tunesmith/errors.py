@@ -8,7 +8,7 @@ expected. Library code speaks in config keys (`train.output_dir`) and its own ar
 traceback. Code never raises `UserError` for its own bugs: those stay ordinary exceptions.
 An `OSError` the machine caused (disk full, a read-only or unwritable path) is an environment
 fault: `environment_fault(err)` gives its one line (path and cause), which the CLI prints with
-exit code 1.
+exit code 1, as it does for an `EnvironmentFault` (found before any work: a read-only output).
 """
 
 from __future__ import annotations
@@ -44,6 +44,10 @@ class UserError(Exception):
             if "=" in name:
                 detail = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w])", flag, detail)
         return UserError(detail, names.get(self.key, self.key))
+
+
+class EnvironmentFault(UserError):
+    """The machine, not the input: an output path that cannot be written. The CLI exits with 1."""
 
 
 def where(path, line: int | None = None) -> str:

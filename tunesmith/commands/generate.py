@@ -9,11 +9,10 @@ model arguments and the loading (`add_model_arguments`, `load`).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from tunesmith.data.formats import loads, unicode_text
-from tunesmith.errors import UserError
+from tunesmith.errors import EnvironmentFault, UserError
 
 HELP = "answer one prompt or a file of prompts"
 
@@ -66,8 +65,11 @@ def check_output_file(path: str | None, flag: str, new: bool = True) -> None:
     folder = out.parent
     if not folder.is_dir():
         raise UserError(f"{flag}: {path}: the folder {folder} does not exist; create it first")
-    if not os.access(folder, os.W_OK):
-        raise UserError(f"{flag}: {path}: the folder {folder} is not writable")
+    from tunesmith.train.budget import unwritable
+
+    problem = unwritable(folder)
+    if problem:
+        raise EnvironmentFault(f"{flag}: {path}: {problem}; nothing was written")
 
 
 def load(args):

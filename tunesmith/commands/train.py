@@ -13,6 +13,7 @@ import os
 import sys
 
 from tunesmith.commands import add_config_arguments, load_config_args
+from tunesmith.errors import EnvironmentFault
 
 HELP = "fine-tune a model: tunesmith train CONFIG [key=value ...]"
 FLAGS = {"ram_gib": "TUNESMITH_RAM_GIB"}
@@ -30,9 +31,8 @@ def run(args) -> int:
     from tunesmith.train.budget import GIB, limit_heap_retention, unwritable
 
     problem = unwritable(cfg.train.output_dir)
-    if problem:  # an environment fault, not bad input: exit 1 (docs/errors.md)
-        print(f"tunesmith: error: config key train.output_dir: {problem}; nothing was written", file=sys.stderr)
-        return 1
+    if problem:  # the machine, not the input: exit 1 (docs/errors.md)
+        raise EnvironmentFault(f"config key train.output_dir: {problem}; nothing was written")
     if main:  # the data first: a bad file is one line before any model is read
         from tunesmith.data.lint import train_warnings
 

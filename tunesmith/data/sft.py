@@ -303,7 +303,7 @@ def _cache_key(cfg: DataConfig, tokenizer, seed: int) -> str | None:
     h.update(json.dumps({"v": CACHE_VERSION, "tunesmith": __version__, "cfg": relevant, "seed": seed}).encode())
     for role, paths in (("train", cfg.train), ("validation", cfg.validation)):
         for path in paths:
-            h.update(f"\0{role}\0".encode())
+            h.update(f"\0{role}\0{Path(path).name}\0".encode())  # the name and type: a.txt and a.jsonl read differently
             try:
                 with open(path, "rb") as f:
                     for block in iter(lambda: f.read(1 << 20), b""):

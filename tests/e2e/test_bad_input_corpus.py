@@ -173,7 +173,7 @@ CASES = {
     "device_cuda_index": case("train", CFG, "train.device=cuda:7", needles=("train.device", "cuda:7")),
     "device_mps_index": case("train", CFG, "train.device=mps:1", needles=("train.device", "mps:1")),
     "system_prompt_surrogate": case("train", CFG, 'data.system_prompt="\\ud800"', needles=("data.system_prompt",)),
-    "override_dup_key": case("train", CFG, "train.betas={a: 1, a: 2}", needles=("given twice",)),
+    "override_dup_key": case("train", CFG, "train.betas={{a: 1, a: 2}}", needles=("given twice",)),
     # YAML files
     "yaml_dup_section": case("train", "{w}/dup_section.yaml", needles=("dup_section.yaml:", "'train' is given twice")),
     "yaml_dup_key": case("train", "{w}/dup_key.yaml", needles=("dup_key.yaml:", "'lr' is given twice")),

@@ -55,8 +55,22 @@ def where(path, line: int | None = None) -> str:
     return f"{path}:{line}" if line is not None else str(path)
 
 
-def environment_fault(err: BaseException) -> str | None:
-    """`PATH: cause (ERRNO)` for an OSError the machine caused, else None (a bug, or not an OSError)."""
-    if not isinstance(err, OSError) or err.errno not in ENVIRONMENT_ERRNOS:
-        return None
-    return f"{err.filename or 'a file'}: {ENVIRONMENT_ERRNOS[err.errno]} ({errno.errorcode[err.errno]})"
+# writers that turn an OSError into their own exception (torch.save, safetensors) keep its text
+FAULT_TEXTS = {
+    "No space left on device": errno.ENOSPC,
+    "StorageFull": errno.ENOSPC,
+    "Disk quota exceeded": errno.EDQUOT,
+    "Read-only file system": errno.EROFS,
+}
+
+
+def environment_fault(err: BaseException, where_: str | None = None) -> str | None:
+    """`PATH: cause (ERRNO)` for an error the machine caused (an OSError, or a writer's exception
+    that carries one's text; `where_` names the path when the error does not), else None."""
+    code = err.errno if isinstance(err, OSError) else None
+    if code not in ENVIRONMENT_ERRNOS:
+        code = next((c for text, c in FAULT_TEXTS.items() if text in str(err)), None)
+        if code is None:
+            return None
+    path = getattr(err, "filename", None) or where_ or "a file"
+    return f"{path}: {ENVIRONMENT_ERRNOS[code]} ({errno.errorcode[code]})"

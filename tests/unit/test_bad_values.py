@@ -132,3 +132,18 @@ def test_cache_key_includes_the_file_name_and_type(tmp_path):
     shutil.copy(jsonl, tmp_path / "b.jsonl")
     keys.add(_cache_key(DataConfig(train=[str(tmp_path / "b.jsonl")]), tok, 0))
     assert len(keys - {None}) == 3
+
+
+def test_environment_faults_are_named():
+    import errno
+
+    from tunesmith.errors import environment_fault
+
+    full = OSError(errno.ENOSPC, "No space left on device", "/out/ckpt/optimizer.pt")
+    assert environment_fault(full) == "/out/ckpt/optimizer.pt: no space left on the device (ENOSPC)"
+    assert environment_fault(OSError(errno.EROFS, "x", "/ro")) == "/ro: read-only filesystem (EROFS)"
+    # safetensors wraps the OSError in its own exception: the text still says what happened
+    wrapped = RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space" })')
+    assert environment_fault(wrapped, "out/run") == "out/run: no space left on the device (ENOSPC)"
+    assert environment_fault(OSError(errno.ENOENT, "x", "/a")) is None  # not the machine's fault
+    assert environment_fault(ValueError("bug")) is None

@@ -61,7 +61,7 @@ def run(args) -> int:
         from tunesmith.errors import environment_fault
         from tunesmith.train.distributed import failure_line
 
-        line = environment_fault(err) or failure_line(err, cfg.train.dist_timeout_s)
+        line = environment_fault(err, cfg.train.output_dir) or failure_line(err, cfg.train.dist_timeout_s)
         if line is None:
             raise
         print(f"tunesmith: error: {line}; newest complete checkpoint: {_newest(cfg)}", file=sys.stderr, flush=True)

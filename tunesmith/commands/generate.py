@@ -74,16 +74,19 @@ def check_output_file(path: str | None, flag: str, new: bool = True) -> None:
 
 def load(args):
     """(model, tokenizer, label, system prompt) for the model the user named."""
-    from tunesmith.infer.load import load_for_inference
+    from tunesmith.infer.load import check_adapter_file, load_for_inference
     from tunesmith.models import pick_device
     from tunesmith.precision import inference_dtype
     from tunesmith.rundir import RunDir
 
+    run = RunDir(args.model)  # the run's own files first: a bad one is one line before torch loads
+    system = args.system if args.system is not None else run.system_prompt
+    if run.kind == "adapter":
+        check_adapter_file(run.path)
     device = pick_device(args.device, key="--device")
     model, tokenizer, label = load_for_inference(
         args.model, device=device, dtype=inference_dtype(args.precision, device)
     )
-    system = args.system if args.system is not None else RunDir(args.model).system_prompt
     return model, tokenizer, label, system
 
 

@@ -20,7 +20,7 @@ CONVERT = (
 )
 
 
-def _check_adapter_file(path) -> None:
+def check_adapter_file(path) -> None:
     """Adapters load only from adapter_model.safetensors: a pickled one is refused by name."""
     if (path / ADAPTER_WEIGHTS).is_file():
         return
@@ -40,7 +40,7 @@ def load_for_inference(spec: str, device=None, dtype=None, trust_remote_code: bo
         from peft import PeftModel
         from safetensors import SafetensorError
 
-        _check_adapter_file(path)
+        check_adapter_file(path)
         check_safetensors(path)
         base_name = run.base_model()
         base = load_model(resolve_model(base_name), dtype=dtype, trust_remote_code=trust_remote_code)

@@ -2,10 +2,11 @@
 
 Contract: `main(argv)` parses `tunesmith VERB ...`, runs the verb's `run(args)` and returns its
 exit code. A `UserError` (or a bad flag) prints one line on stderr — in the verb's flag names
-(`commands.<verb>.FLAGS`) — and exits with 2, no traceback; Ctrl-C exits with 130 (SIGTERM in training:
-143) with one line, from the verb's `interrupted(args, words, err)` where it has one; `export`
-returns 3 when the GGUF fails verification. Verb modules import their heavy libraries (torch,
-transformers) only when they run.
+(`commands.<verb>.FLAGS`) — and exits with 2, no traceback; an environment fault (disk full,
+read-only path: `errors.environment_fault`) is one line and exit 1; Ctrl-C exits with 130 (SIGTERM in
+training: 143) with one line, from the verb's `interrupted(args, words, err)` where it has one; `export`
+returns 3 when the GGUF fails verification; no verb prints a two-line usage, exit 2. Verb modules
+import their heavy libraries (torch, transformers) only when they run.
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ COMMANDS: dict[str, str] = {
         "config",
     )
 }
+USAGE = (
+    "usage: tunesmith VERB [ARGS]   (tunesmith --help: what each verb does; tunesmith VERB --help: its flags)\n"
+    f"verbs: {', '.join(COMMANDS)}\n"
+)
+# what an environment fault leaves: every writer renames finished files into place (tunesmith.io)
+KEPT = "files finished before it are kept whole; nothing half-written replaced them"
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -57,13 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _quiet_libraries() -> None:
     """The CLI speaks for itself: transformers' per-load progress bars and advice would
-    bury our one-line errors and progress, so only its errors get through."""
-    try:
+    bury our one-line errors and progress, so only its errors get through. Said through the
+    environment transformers reads when it is imported, so a verb that fails in validation does not
+    pay the 1.5 s import."""
+    import os
+
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "transformers" in sys.modules:  # already imported (the API used in-process): tell it directly
         from transformers.utils import logging as hf_logging
-    except ImportError:
-        return
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
     import warnings
 
     # library deprecation notices (e.g. transformers' is_gradient_checkpointing rename, hit by
@@ -73,6 +85,9 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        print(USAGE, end="", file=sys.stderr)
+        return 2
     if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
         import difflib
 
@@ -89,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(2)
         args.overrides += extra
     if not args.verb:
-        parser.print_help()
+        print(USAGE, end="", file=sys.stderr)
         return 2
-    from tunesmith.errors import UserError
+    from tunesmith.errors import EnvironmentFault, UserError, environment_fault
 
     _quiet_libraries()
     module = importlib.import_module(COMMANDS[args.verb])
@@ -99,7 +114,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.run(args) or 0)
     except UserError as err:
         print(f"tunesmith: error: {err.speaking(getattr(module, 'FLAGS', {}))}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(err, EnvironmentFault) else 2
+    except OSError as err:
+        line = environment_fault(err)
+        if line is None:
+            raise
+        print(f"tunesmith: error: {line}; {KEPT}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM/SIGINT noted by a training loop (exit 128 + signal)
         say = getattr(module, "interrupted", None)
         words = argv[argv.index(args.verb) + 1 :] if args.verb in argv else []

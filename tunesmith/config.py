@@ -1,11 +1,15 @@
 """The typed configuration tree: YAML file + `key.sub=value` overrides → `Config`.
 
-Contract: `load_config(path, overrides)` returns a fully validated `Config`; any unknown key, wrong
-type or out-of-range value raises `UserError` naming the file/override and the key. Values in overrides
-are parsed as YAML scalars (`train.lr=1e-4`, `data.packing=false`). `save_config(cfg, path)` writes the
-resolved tree; `load_config(path)` reads it back equal. `config_hash(cfg, ignore=...)` fingerprints a
-config so a run dir can tell whether a resume continues the same run. A key's one-line help (`tunesmith
-config show`) is its trailing comment here (or the comment above it).
+Contract:
+- `load_config(path, overrides)` returns a fully validated `Config`; any unknown key, wrong
+  type or out-of-range value raises `UserError` naming the file/override and the key.
+- Override values are YAML scalars (`train.lr=1e-4`); numbers must be finite; a YAML key given twice
+  is an error. Relative paths (PATH_KEYS) resolve against the YAML's folder when the YAML gives
+  them, against the current directory when an override does; both are stored absolute.
+- `save_config(cfg, path)` writes the resolved tree; `load_config(path)` reads it back equal.
+- `config_hash(cfg, ignore=...)` fingerprints a config so a run dir can tell whether a
+  resume continues the same run. A key's one-line help (`tunesmith config show`) is its trailing
+  comment here (or the comment above it).
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,7 +27,7 @@ from pathlib import Path
 import yaml
 
 from tunesmith.errors import UserError
-from tunesmith.io import write_atomic
+from tunesmith.io import load_yaml, write_atomic
 
 DATA_FORMATS = ("auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text")
 METHODS = ("full", "lora", "dora", "qlora")
@@ -38,6 +44,8 @@ PRESETS = ("tiny", "small", "base")
 PIPELINE_STAGES = ("pretrain", "finetune", "merge", "export", "compare")
 GGUF_QUANTS = ("f32", "f16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")  # K-quants: llama.cpp quantizes
 TRACKERS = ("tensorboard", "mlflow", "wandb")  # train.report_to (tunesmith.train.tracking)
+PATH_COMPARE = ("run", "questions", "documents", "general_questions", "general_text")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
 @dataclass
@@ -47,7 +55,7 @@ class ModelConfig:
     name: str = "smollm2-135m-instruct"  # HF dir · hub id · .gguf file · bundled name
     revision: str | None = None  # hub revision when `name` is a hub id
     trust_remote_code: bool = False  # only when the user asks: runs code shipped with the model
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "sdpa"  # sdpa · eager
 
 
 @dataclass
@@ -210,25 +218,29 @@ class Config:
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Read a YAML file (optional), apply `key.sub=value` overrides, validate."""
-    raw: dict = _read_yaml(Path(path)) if path is not None else {}
-    base_dir = Path(path).resolve().parent if path is not None else None
+    raw: dict = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+        for section, names in PATH_KEYS.items():
+            node = raw.get(section)
+            for name in names if isinstance(node, dict) else ():
+                if name in node:
+                    node[name] = _absolute(node[name], Path(path).resolve().parent)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UserError(f"override {item!r}: expected key.sub=value")
-        try:
-            parsed = yaml.safe_load(value) if value != "" else ""
-        except yaml.YAMLError:
-            parsed = value
-        node, parts = raw, key.split(".")
+        parsed = load_yaml(value, f"override {item[:60]!r}", or_text=True) if value != "" else ""
+        node = raw
+        parts = key.split(".")
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
                 raise UserError(f"override {item!r}: {part} is not a section")
             node = child
-        node[parts[-1]] = parsed
+        in_cwd = parts[-1] in PATH_KEYS.get(".".join(parts[:-1]), ())
+        node[parts[-1]] = _absolute(parsed, Path.cwd()) if in_cwd else parsed
     cfg = _build(Config, raw, "")
-    _resolve_paths(cfg, base_dir)
     validate(cfg)
     return cfg
 
@@ -237,11 +249,7 @@ def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise UserError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
+        data = load_yaml(path.read_text(encoding="utf-8"), str(path))
     except UnicodeDecodeError:
         raise UserError(f"{path}: not a UTF-8 text file") from None
     if not isinstance(data, (dict, type(None))):
@@ -284,48 +292,49 @@ def _coerce(hint, value, key: str):
         if isinstance(value, bool):
             return value
         raise UserError(f"config key {key}: expected true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+    if hint is int:  # a 64-bit one: seeds and counts end up in C code
         if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise UserError(f"config key {key}: expected an integer, got {value!r}")
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**63:
+            return value
+        raise UserError(f"config key {key}: expected an integer, got {str(value)[:40]!r}")
     if hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            number = float(value) if abs(value) < 1e308 else math.inf
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise UserError(f"config key {key}: expected a number, got {value!r}")
+        if number is not None and math.isfinite(number):
+            return number
+        raise UserError(f"config key {key}: expected a finite number, got {str(value)[:40]!r}")
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            if any("\ud800" <= c <= "\udfff" for c in str(value)):
+                raise UserError(f"config key {key}: an unpaired surrogate (\\ud800-\\udfff) is not Unicode text")
             return str(value)
         raise UserError(f"config key {key}: expected a string, got {value!r}")
     raise UserError(f"config key {key}: expected {'a mapping' if origin is dict else hint}, got {value!r}")
 
 
-def _resolve_paths(cfg: Config, base_dir: Path | None) -> None:
-    """Data paths in a YAML file are relative to that file, like axolotl's."""
-    if base_dir is None:
-        return
+# section → keys holding paths (or lists of paths)
+# `owner/name` or `name`: a hub dataset when no such file exists (tunesmith.data.sources)
+HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+PATH_KEYS = {"data": ("train", "validation"), "pretrain": ("corpus",), "compare": tuple(PATH_COMPARE)}
 
-    def fix(p: str) -> str:
-        path = Path(p).expanduser()
-        if path.is_absolute() or path.exists():
-            return str(path)
-        candidate = base_dir / path
-        return str(candidate) if candidate.exists() else str(path)
 
-    cfg.data.train = [fix(p) for p in cfg.data.train]
-    cfg.data.validation = [fix(p) for p in cfg.data.validation]
-    cfg.pretrain.corpus = [fix(p) for p in cfg.pretrain.corpus]
-    c = cfg.compare
-    for key in ("run", "questions", "documents", "general_questions", "general_text"):
-        value = getattr(c, key)
-        if value and value != "bundled":
-            setattr(c, key, fix(value))
+def _absolute(value, base: Path):
+    """A relative path (or a list of them) made absolute against `base`; other values as they are."""
+    if isinstance(value, list):
+        return [_absolute(v, base) for v in value]
+    if not isinstance(value, str) or value in ("", "bundled"):
+        return value
+    path = Path(value).expanduser()
+    if not path.suffix and HUB_NAME.match(value) and not (base / path).exists():
+        return value  # a hub dataset name, not a path
+    return str(path if path.is_absolute() else base / path)
 
 
 # fmt: off
@@ -333,6 +342,7 @@ CHOICES = {
     "data.format": DATA_FORMATS, "data.overlong": OVERLONG, "adapter.method": METHODS,
     "adapter.quant_type": QUANT_TYPES, "train.frozen_dtype": FROZEN_DTYPES, "train.lr_schedule": LR_SCHEDULES,
     "train.precision": PRECISIONS, "train.strategy": STRATEGIES, "compare.retriever": RETRIEVERS,
+    "model.attn_implementation": ATTN_IMPLEMENTATIONS,
     "compare.precision": INFERENCE_PRECISIONS, "pretrain.preset": PRESETS, "pretrain.method": METHODS,
     "train.report_to": TRACKERS, "compare.report_to": TRACKERS[1:],  # lists: each item
 }
@@ -345,8 +355,8 @@ POSITIVE = (
 NON_NEGATIVE = (
     "train.max_steps train.weight_decay train.warmup_steps train.max_grad_norm train.threads train.eval_every "
     "train.save_every train.save_every_minutes compare.k_shot compare.chunk_overlap compare.max_questions "
-    "compare.latency_samples compare.threads pretrain.hidden_size pretrain.layers pretrain.heads pretrain.intermediate_size "
-    "pretrain.max_steps pretrain.batch_size pretrain.lr"
+    "compare.latency_samples compare.threads pretrain.hidden_size pretrain.layers pretrain.heads "
+    "pretrain.intermediate_size pretrain.max_steps pretrain.batch_size pretrain.lr"
 ).split()
 # key → (low, high, whether high itself is allowed)
 FRACTIONS = {

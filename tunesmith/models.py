@@ -7,7 +7,9 @@ Contract:
   `TUNESMITH_HOME/models/` and the cache dir is returned, so later loads take seconds.
 - `load_model` / `load_tokenizer` load what `resolve_model` returned; weights only ever come
   from safetensors or GGUF (pickled `.bin` checkpoints are refused), and `trust_remote_code`
-  stays off unless the config asks for it.
+  stays off unless the config asks for it. Safetensors that do not cover every weight of the
+  model (which would start from random values) are refused, naming the first missing tensors.
+- `pick_device(requested)`: the torch device; one this machine lacks is a `UserError`.
 - Every user mistake raises `UserError` with one line.
 """
 
@@ -152,15 +154,28 @@ def _first_line(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
-def pick_device(requested: str = "auto"):
+def pick_device(requested: str = "auto", key: str = "config key train.device"):
+    """The torch device for `requested` (auto · cpu · cuda · cuda:N · mps); one that this machine
+    does not have is a `UserError` naming `key`."""
     import torch
 
     if requested == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         return torch.device("cpu")
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"config key train.device: {requested} requested but no CUDA GPU is available")
+    kind, _, index = requested.partition(":")
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise UserError(f"{key}: {requested} requested but no CUDA GPU is available; use cpu or auto")
+        if index and (not index.isdigit() or int(index) >= count):
+            raise UserError(
+                f"{key}: {requested} requested but this machine has {count} CUDA GPU(s): cuda:0..{count - 1}"
+            )
+    elif kind == "mps" and not (index == "" and torch.backends.mps.is_available()):
+        raise UserError(f"{key}: {requested} requested but no Apple GPU (MPS) is available; use cpu or auto")
+    elif kind != "cpu" or index:
+        raise UserError(f"{key}: expected auto, cpu, cuda, cuda:N or mps, got {requested!r}")
     return torch.device(requested)
 
 
@@ -191,7 +206,7 @@ def load_model(
 
     dtype = dtype or torch.float32
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model, info = AutoModelForCausalLM.from_pretrained(
             resolved,
             dtype=dtype,
             trust_remote_code=trust_remote_code,
@@ -199,6 +214,7 @@ def load_model(
             attn_implementation=attn_implementation,
             use_safetensors=True,
             use_kernels=False,  # no code from the Hub (tunesmith/__init__.py: USE_HUB_KERNELS)
+            output_loading_info=True,
         )
     except SafetensorError as err:
         raise UserError(
@@ -210,6 +226,19 @@ def load_model(
             return load_model(resolved, dtype, device, trust_remote_code, revision, attn_implementation="eager")
         hint = " (offline? hub ids need network; give a local directory)" if HUB_ID.match(resolved) else ""
         raise UserError(f"model {resolved}: cannot load ({_first_line(err)}){hint}") from None
+    _check_coverage(resolved, model, info.get("missing_keys") or ())
     if device is not None:
         model.to(device)
     return model
+
+
+def _check_coverage(resolved: str, model, missing) -> None:
+    """Weights the files do not hold would start from random values, silently: refuse them."""
+    if not missing:
+        return
+    names = [name for name in model.state_dict() if name in set(missing)] or sorted(missing)
+    total = len(model.state_dict())
+    raise UserError(
+        f"model {resolved}: its safetensors lack {len(names)} of the model's {total} weight tensors "
+        f"(first: {', '.join(names[:3])}); the files are incomplete or belong to another architecture"
+    )

@@ -168,7 +168,10 @@ class RunDir:
         """`run.json`, or None before the run has finished."""
         if not self.summary_path.is_file():
             return None
-        return json.loads(self.summary_path.read_text(encoding="utf-8"))
+        try:
+            return json.loads(self.summary_path.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError):  # not UTF-8, not JSON
+            raise UserError(f"{self.summary_path}: this run's summary is not readable JSON") from None
 
     def save_config(self, cfg: Config) -> None:
         self.path.mkdir(parents=True, exist_ok=True)

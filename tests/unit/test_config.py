@@ -1,5 +1,7 @@
 """Config tree: YAML + overrides, unknown keys and bad values are one-line UserErrors."""
 
+from pathlib import Path
+
 import pytest
 
 from tunesmith.config import config_hash, load_config, save_config
@@ -20,7 +22,7 @@ def test_defaults_and_overrides(tmp_path):
     assert cfg.train.lr == pytest.approx(1e-4)  # YAML 1.1 reads 1e-4 as a string; we coerce
     assert cfg.train.max_steps == 60
     assert cfg.data.packing is False
-    assert cfg.data.train == ["a.jsonl"]  # a single string becomes a list
+    assert cfg.data.train == [str(Path.cwd() / "a.jsonl")]  # one string becomes a list; an override's path, absolute
 
 
 def test_roundtrip_and_hash(tmp_path):

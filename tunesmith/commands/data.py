@@ -35,6 +35,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from tunesmith.commands.generate import check_output_file
     from tunesmith.data.formats import Example
     from tunesmith.data.lint import check, summary
     from tunesmith.data.sft import ensure_chat_template
@@ -42,6 +43,7 @@ def run(args) -> int:
     from tunesmith.io import write_atomic
     from tunesmith.models import load_tokenizer, resolve_model
 
+    check_output_file(args.json, "--json", new=False)  # before the work, not after it
     cfg = load_config(args.config) if args.config else load_config(None)
     model = args.model or cfg.model.name
     max_length = args.max_length if args.max_length is not None else cfg.data.max_length

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tunesmith.errors import UserError
+from tunesmith.data.formats import loads, unicode_text
+from tunesmith.errors import EnvironmentFault, UserError
 
 HELP = "answer one prompt or a file of prompts"
 
@@ -46,22 +47,49 @@ def add_arguments(p) -> None:
 def check_sampling(args) -> None:
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens: expected an integer >= 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise UserError(f"--temperature: expected a number >= 0, got {args.temperature}")
+    if not 0 <= args.temperature < float("inf"):  # also refuses nan
+        raise UserError(f"--temperature: expected a finite number >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p: expected a number in (0, 1], got {args.top_p}")
+    if getattr(args, "batch_size", 1) < 1:
+        raise UserError(f"--batch-size: expected an integer >= 1, got {args.batch_size}")
+    for flag, text in (("--system", args.system), ("--prompt", getattr(args, "prompt", None))):
+        if text is not None and any("\ud800" <= c <= "\udfff" for c in text):  # argv's undecodable bytes
+            raise UserError(f"{flag}: not UTF-8 text (an undecodable byte or an unpaired surrogate)")
+
+
+def check_output_file(path: str | None, flag: str, new: bool = True) -> None:
+    """Before any work: `path` must be a file (a new one when `new`) in an existing, writable folder."""
+    if path is None:
+        return
+    out = Path(path)
+    if (new and out.exists()) or out.is_dir():
+        raise UserError(f"{flag}: {path} already exists{' as a folder' if out.is_dir() else ''}; choose another file")
+    folder = out.parent
+    if not folder.is_dir():
+        raise UserError(f"{flag}: {path}: the folder {folder} does not exist; create it first")
+    from tunesmith.train.budget import unwritable
+
+    problem = unwritable(folder)
+    if problem:
+        raise EnvironmentFault(f"{flag}: {path}: {problem}; nothing was written")
 
 
 def load(args):
     """(model, tokenizer, label, system prompt) for the model the user named."""
-    from tunesmith.infer.load import load_for_inference
+    from tunesmith.infer.load import check_adapter_file, load_for_inference
     from tunesmith.models import pick_device
     from tunesmith.precision import inference_dtype
     from tunesmith.rundir import RunDir
 
-    device = pick_device(args.device)
+    run = RunDir(args.model)  # the run's own files first: a bad one is one line before torch loads
+    system = args.system if args.system is not None else run.system_prompt
+    if run.kind == "adapter":
+        check_adapter_file(run.path)
+    device = pick_device(args.device, key="--device")
     model, tokenizer, label = load_for_inference(
         args.model, device=device, dtype=inference_dtype(args.precision, device)
     )
-    system = args.system if args.system is not None else RunDir(args.model).system_prompt
     return model, tokenizer, label, system
 
 
@@ -83,14 +111,11 @@ def read_prompts(path: str) -> list[str]:
         if not line.strip():
             continue
         if p.suffix == ".jsonl":
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+            obj = loads(line, path, n)
             text = obj.get("prompt", obj.get("question")) if isinstance(obj, dict) else None
             if not isinstance(text, str):
                 raise UserError(f"{path}:{n}: expected an object with a string field prompt or question")
-            prompts.append(text)
+            prompts.append(unicode_text(text, f"{path}:{n}", "prompt"))
         else:
             prompts.append(line)
     if not prompts:
@@ -100,9 +125,8 @@ def read_prompts(path: str) -> list[str]:
 
 def run(args) -> int:
     check_sampling(args)
+    check_output_file(args.out, "--out")
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.file)
-    if args.out and Path(args.out).exists():
-        raise UserError(f"--out: {args.out} already exists; choose another file")
     if args.threads < 0:
         raise UserError(f"--threads: expected an integer >= 0 (0 = torch's default), got {args.threads}")
     from tunesmith.infer.generate import generate_batch

@@ -1,9 +1,10 @@
 """`tunesmith train [CONFIG] [key=value ...] [--resume] [--force]` → `tunesmith.finetune(cfg)`.
 
-Before training: the fit check (`train.fit_report.preflight`, memory probe without timing;
-refuses with exit 2 and the overrides that would fit, unless --force) and the data check
-(`data.lint`, a few warning lines). Under torchrun only rank 0 prints them; a dead or hung peer
-is one line and exit 1.
+Before training, cheapest first: an output dir nothing can be written to (exit 1), the data
+check (`data.lint`: a bad file is exit 2, findings a few warning lines), the device, then the fit
+check (`train.fit_report.preflight`, memory probe without timing; refuses with exit 2 and the
+overrides that would fit, unless --force). Under torchrun only rank 0 prints them; a dead or hung
+peer, a full disk or a read-only path during the run is one line and exit 1.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import sys
 
 from tunesmith.commands import add_config_arguments, load_config_args
+from tunesmith.errors import EnvironmentFault
 
 HELP = "fine-tune a model: tunesmith train CONFIG [key=value ...]"
 FLAGS = {"ram_gib": "TUNESMITH_RAM_GIB"}
@@ -29,8 +31,19 @@ def run(args) -> int:
 
     sigterm_interrupts()
     main = os.environ.get("RANK", "0") == "0"
-    from tunesmith.train.budget import GIB, limit_heap_retention
+    from tunesmith.train.budget import GIB, limit_heap_retention, unwritable
 
+    problem = unwritable(cfg.train.output_dir)
+    if problem:  # the machine, not the input: exit 1 (docs/errors.md)
+        raise EnvironmentFault(f"config key train.output_dir: {problem}; nothing was written")
+    if main:  # the data first: a bad file is one line before any model is read
+        from tunesmith.data.lint import train_warnings
+
+        for line in train_warnings(cfg.data):
+            print(f"tunesmith: data: {line}", flush=True)
+    from tunesmith.models import pick_device
+
+    pick_device(cfg.train.device)  # one this machine lacks (mps, cuda:3) is one line before any work
     limit_heap_retention()  # freed activations go back to the OS: ~40% lower peak RSS (see there)
     if not args.force:
         from tunesmith.train.fit_report import preflight
@@ -43,11 +56,6 @@ def run(args) -> int:
                 f"{est.disk_free / GIB:.2f} GiB (tunesmith fit for details; --force skips)",
                 flush=True,
             )
-    if main:
-        from tunesmith.data.lint import train_warnings
-
-        for line in train_warnings(cfg.data):
-            print(f"tunesmith: data: {line}", flush=True)
     if args.resume:
         say_fresh_start(cfg)
     from tunesmith import finetune
@@ -55,9 +63,10 @@ def run(args) -> int:
     try:
         finetune(cfg)
     except Exception as err:  # under torchrun: a dead or hung peer becomes one line, exit 1
+        from tunesmith.errors import environment_fault
         from tunesmith.train.distributed import failure_line
 
-        line = failure_line(err, cfg.train.dist_timeout_s)
+        line = environment_fault(err, cfg.train.output_dir) or failure_line(err, cfg.train.dist_timeout_s)
         if line is None:
             raise
         print(f"tunesmith: error: {line}; newest complete checkpoint: {_newest(cfg)}", file=sys.stderr, flush=True)

@@ -191,11 +191,20 @@ def read_jsonl(path: str):
     for n, line in enumerate(_lines(read_text(path)), start=1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{where(path, n)}: not valid JSON ({err.msg})") from None
-        yield where(path, n), _object(record, path, n)
+        yield where(path, n), _object(loads(line, path, n), path, n)
+
+
+def loads(text: str, path: str, line: int | None = None):
+    """`json.loads` whose failures are one line naming the place: bad JSON, nesting deeper than
+    Python's stack, a number over Python's integer digit limit."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{where(path, line or err.lineno)}: not valid JSON ({err.msg})") from None
+    except RecursionError:
+        raise UserError(f"{where(path, line)}: JSON nested too deeply to read") from None
+    except ValueError as err:  # int("9" * 5000) exceeds the limit on integer digits
+        raise UserError(f"{where(path, line)}: a number is too long ({str(err).split(':')[0]})") from None
 
 
 def _read_json(path: str):
@@ -205,10 +214,7 @@ def _read_json(path: str):
     text = read_text(path)
     if not text.strip():
         return
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise UserError(f"{where(path, err.lineno)}: not valid JSON ({err.msg})") from None
+    data = loads(text, path)
     decoder = json.JSONDecoder()
     start = _skip_ws(text, 0)
     if isinstance(data, dict):
@@ -382,6 +388,13 @@ def _string(record: dict, key: str, loc: str, optional: bool = False, names=None
     if not isinstance(value, str):
         field = (names or {}).get(key, f'"{key}"')
         raise UserError(f"{loc}: field {field} must be a string, got {_type_name(value)}")
+    return unicode_text(value, loc, key)
+
+
+def unicode_text(value: str, loc: str, key: str) -> str:
+    """`value`, unless a JSON escape left an unpaired surrogate (\\ud800) that no tokenizer can encode."""
+    if any("\ud800" <= c <= "\udfff" for c in value):
+        raise UserError(f'{loc}: field "{key}" holds an unpaired surrogate escape (\\ud800-\\udfff), not text')
     return value
 
 
@@ -391,8 +404,9 @@ def _turn_list(record: dict, key: str, loc: str, from_csv: bool, names=None) -> 
     if from_csv and isinstance(turns, str):  # CSV cells are text; list fields are stored as JSON
         try:
             turns = json.loads(turns)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{loc}: field {field} is not valid JSON ({err.msg})") from None
+        except (ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
+            reason = getattr(err, "msg", "nested too deeply or a number too long")
+            raise UserError(f"{loc}: field {field} is not valid JSON ({reason})") from None
     if not isinstance(turns, list) or not turns:
         got = "an empty list" if isinstance(turns, list) else _type_name(turns)
         raise UserError(f"{loc}: field {field} must be a non-empty list of messages, got {got}")
@@ -421,7 +435,7 @@ def _message(turn, i: int, loc: str, role_key: str, content_key: str, roles: dic
         content = "".join(p["text"] for p in content)
     if not isinstance(content, str):
         raise UserError(f'{loc}: message {i} field "{content_key}" must be a string, got {_type_name(content)}')
-    message = {"role": role, "content": content}
+    message = {"role": role, "content": unicode_text(content, loc, f"message {i} {content_key}")}
     if calls is not None:
         message["tool_calls"] = tool_defs.parse_tool_calls(calls, i, loc)
     if role == "tool":

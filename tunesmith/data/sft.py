@@ -341,7 +341,8 @@ def _cache_key(cfg: DataConfig, tokenizer, seed: int, train_src, val_src) -> str
             fingerprint = src.fingerprint()
             if fingerprint is None:
                 return None
-            h.update(f"\0{role}\0{fingerprint}".encode())
+            # with the name and type: a.txt and a.jsonl read differently
+            h.update(f"\0{role}\0{Path(src.name).name}\0{src.kind}\0{fingerprint}".encode())
     h.update(_tokenizer_fingerprint(tokenizer).encode())
     return h.hexdigest()[:32]
 

@@ -34,6 +34,7 @@ import os
 import re
 from pathlib import Path
 
+from tunesmith.config import HUB_NAME
 from tunesmith.data import formats
 from tunesmith.errors import UserError
 
@@ -52,7 +53,6 @@ SPLIT_WORDS = {
     "evaluation": "test",
 }
 _SEP = r"[-._ 0-9]"
-_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
 class Source:
@@ -78,7 +78,7 @@ def open_source(entry, split: str = "train", subset: str | None = None) -> Sourc
         if (p / "state.json").is_file():
             return _saved_dataset(p, name)
         return _shards(p, split)
-    if p.suffix.lower() in SHARD_TYPES or p.exists() or not _HUB_NAME.match(name):
+    if p.suffix.lower() in SHARD_TYPES or p.exists() or not HUB_NAME.match(name):
         return Source(name, "file", lambda: _file_fingerprint(name), lambda: file_records(name))
     return _hub(name, split, subset)
 

@@ -21,12 +21,12 @@ Contract:
 from __future__ import annotations
 
 import csv
-import json
 import random
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from tunesmith.data.formats import unicode_text
 from tunesmith.errors import UserError
 from tunesmith.eval.metrics import in_question
 
@@ -84,6 +84,7 @@ def load_questions(
                     f"{split!r} here "
                     "(splits are by fact: all paraphrases of a fact belong to one split)"
                 )
+        unicode_text(q + a, loc, "question/answer")
         out.append(Question(q.strip(), a.strip(), split, fact, loc))
     return out
 
@@ -117,7 +118,7 @@ def echoed(questions: list[Question]) -> list[Question]:
 
 
 def _rows(path: Path):
-    from tunesmith.data.formats import read_jsonl, read_text
+    from tunesmith.data.formats import loads, read_jsonl, read_text
 
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
@@ -125,10 +126,7 @@ def _rows(path: Path):
         return
     text = read_text(str(path)) if suffix in (".json", ".csv") else ""
     if suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+        data = loads(text, str(path))
         if not isinstance(data, list):
             raise UserError(f"{path}: expected a JSON list of question objects")
         for n, row in enumerate(data):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from hashlib import sha256
 from pathlib import Path
 
@@ -220,20 +221,38 @@ def modelfile_path(gguf_path: Path) -> Path:
     return path
 
 
+def modelfile_value(text: str, triple: bool = False) -> str:
+    """`text` as one Modelfile argument that no content can end early. Ollama's parser has no
+    escapes: a value ends at a line break once the text so far (spaces trimmed) is a whole quoted
+    string. So a one-line value is `"text"` (unless `triple`, or it starts with a quote, which
+    would open a triple quote), and anything else is `\"\"\"text\"\"\"` with every line that would close it (ending
+    in three quotes, spaces aside) given a space before its last quote: the one change made."""
+    if not triple and not re.search(r"[\r\n]", text) and not text.startswith('"'):
+        return f'"{text}"'
+    lines = re.split(r"(\r\n|\r|\n)", text)
+    for i in range(0, len(lines) - 1, 2):  # every line followed by a break
+        body = lines[i].rstrip(" \t")
+        if body.endswith('"""'):
+            lines[i] = body[:-1] + ' "' + lines[i][len(body) :]
+    return '"""' + "".join(lines) + '"""'
+
+
 def write_modelfile(gguf_path: Path, tokenizer, template, eot_id, system: str | None) -> Path:
     path = modelfile_path(gguf_path)
-    lines = [f"FROM ./{gguf_path.name}"]
+    name = f"./{gguf_path.name}"
+    plain = re.fullmatch(r'[^\s"]+', name)
+    lines = ["FROM " + (name if plain else modelfile_value(name))]
     if template:
-        lines.append(f'TEMPLATE """{template}"""')
+        lines.append(f"TEMPLATE {modelfile_value(template, triple=True)}")
     if system:
-        lines.append(f'SYSTEM """{system}"""')
+        lines.append(f"SYSTEM {modelfile_value(system, triple=True)}")
     vocab = tokenizer.get_vocab()
     stops = [tokenizer.convert_ids_to_tokens(eot_id)] if eot_id is not None else []
     stops += [t for t in END_OF_TURN if t in vocab]
     if tokenizer.eos_token:
         stops.append(tokenizer.eos_token)
     for stop in dict.fromkeys(stops):
-        lines.append('PARAMETER stop "' + stop.replace("\\", "\\\\").replace('"', '\\"') + '"')
+        lines.append(f"PARAMETER stop {modelfile_value(stop)}")
     return write_atomic(path, "\n".join(lines) + "\n")
 
 

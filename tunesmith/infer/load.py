@@ -3,14 +3,34 @@
 Contract: `load_for_inference(spec, device=None, dtype=None, trust_remote_code=False)` returns
 `(model, tokenizer, label)` in eval mode. An adapter run (`RunDir.kind == "adapter"`) loads its
 base (`RunDir.base_model`) and the adapter on top, with the run's own tokenizer when it saved one;
-a run dir with no finished model is a one-line `UserError`, as is an unreadable adapter.
+a run dir with no finished model is a one-line `UserError`, as is an unreadable adapter. Adapters
+load only from `adapter_model.safetensors`: a pickled `adapter_model.bin` is refused, naming the
+file and how to convert it.
 """
 
 from __future__ import annotations
 
 from tunesmith.errors import UserError
 from tunesmith.models import check_safetensors, load_model, load_tokenizer, resolve_model
-from tunesmith.rundir import RunDir
+from tunesmith.rundir import ADAPTER_WEIGHTS, RunDir
+
+CONVERT = (
+    'python -c "import torch, safetensors.torch as st; '
+    "st.save_file(torch.load('adapter_model.bin', weights_only=True), 'adapter_model.safetensors')\""
+)
+
+
+def check_adapter_file(path) -> None:
+    """Adapters load only from adapter_model.safetensors: a pickled one is refused by name."""
+    if (path / ADAPTER_WEIGHTS).is_file():
+        return
+    pickled = [path / name for name in ("adapter_model.bin", "adapter_model.pt") if (path / name).is_file()]
+    if pickled:
+        raise UserError(
+            f"{pickled[0]}: a pickled adapter (it could run code when loaded); tunesmith loads adapters only from "
+            f"{ADAPTER_WEIGHTS}; convert it once, in that folder, if you trust it: {CONVERT}"
+        )
+    raise UserError(f"{path}: no {ADAPTER_WEIGHTS}; this adapter run has not finished (resume it) or is incomplete")
 
 
 def load_for_inference(spec: str, device=None, dtype=None, trust_remote_code: bool = False):
@@ -20,6 +40,7 @@ def load_for_inference(spec: str, device=None, dtype=None, trust_remote_code: bo
         from peft import PeftModel
         from safetensors import SafetensorError
 
+        check_adapter_file(path)
         check_safetensors(path)
         base_name = run.base_model()
         base = load_model(resolve_model(base_name), dtype=dtype, trust_remote_code=trust_remote_code)

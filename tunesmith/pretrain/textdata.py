@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tunesmith.data.formats import loads, unicode_text
 from tunesmith.data.packing import Row
 from tunesmith.errors import UserError
 from tunesmith.io import write_atomic
@@ -118,14 +119,11 @@ def _jsonl_pieces(path: Path):
                 raise UserError(f"{path}:{line_no}: not UTF-8 text; pre-training reads UTF-8 text") from None
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
+            record = loads(line, str(path), line_no)
             text = record.get("text") if isinstance(record, dict) else None
             if not isinstance(text, str):
                 raise UserError(f'{path}:{line_no}: expected an object with a "text" string')
-            yield text
+            yield unicode_text(text, f"{path}:{line_no}", "text")
 
 
 def pieces(files: list[Path]):

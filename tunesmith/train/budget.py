@@ -7,6 +7,8 @@ Contract:
 - `ram_budget(ram_gib=None)`: MemAvailable + this process's RSS (the run reuses this process, or
   this one exits first), capped by the cgroup limit; `TUNESMITH_RAM_GIB` (or `ram_gib`) overrides it.
 - `disk_free(path)`: free bytes on the filesystem that holds (or will hold) `path`.
+- `unwritable(path)`: why nothing can be written there (read-only, or a filesystem that holds no
+  files such as /sys), or None.
 """
 
 from __future__ import annotations
@@ -81,8 +83,24 @@ def ram_budget(ram_gib: float | None = None) -> float:
     return budget
 
 
-def disk_free(path: Path) -> float:
+def _existing(path: Path) -> Path:
     path = Path(path).resolve()
     while not path.exists():
         path = path.parent
-    return float(shutil.disk_usage(path).free)
+    return path
+
+
+def disk_free(path: Path) -> float:
+    return float(shutil.disk_usage(_existing(path)).free)
+
+
+def unwritable(path: Path) -> str | None:
+    folder = _existing(path)
+    stat = os.statvfs(folder)
+    if stat.f_flag & os.ST_RDONLY:
+        return f"{folder} is on a read-only filesystem"
+    if not os.access(folder, os.W_OK):
+        return f"{folder} is read-only (no write permission)"
+    if stat.f_blocks == 0:
+        return f"{folder} is on a filesystem that holds no files (0 bytes in all)"
+    return None

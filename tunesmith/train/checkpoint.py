@@ -24,11 +24,14 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tunesmith.errors import UserError
@@ -116,13 +119,22 @@ def _prune(root: Path, keep_last: int) -> None:
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, global_batch: int | None = None) -> dict:
+    current = path / "trainable.safetensors"
     try:
-        weights = load_file(path / "trainable.safetensors")
-        opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-        rng = load_file(path / "rng.safetensors")
-        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, RuntimeError) as err:
-        raise UserError(f"{path}: not a readable tunesmith checkpoint ({str(err).splitlines()[0]})") from None
+        weights = load_file(current)
+        current = path / "optimizer.pt"
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing a file
+            warnings.simplefilter("ignore")
+            opt = torch.load(current, map_location="cpu", weights_only=True)
+        current = path / "rng.safetensors"
+        rng = load_file(current)
+        current = path / "state.json"
+        state = json.loads(current.read_text(encoding="utf-8"))
+    except pickle.UnpicklingError:  # torch's message is 25 lines of advice to unpickle it anyway
+        raise UserError(f"{current}: holds pickled objects other than tensors; refused unread") from None
+    except (OSError, ValueError, RuntimeError, EOFError, SafetensorError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise UserError(f"{current}: not a readable tunesmith checkpoint file ({first})") from None
     saved_batch = state.get("global_batch")
     if global_batch is not None and saved_batch is not None and saved_batch != global_batch:
         raise UserError(

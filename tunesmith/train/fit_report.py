@@ -20,7 +20,7 @@ import math
 
 from tunesmith.config import Config
 from tunesmith.errors import UserError
-from tunesmith.train.budget import GIB
+from tunesmith.train.budget import GIB, unwritable
 from tunesmith.train.fit import Estimate, estimate
 
 
@@ -94,6 +94,8 @@ def verdict_line(cfg: Config, est: Estimate, suggestion) -> str:
     """The one-line refusal (or the empty string when the run fits)."""
     if est.fits:
         return ""
+    if not est.fits_disk and unwritable(cfg.train.output_dir):
+        return f"config key train.output_dir: {unwritable(cfg.train.output_dir)}; choose another dir"
     if not est.fits_disk:
         return (
             f"this run needs {est.disk_bytes / GIB:.2f} GiB of disk for checkpoints and the model but "

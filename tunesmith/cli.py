@@ -3,8 +3,8 @@
 Contract: `main(argv)` parses `tunesmith VERB ...`, runs the verb's `run(args)` and returns its
 exit code. A `UserError` (or a bad flag) prints one line on stderr — in the verb's flag names
 (`commands.<verb>.FLAGS`) — and exits with 2, no traceback; Ctrl-C exits with 130; `export`
-returns 3 when the GGUF fails verification. Verb modules import their heavy libraries (torch,
-transformers) only when they run.
+returns 3 when the GGUF fails verification, and a training run that diverged (`errors.Diverged`:
+one line) 3. Verb modules import their heavy libraries (torch, transformers) only when they run.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verb:
         parser.print_help()
         return 2
-    from tunesmith.errors import UserError
+    from tunesmith.errors import Diverged, UserError
 
     _quiet_libraries()
     module = importlib.import_module(COMMANDS[args.verb])
@@ -84,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"tunesmith: error: {err.speaking(getattr(module, 'FLAGS', {}))}", file=sys.stderr)
         return 2
+    except Diverged as err:
+        print(f"tunesmith: error: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print("tunesmith: interrupted", file=sys.stderr)
         return 130

@@ -5,8 +5,7 @@ Contract:
   type or out-of-range value raises `UserError` naming the file/override and the key.
 - Values in overrides are parsed as YAML scalars (`train.lr=1e-4`, `data.packing=false`).
 - `save_config(cfg, path)` writes the resolved tree; `load_config(path)` reads it back equal.
-- `config_hash(cfg, ignore=...)` fingerprints a config so a run dir can tell whether a
-  resume continues the same run.
+- `config_hash(cfg, ignore=...)` fingerprints a config: does a resume continue the same run?
 """
 
 from __future__ import annotations
@@ -125,6 +124,8 @@ class TrainConfig:
     progress: bool = True
     strategy: str = "ddp"  # under torchrun: ddp (whole model per process) · fsdp (sharded)
     dist_timeout_s: float = 600.0  # a collective waiting longer (dead or hung process) stops the run
+    on_divergence: str = "stop"  # non-finite loss/gradient: stop (exit 3) · skip_step (drop that update)
+    max_skipped_steps: int = 10  # skip_step: the most updates a run may drop before it stops
 
 
 @dataclass
@@ -202,9 +203,7 @@ class Config:
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Read a YAML file (optional), apply `key.sub=value` overrides, validate."""
-    raw: dict = {}
-    if path is not None:
-        raw = _read_yaml(Path(path))
+    raw: dict = _read_yaml(Path(path)) if path is not None else {}
     base_dir = Path(path).resolve().parent if path is not None else None
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -330,6 +329,7 @@ CHOICES = {
     "adapter.quant_type": QUANT_TYPES, "train.frozen_dtype": FROZEN_DTYPES, "train.lr_schedule": LR_SCHEDULES,
     "train.precision": PRECISIONS, "train.strategy": STRATEGIES, "compare.retriever": RETRIEVERS,
     "compare.precision": INFERENCE_PRECISIONS, "pretrain.preset": PRESETS, "pretrain.method": METHODS,
+    "train.on_divergence": ("stop", "skip_step"),
 }
 # fmt: on
 POSITIVE = (
@@ -339,7 +339,7 @@ POSITIVE = (
 ).split()
 NON_NEGATIVE = (
     "train.max_steps train.weight_decay train.warmup_steps train.max_grad_norm "
-    "train.threads train.eval_every train.save_every compare.k_shot compare.chunk_overlap "
+    "train.threads train.eval_every train.save_every train.max_skipped_steps compare.k_shot compare.chunk_overlap "
     "compare.max_questions compare.latency_samples pretrain.hidden_size pretrain.layers pretrain.heads "
     "pretrain.intermediate_size pretrain.max_steps pretrain.batch_size pretrain.lr"
 ).split()

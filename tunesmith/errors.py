@@ -6,11 +6,18 @@ expected. Library code speaks in config keys (`train.output_dir`) and its own ar
 (`out_path`, `force=True`), given as `key=`; the CLI renames those to its flags (`--out`,
 `--force`) with `speaking(names)` before printing the line, exiting with code 2 and showing no
 traceback. Code never raises `UserError` for its own bugs: those stay ordinary exceptions.
+`Diverged` is a training run stopped on a non-finite or collapsed loss: one line, exit code 3.
 """
 
 from __future__ import annotations
 
 import re
+
+
+class Diverged(Exception):
+    """A training run stopped because it diverged (`train.divergence`): one line, exit code 3."""
+
+    exit_code = 3
 
 
 class UserError(Exception):

@@ -2,7 +2,8 @@
 
 Contract: `run_compare(cfg)` answers the same questions with every arm in `compare.arms`, scores
 them with every metric in `eval.metrics`, and writes `results.json` (schema in docs/compare.md, version 1)
-and `report.html` into the output dir, returning the results dict.
+and `report.html` into the output dir, returning the results dict. The output dir is locked while
+it is written (`io.OutputLock`) and may not be, nor hold, the run or the question/document files.
 - The run: `compare.run` names a finished run dir; without it, `train.output_dir` must hold the
   finished run this config describes (`workflows.compare` trains it first when it does not).
 - Questions: the user's file (splits by fact), at most `compare.max_questions` per split, plus
@@ -33,7 +34,7 @@ from tunesmith.errors import UserError
 from tunesmith.eval.arms import ARMS, conversation, few_shot, uses_context, uses_finetuned
 from tunesmith.eval.metrics import METRICS, bootstrap_ci, contains, paired_diff_ci, score_all
 from tunesmith.eval.questions import GENERAL, general_questions, general_text, limit_per_split, load_questions
-from tunesmith.io import write_atomic
+from tunesmith.io import OutputLock, check_not_input, write_atomic
 from tunesmith.rundir import RunDir
 
 PRIMARY = "contains"
@@ -41,6 +42,16 @@ SAMPLES_PER_SPLIT = 3
 
 
 def run_compare(cfg: Config) -> dict:
+    """Lock the output dir (it may not be, nor hold, an input) and compare."""
+    c = cfg.compare
+    run_dir = _resolve_run(cfg)[0] if c.run else None
+    out = Path(c.output_dir) if c.output_dir else (run_dir or Path(cfg.train.output_dir)) / "compare"
+    check_not_input(out, [c.run, c.questions, c.documents, cfg.train.output_dir], key="compare.output_dir")
+    with OutputLock(out, key="compare.output_dir"):
+        return _compare(cfg)
+
+
+def _compare(cfg: Config) -> dict:
     c = cfg.compare
     t0 = time.perf_counter()
     if not c.questions:

@@ -6,7 +6,9 @@ or an HF safetensors dir for `full`) beside its tokenizer and the resolved confi
 `loss.png`, `run.json`, and `checkpoints/step-N/` every `save_every` steps and at the end. A dir
 holding a different run is refused before anything is written. With `train.resume=auto` (or a
 checkpoint path) the run continues from the newest checkpoint and ends with the same weights an
-uninterrupted run would have, bit for bit.
+uninterrupted run would have, bit for bit. The dir is locked while the run writes it, and a step
+whose loss or gradient diverges stops the run (`Diverged`, exit 3) or is skipped
+(`train.divergence`).
 
 It runs in three phases a reader can follow: `set_up` (data, model, fast paths, optimizer, resume
 point), `train_steps` (one optimizer step at a time: `one_step`, then logging, validation and
@@ -51,6 +53,7 @@ from tunesmith.train.distributed import (
     setup,
     wrap,
 )
+from tunesmith.train.divergence import Guard, stop_run
 from tunesmith.train.kernels import Prepared
 from tunesmith.train.kernels.attention import flatten
 from tunesmith.train.loss import LossModule, can_embed_into_grad
@@ -107,6 +110,7 @@ class Run:
     lr: float = 0.0
     grad_norm: float = 0.0
     records: Records | None = None
+    guard: Guard | None = None
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -122,10 +126,11 @@ def run_training(cfg: Config, rows=None) -> TrainResult:
     rows, DataStats)` (pre-training blocks, `tunesmith.pretrain`). The section that does not
     feed the run (`pretrain` for fine-tuning, `data` for pre-training) is left out of the hash
     that decides whether an output dir holds this same run."""
-    run = set_up(cfg, rows)
-    with run.fast:  # restores the model's own forwards when training ends, also on error
-        val_loss = train_steps(run)
-    return finish(run, val_loss)
+    with RunDir(cfg.train.output_dir).writing():  # the output lock (rank 0); killed writes' leftovers go
+        run = set_up(cfg, rows)
+        with run.fast:  # restores the model's own forwards when training ends, also on error
+            val_loss = train_steps(run)
+        return finish(run, val_loss)
 
 
 # ---------------------------------------------------------------- set-up
@@ -142,6 +147,8 @@ def set_up(cfg: Config, rows=None) -> Run:
     if t.precision == "fp16" and device.type != "cuda":
         raise UserError("config key train.precision: fp16 needs a CUDA GPU; use fp32 (or bf16) on CPU")
     resume_from = out.resume_point(cfg, ignore)
+    for path, why in out.passed_over if dist.main else ():
+        print(f"tunesmith: resume: skipping {path} ({why})", flush=True)
     if t.tensorboard:
         require_tensorboard()
     if t.threads:
@@ -258,6 +265,7 @@ def _assemble(
         forward_tokens=0 if dist.enabled and dist.strategy == "fsdp" else forward_budget(cfg),
         trainable=trainable,
         total_params=total_params,
+        guard=Guard(t, getattr(model.config, "vocab_size", None) or len(tokenizer), t.precision == "fp16"),
     )
 
 
@@ -265,6 +273,7 @@ def _resume(run: Run, checkpoint: Path) -> None:
     state = ckpt.load_checkpoint(checkpoint, run.model, run.optimizer, run.scheduler, run.global_batch)
     run.step, run.tokens_seen, run.last_loss = state["step"], state["tokens_seen"], state.get("last_loss")
     run.elapsed_before, run.resumed = state.get("elapsed_s", 0.0), True
+    run.guard.skipped = state.get("skipped_steps", 0)
     t = run.cfg.train
     run.stream = RowStream(len(run.train_rows), t.batch_size, t.seed, run.dist, state["epoch"], state["offset"])
 
@@ -283,11 +292,14 @@ def one_step(run: Run) -> tuple[float, int, float]:
     if run.scaler:
         run.scaler.unscale_(run.optimizer)
     run.grad_norm = clip_grad_norm(run.params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
-    if run.scaler:
+    run.last_loss = all_reduce_sum(loss_total, dist, device) / max(global_tokens, 1)
+    verdict = run.guard.check(run.step + 1, run.last_loss, run.grad_norm, dist, device)
+    if verdict == "ok" and run.scaler:
         run.scaler.step(run.optimizer)
-        run.scaler.update()
-    else:
+    elif verdict == "ok":
         run.optimizer.step()
+    if run.scaler:
+        run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
     run.lr = run.scheduler.get_last_lr()[0]
     run.scheduler.step()
@@ -295,7 +307,6 @@ def one_step(run: Run) -> tuple[float, int, float]:
     # real tokens: padding is not work done
     step_tokens = int(all_reduce_sum(sum(r.n_real for rows in micro for r in rows), dist, device))
     run.tokens_seen += step_tokens
-    run.last_loss = all_reduce_sum(loss_total, dist, device) / max(global_tokens, 1)
     return run.last_loss, step_tokens, time.perf_counter() - start
 
 
@@ -324,11 +335,16 @@ def train_steps(run: Run) -> float | None:
                         "step_s": round(seconds, 4),
                         "tok_per_s": round(tokens / seconds, 1),
                         "elapsed_s": round(run.elapsed(), 3),
+                        **({"update": run.guard.last} if run.guard.last != "ok" else {}),
                     }
                 )
             if bar is not None:
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{run.lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
                 bar.update(1)
+        if run.guard.last == "stop":
+            if bar is not None:
+                bar.close()
+            stop_run(run)  # raises Diverged
         if t.eval_every and run.step % t.eval_every == 0 and run.step < run.total_steps and run.val_rows:
             _validate(run)
         if (t.save_every and run.step % t.save_every == 0) or run.step == run.total_steps:
@@ -356,6 +372,8 @@ def _save_checkpoint(run: Run) -> None:
         "config_hash": config_hash(run.cfg, run.ignore),
         "global_batch": run.global_batch,
         "world_size": run.dist.world,
+        "healthy": run.guard.healthy,
+        "skipped_steps": run.guard.skipped,
     }
     # every rank: under FSDP saving gathers the shards; only rank 0 writes
     ckpt.save_checkpoint(
@@ -394,6 +412,7 @@ def finish(run: Run, val_loss: float | None) -> TrainResult:
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "final_train_loss": run.last_loss,
             "final_val_loss": val_loss,
+            "skipped_steps": run.guard.skipped,
             "trainable_params": run.trainable,
             "total_params": run.total_params,
             "train_rows": len(run.train_rows),

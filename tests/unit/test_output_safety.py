@@ -126,3 +126,31 @@ def test_guard_rule():
     assert Guard(load_config(None, []).train, 400, scaled=True).check(1, 5.0, float("inf"), dist, "cpu") == "ok"
     with pytest.raises(UserError, match="train.on_divergence"):
         load_config(None, ["train.on_divergence=ignore"])
+
+
+def _fake_checkpoint(path):
+    path.mkdir(parents=True)
+    for name in ("trainable.safetensors", "optimizer.pt", "rng.safetensors", "state.json"):
+        (path / name).write_text("{}")
+    write_manifest(path)
+    return path
+
+
+def test_explicit_resume_runs_the_output_dir_checks(tmp_path):
+    from tunesmith.rundir import RunDir
+
+    point = _fake_checkpoint(tmp_path / "elsewhere" / "step-00000004")
+    cfg = load_config(None, [f"train.resume={point}", f"train.output_dir={tmp_path / 'new'}"])
+    assert RunDir(tmp_path / "new").resume_point(cfg) == point  # a new dir: fine
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "cat.jpg").write_bytes(b"\xff")
+    with pytest.raises(UserError, match="not empty and holds no tunesmith run"):
+        RunDir(foreign).resume_point(cfg)
+    other = tmp_path / "other-run"
+    RunDir(other).save_config(load_config(None, ["train.lr=0.5"]))
+    with pytest.raises(UserError, match="holds another run"):
+        RunDir(other).resume_point(cfg)
+    (point / "optimizer.pt").write_text("{}{}")
+    with pytest.raises(UserError, match="not a complete checkpoint .optimizer.pt has 4 bytes"):
+        RunDir(tmp_path / "new").resume_point(cfg)

@@ -108,3 +108,19 @@ def test_skip_step_drops_updates_counts_them_and_stops_after_the_limit(tmp_path,
     for later in ("step-00000002", "step-00000003"):
         w = load_file(ck / later / "trainable.safetensors")
         assert all(torch.equal(first[n], w[n]) for n in first)
+
+
+def test_under_torchrun_every_rank_stops_at_the_same_step(tmp_path, tiny_model_dir):
+    """Two gloo processes: both see the NaN of step 2 (the loss is all-reduced, and so is the
+    verdict), both stop there with the one line, nobody hangs in a collective, and rank 0 alone
+    wrote the checkpoint of step 1."""
+    from tests.e2e.test_torchrun import torchrun
+
+    data = write_qa_jsonl(tmp_path / "qa.jsonl", n=16)
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", tiny_model_dir, data, out, train={"lr": 1e30, "save_every": 1})
+    proc = torchrun(cfg, tmp_path)
+    assert proc.returncode != 0
+    assert proc.stderr.count("training diverged at step 2: the loss is nan") == 2, proc.stderr[-3000:]
+    assert steps(out) == ["step-00000001"]
+    assert_good(out / "checkpoints" / "step-00000001")

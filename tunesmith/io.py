@@ -7,7 +7,7 @@ Contract:
 - `replace_dir(tmp, out)`: move a finished temporary directory onto `out` (fsyncing its files
   first); an old `out` is set aside, then removed, so a crash never leaves half of either.
 - `sweep_temp(directory, name=None)`: the leftovers of killed writes in `directory` (`.NAME.tmp-PID`,
-  `.NAME.old-PID`; only NAME's with `name`) removed; an `.old` whose NAME is gone (a kill between
+  `.NAME.old-PID`; only those of `name`, one NAME or several) removed; an `.old` whose NAME is gone (a kill between
   `replace_dir`'s two renames) is renamed back, so the previous complete version is not lost.
 - `write_manifest(directory)` / `manifest_problem(directory, required)`: `manifest.json` records
   every file's size and SHA-256; the check names the first file missing, of another size or hash.
@@ -93,14 +93,16 @@ def replace_dir(tmp: Path, out: Path) -> None:
     fsync_dir(out.parent)
 
 
-def sweep_temp(directory: str | Path, name: str | None = None) -> list[str]:
-    """Remove (or, for an orphaned `.old`, restore) what killed writes left; returns the names."""
+def sweep_temp(directory: str | Path, name: str | tuple[str, ...] | None = None) -> list[str]:
+    """Remove (or, for an orphaned `.old`, restore) what killed writes left; returns the names.
+    `name`: only the leftovers of these NAMEs (a writer sweeping a folder other writers share)."""
     directory, done = Path(directory), []
+    names = (name,) if isinstance(name, str) else name
     if not directory.is_dir():
         return done
     for p in sorted(directory.iterdir()):
         m = TEMP.match(p.name)
-        if not m or (name is not None and m["name"] != name):
+        if not m or (names is not None and m["name"] not in names):
             continue
         original = directory / m["name"]
         if m["kind"] == "old" and not original.exists():

@@ -42,6 +42,7 @@ METRICS = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
 CHECKPOINTS = "checkpoints"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+RUN_TEMP = ("final", CONFIG, SUMMARY, METRICS, LOSS_PLOT, "pretrain.json")  # temp names of the run's writes
 CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.pt", "rng.safetensors", "state.json")
 # Keys that may change between a run and its resume without making it another run.
 RESUMABLE_CHANGES = (
@@ -236,8 +237,9 @@ class RunDir:
                     self.clean_temp()
 
     def clean_temp(self) -> None:
+        """The run's own leftovers only: another writer (`quantize --out RUN/q`) may share the dir."""
         if self.has_config:
-            sweep_temp(self.path)
+            sweep_temp(self.path, RUN_TEMP)
             sweep_temp(self.checkpoints)
 
     def step_dir(self, step: int) -> Path:

@@ -154,3 +154,24 @@ def test_explicit_resume_runs_the_output_dir_checks(tmp_path):
     (point / "optimizer.pt").write_text("{}{}")
     with pytest.raises(UserError, match="not a complete checkpoint .optimizer.pt has 4 bytes"):
         RunDir(tmp_path / "new").resume_point(cfg)
+
+
+def test_a_run_sweeps_only_its_own_leftovers(tmp_path):
+    from tunesmith.rundir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.save_config(load_config(None, []))
+    (run.path / ".final-tmp-5").mkdir()
+    (run.path / ".run.json.tmp-5").write_text("{")
+    (run.path / ".q.tmp-6").mkdir()  # `quantize RUN --out RUN/q` writing at the same time
+    run.checkpoints.mkdir()
+    (run.checkpoints / ".step-00000002.tmp-5").mkdir()
+    with run.writing():
+        assert sorted(p.name for p in run.path.iterdir()) == [
+            ".q.tmp-6",
+            ".tunesmith.lock",
+            "checkpoints",
+            "tunesmith.yaml",
+        ]
+        assert list(run.checkpoints.iterdir()) == []
+    assert not (run.path / ".tunesmith.lock").exists()

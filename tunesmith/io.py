@@ -162,9 +162,15 @@ def check_not_input(out: str | Path, inputs, key: str | None = None) -> None:
             continue
         source = Path(item).expanduser().resolve()
         if source == target:
-            raise UserError(f"{out} is the input {item} itself; choose another output", key=key)
+            raise _error(f"{out} is the input {item} itself; choose another output", key)
         if source.is_relative_to(target):
-            raise UserError(f"{out} holds the input {item}; writing there could destroy it; choose another", key=key)
+            raise _error(f"{out} holds the input {item}; writing there could destroy it; choose another", key)
+
+
+def _error(message: str, key: str | None) -> UserError:
+    """A config key (`train.output_dir`) is named in the message; a library argument (`out_dir`) is
+    the error's key, which the CLI renames to its flag."""
+    return UserError(f"config key {key}: {message}") if key and "." in key else UserError(message, key=key)
 
 
 _HELD: dict[str, list] = {}  # lock file → [fd, count]
@@ -195,7 +201,7 @@ class OutputLock:
             fd = self._acquire()
         except OSError as err:
             self._unmake()
-            raise UserError(f"{self.target}: cannot write there ({err.strerror or err})", key=self.key) from None
+            raise _error(f"{self.target}: cannot write there ({err.strerror or err})", self.key) from None
         _HELD[self.id] = [fd, 1]
         return self
 
@@ -208,10 +214,10 @@ class OutputLock:
                 holder = os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
                 os.close(fd)
                 self._unmake()
-                raise UserError(
+                raise _error(
                     f"{self.target} is being written by another tunesmith process (pid {holder}); "
                     "wait for it to finish, or choose another output",
-                    key=self.key,
+                    self.key,
                 ) from None
             try:
                 same = os.stat(self.file).st_ino == os.fstat(fd).st_ino

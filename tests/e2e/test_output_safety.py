@@ -154,3 +154,12 @@ def test_pipeline_from_checks_first_and_never_deletes_a_users_folder(tmp_path, t
     assert code == 2 and len(err.splitlines()) == 1, err
     assert "was not written by this pipeline" in err and str(root / "merged") in err
     assert tree_hash(root) == before
+
+
+def test_data_check_json_may_not_overwrite_the_data(tmp_path, capsys):
+    data = write_qa_jsonl(tmp_path / "qa.jsonl", n=4)
+    before = data.read_bytes()
+    code = main(["data", "check", str(data), "--json", str(data)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("tunesmith: error: --json: ") and "is the input" in err, err
+    assert data.read_bytes() == before

@@ -427,6 +427,7 @@ def finish(run: Run, val_loss: float | None) -> TrainResult:
         print(
             f"tunesmith: done in {wall:.1f}s, final train loss {run.last_loss or float('nan'):.4f}"
             + (f", validation loss {val_loss:.4f}" if val_loss is not None else "")
+            + (f", {run.guard.skipped} divergent updates dropped" if run.guard.skipped else "")
             + f" → {out}",
             flush=True,
         )

@@ -5,7 +5,8 @@ exit code. A `UserError` (or a bad flag) prints one line on stderr — in the ve
 (`commands.<verb>.FLAGS`) — and exits with 2, no traceback; an environment fault (disk full,
 read-only path: `errors.environment_fault`) is one line and exit 1; Ctrl-C exits with 130 (SIGTERM in
 training: 143) with one line, from the verb's `interrupted(args, words, err)` where it has one; `export`
-returns 3 when the GGUF fails verification; no verb prints a two-line usage, exit 2. Verb modules
+returns 3 when the GGUF fails verification, and a training run that diverged (`errors.Diverged`: one
+line) 3; no verb prints a two-line usage, exit 2. Verb modules
 import their heavy libraries (torch, transformers) only when they run.
 """
 
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verb:
         print(USAGE, end="", file=sys.stderr)
         return 2
-    from tunesmith.errors import EnvironmentFault, UserError, environment_fault
+    from tunesmith.errors import Diverged, EnvironmentFault, UserError, environment_fault
 
     _quiet_libraries()
     module = importlib.import_module(COMMANDS[args.verb])
@@ -121,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"tunesmith: error: {line}; {KEPT}", file=sys.stderr)
         return 1
+    except Diverged as err:
+        print(f"tunesmith: error: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM/SIGINT noted by a training loop (exit 128 + signal)
         say = getattr(module, "interrupted", None)
         words = argv[argv.index(args.verb) + 1 :] if args.verb in argv else []

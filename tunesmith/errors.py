@@ -9,6 +9,7 @@ traceback. Code never raises `UserError` for its own bugs: those stay ordinary e
 An `OSError` the machine caused (disk full, a read-only or unwritable path) is an environment
 fault: `environment_fault(err)` gives its one line (path and cause), which the CLI prints with
 exit code 1, as it does for an `EnvironmentFault` (found before any work: a read-only output).
+`Diverged` is a training run stopped on a non-finite or collapsed loss: one line, exit code 3.
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ ENVIRONMENT_ERRNOS = {
     errno.EPERM: "operation not permitted (read-only?)",
     errno.EIO: "input/output error from the disk",
 }
+
+
+class Diverged(Exception):
+    """A training run stopped because it diverged (`train.divergence`): one line, exit code 3."""
+
+    exit_code = 3
 
 
 class UserError(Exception):

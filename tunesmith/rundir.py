@@ -15,20 +15,23 @@ Contract: `RunDir(path)` reads; it never writes a model. `config()` is the saved
 `load_config` (a run whose config cannot be read is a one-line `UserError`); `kind` is "adapter",
 "full" or None; `finished` says whether the final model is there; `base_model()` is the model an
 adapter run was trained from (its saved config, else PEFT's record); `latest_checkpoint()` is the
-newest complete checkpoint. Merged and quantized model dirs carry a copy of `tunesmith.yaml`, so
-their system prompt is the run's.
+newest complete, healthy checkpoint (`checkpoints()` also says why newer ones were passed over).
+`writing()` is what a writer holds while it trains into the dir: the output lock, and the
+leftovers of killed writes removed on entry and exit. Merged and quantized model dirs carry a copy
+of `tunesmith.yaml`, so their system prompt is the run's.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 
 from tunesmith.config import Config, config_hash, load_config, save_config
 from tunesmith.errors import UserError
-from tunesmith.io import write_atomic
+from tunesmith.io import LOCK_NAME, OutputLock, manifest_problem, sweep_temp, write_atomic
 
 CONFIG = "tunesmith.yaml"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -39,6 +42,8 @@ METRICS = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
 CHECKPOINTS = "checkpoints"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+RUN_TEMP = ("final", CONFIG, SUMMARY, METRICS, LOSS_PLOT, "pretrain.json")  # temp names of the run's writes
+CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.pt", "rng.safetensors", "state.json")
 # Keys that may change between a run and its resume without making it another run.
 RESUMABLE_CHANGES = (
     "train.resume",
@@ -70,12 +75,15 @@ RESUMABLE_CHANGES = (
     "train.fused_norm",
     "train.fused_groups",
     "train.fused_rope",
+    "train.on_divergence",
+    "train.max_skipped_steps",
 )
 
 
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path).expanduser()
+        self.passed_over: list[tuple[Path, str]] = []
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
@@ -179,23 +187,28 @@ class RunDir:
 
     def resume_point(self, cfg: Config, ignore: tuple[str, ...] = RESUMABLE_CHANGES) -> Path | None:
         """Before training into this dir: refuse one that holds another run (its saved config
-        differs outside `ignore`) or anything else; return the checkpoint to resume from, if any."""
+        differs outside `ignore`) or anything else; return the checkpoint to resume from, if any.
+        An explicit `train.resume=CHECKPOINT` passes the same checks (an empty or new dir, or
+        this same run) and must be complete."""
         resume, out = cfg.train.resume, self.path
+        explicit = None
         if resume not in ("never", "auto"):
-            path = Path(resume)
-            if not (path / "state.json").is_file():
+            explicit = Path(resume).expanduser()
+            if not (explicit / "state.json").is_file():
                 raise UserError(f"config key train.resume: {resume} is not a checkpoint dir (no state.json)")
-            return path
+            problem = manifest_problem(explicit, CHECKPOINT_FILES)
+            if problem:
+                raise UserError(f"config key train.resume: {resume} is not a complete checkpoint ({problem})")
         if not out.exists():
-            return None
+            return explicit
         if not out.is_dir():
             raise UserError(f"config key train.output_dir: {out} exists and is not a directory")
         if not self.has_config:
-            if any(out.iterdir()):
+            if any(p.name != LOCK_NAME for p in out.iterdir()):
                 raise UserError(
                     f"config key train.output_dir: {out} is not empty and holds no tunesmith run; choose another dir"
                 )
-            return None
+            return explicit
         try:
             previous = load_config(self.config_path)
         except UserError:
@@ -206,6 +219,8 @@ class RunDir:
             raise UserError(
                 f"config key train.output_dir: {out} holds another run (different config); choose another dir"
             )
+        if explicit is not None:
+            return explicit
         if resume == "never":
             raise UserError(
                 f"config key train.output_dir: {out} already holds this run; pass train.resume=auto "
@@ -213,16 +228,57 @@ class RunDir:
             )
         return self.latest_checkpoint()
 
+    @contextmanager
+    def writing(self):
+        """Hold the output lock; leftovers of killed writes go on entry and exit (a dir tunesmith
+        trained into only: a foreign one is refused before anything in it is touched)."""
+        with OutputLock(self.path, key="train.output_dir") as lock:
+            try:
+                if lock.active:
+                    self.clean_temp()
+                yield
+            finally:
+                if lock.active:
+                    self.clean_temp()
+
+    def clean_temp(self) -> None:
+        """The run's own leftovers only: another writer (`quantize --out RUN/q`) may share the dir."""
+        if self.has_config:
+            sweep_temp(self.path, RUN_TEMP)
+            sweep_temp(self.checkpoints)
+
     def step_dir(self, step: int) -> Path:
         return self.checkpoints / f"step-{step:08d}"
 
     def latest_checkpoint(self) -> Path | None:
-        return latest_checkpoint(self.checkpoints)
+        """The newest complete, healthy checkpoint; `passed_over` lists the newer ones and why."""
+        found, self.passed_over = checkpoints(self.checkpoints)
+        return found
+
+
+def checkpoints(root: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest complete, healthy `step-N` dir under `root` (temp dirs ignored), and the newer
+    ones passed over with the reason: a file missing or not as its manifest records, or saved
+    while the run was diverging (`state.json` "healthy": false)."""
+    skipped: list[tuple[Path, str]] = []
+    if not root.is_dir():
+        return None, skipped
+    for path in sorted((p for p in root.iterdir() if STEP_DIR.match(p.name)), reverse=True):
+        problem = manifest_problem(path, CHECKPOINT_FILES)
+        if problem is None and not checkpoint_healthy(path):
+            problem = "saved while the run was diverging"
+        if problem is None:
+            return path, skipped
+        skipped.append((path, problem))
+    return None, skipped
+
+
+def checkpoint_healthy(path: Path) -> bool:
+    try:
+        return json.loads((path / "state.json").read_text(encoding="utf-8")).get("healthy", True) is not False
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def latest_checkpoint(root: Path) -> Path | None:
-    """The newest complete `step-N` dir under `root` (temporary dirs and half-written ones ignored)."""
-    if not root.is_dir():
-        return None
-    complete = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / "state.json").is_file()]
-    return max(complete, default=None)
+    return checkpoints(root)[0]

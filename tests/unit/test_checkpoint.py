@@ -35,6 +35,7 @@ def test_save_load_exact(tmp_path):
         "optimizer.pt",
         "rng.safetensors",
         "state.json",
+        "manifest.json",
     }
     # only trainable tensors are stored
     from safetensors.torch import load_file

@@ -40,10 +40,12 @@ def run(args) -> int:
     from tunesmith.data.lint import check, summary
     from tunesmith.data.sft import ensure_chat_template
     from tunesmith.eval.questions import is_question_file, load_questions
-    from tunesmith.io import write_atomic
+    from tunesmith.io import check_not_input, write_atomic
     from tunesmith.models import load_tokenizer, resolve_model
 
     check_output_file(args.json, "--json", new=False)  # before the work, not after it
+    if args.json:  # the report may not overwrite the data it checks
+        check_not_input(args.json, [*args.data, *args.eval, args.config], key="--json")
     cfg = load_config(args.config) if args.config else load_config(None)
     model = args.model or cfg.model.name
     max_length = args.max_length if args.max_length is not None else cfg.data.max_length

@@ -2,7 +2,8 @@
 
 Contract: `run_compare(cfg, just_trained=False)` answers the same questions with every arm in `compare.arms`, scores
 them with every metric in `eval.metrics`, and writes `results.json` (schema in docs/compare.md, version 1)
-and `report.html` into the output dir, returning the results dict.
+and `report.html` into the output dir, returning the results dict. The output dir is locked while
+it is written (`io.OutputLock`) and may not be, nor hold, the run or the question/document files.
 - The run: `compare.run` names a finished run dir; without it, `train.output_dir` must hold the
   finished run this config describes (`workflows.compare` trains it first when it does not).
 - Questions: the user's file (splits by fact), at most `compare.max_questions` per split, plus
@@ -43,7 +44,7 @@ from tunesmith.eval.questions import GENERAL, echoed, general_questions, limit_p
 from tunesmith.eval.scoring import RECALL_DEFINITION, recall_rows, sample_rows, score_results
 from tunesmith.eval.table import print_table
 from tunesmith.eval.weights import Models
-from tunesmith.io import write_atomic
+from tunesmith.io import OutputLock, check_not_input, write_atomic
 from tunesmith.rundir import RunDir
 from tunesmith.train.cpu import use_threads
 
@@ -52,6 +53,16 @@ AUDIT_PROMPTS = 3  # questions whose exact prompt each arm records in results.js
 
 
 def run_compare(cfg: Config, just_trained: bool = False) -> dict:
+    """Lock the output dir (it may not be, nor hold, an input) and compare."""
+    c = cfg.compare
+    run_dir = _resolve_run(cfg)[0] if c.run else None
+    out = Path(c.output_dir) if c.output_dir else (run_dir or Path(cfg.train.output_dir)) / "compare"
+    check_not_input(out, [c.run, c.questions, c.documents, cfg.train.output_dir], key="compare.output_dir")
+    with OutputLock(out, key="compare.output_dir"):
+        return _compare(cfg, just_trained)
+
+
+def _compare(cfg: Config, just_trained: bool = False) -> dict:
     c = cfg.compare
     t0 = time.perf_counter()
     if not c.questions:

@@ -38,7 +38,7 @@ from tunesmith.config import GGUF_QUANTS
 from tunesmith.errors import UserError
 from tunesmith.export.gguf_families import ARCHITECTURES, UNSUPPORTED, check, check_dir, family, write_hparams
 from tunesmith.export.merge import load_merged
-from tunesmith.io import write_atomic
+from tunesmith.io import check_not_input, replacing, write_atomic
 from tunesmith.models import BUNDLED
 from tunesmith.rundir import RunDir
 
@@ -390,9 +390,15 @@ def export_gguf(model_spec: str, out_path=None, quant: str = "f16", force: bool 
         raise UserError(f"{out} must end in .gguf", key="out_path")
     if out.is_dir():
         raise UserError(f"{out} is a directory; give a file path ending in .gguf", key="out_path")
+    check_not_input(out, [model_spec], key="out_path")
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass force=True to replace it", key="out_path")
     _check_architecture(_model_type(model_spec), model_spec)
+    with replacing(out, key="out_path"):  # a second writer is refused; killed writes' leftovers go
+        return _export(model_spec, out, quant)
+
+
+def _export(model_spec: str, out: Path, quant: str) -> Path:
 
     from tunesmith.data.sft import ensure_chat_template
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tunesmith.errors import UserError
 from tunesmith.infer.load import load_for_inference
-from tunesmith.io import replace_dir
+from tunesmith.io import check_not_input, replace_dir, replacing
 from tunesmith.rundir import ADAPTER_CONFIG, CONFIG, RunDir
 
 
@@ -81,8 +81,7 @@ def _check_run_dir(run_dir: Path) -> None:
 
 
 def _check_out_dir(out: Path, run_dir: Path, force: bool) -> None:
-    if out.resolve() == run_dir.resolve():
-        raise UserError(f"{out} is the run dir itself; choose another dir", key="out_dir")
+    check_not_input(out, [run_dir], key="out_dir")
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a directory", key="out_dir")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -94,6 +93,11 @@ def merge_run(run_dir, out_dir=None, force: bool = False) -> Path:
     _check_run_dir(run_dir)
     out = Path(out_dir).expanduser() if out_dir else default_merge_dir(run_dir)
     _check_out_dir(out, run_dir, force)
+    with replacing(out, key="out_dir"):  # a second writer of `out` is refused; killed writes' leftovers go
+        return _merge(run_dir, out)
+
+
+def _merge(run_dir: Path, out: Path) -> Path:
     model, tokenizer = load_merged(str(run_dir))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")

@@ -39,6 +39,8 @@ import torch
 from torch import nn
 
 from tunesmith.errors import UserError
+from tunesmith.io import check_not_input, replace_dir, replacing
+from tunesmith.rundir import CONFIG, RunDir
 
 METHODS = ("int8", "int4")
 FORMAT = "tunesmith-quantized/1"
@@ -234,6 +236,7 @@ def default_quantize_dir(spec: str, method: str) -> Path:
 
 def output_dir(model_spec: str, out_dir, method: str, force: bool) -> Path:
     out = Path(out_dir).expanduser() if out_dir else default_quantize_dir(model_spec, method)
+    check_not_input(out, [model_spec], key="out_dir")
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a directory", key="out_dir")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -245,15 +248,18 @@ def save_quantized(
     model_spec: str, out_dir=None, method: str = "int8", force: bool = False, model=None, tokenizer=None
 ) -> Path:
     """Quantize and write the dir; pass `model`/`tokenizer` when the caller has them loaded already."""
-    from safetensors.torch import save_file
-
-    from tunesmith.export.merge import load_merged
-    from tunesmith.io import replace_dir
-    from tunesmith.rundir import CONFIG, RunDir
-
     if method not in METHODS:
         raise UserError(f"expected one of {', '.join(METHODS)}, got {method}", key="method")
     out = output_dir(model_spec, out_dir, method, force)
+    with replacing(out, key="out_dir"):  # a second writer is refused; killed writes' leftovers go
+        return _save(model_spec, out, method, model, tokenizer)
+
+
+def _save(model_spec: str, out: Path, method: str, model, tokenizer) -> Path:
+    from safetensors.torch import save_file
+
+    from tunesmith.export.merge import load_merged
+
     if model is None:
         model, tokenizer = load_merged(model_spec)
     state, manifest = quantize_tensors(model, method)
@@ -280,6 +286,13 @@ def quantize_with_report(
 ) -> dict:
     """`save_quantized`, then measure the fp32 model and the reloaded quantized one on the same
     ids and prompts; writes `report.json` into the dir and returns it."""
+    if method not in METHODS:
+        raise UserError(f"expected one of {', '.join(METHODS)}, got {method}", key="method")
+    with replacing(output_dir(model_spec, out_dir, method, force), key="out_dir"):  # before minutes of loading
+        return _quantize_with_report(model_spec, out_dir, method, force, eval_text)
+
+
+def _quantize_with_report(model_spec: str, out_dir, method: str, force: bool, eval_text) -> dict:
     from tunesmith.data.sft import ensure_chat_template
     from tunesmith.export.merge import load_merged
     from tunesmith.export.verify import (
@@ -296,9 +309,6 @@ def quantize_with_report(
         write_report,
     )
 
-    if method not in METHODS:
-        raise UserError(f"expected one of {', '.join(METHODS)}, got {method}", key="method")
-    output_dir(model_spec, out_dir, method, force)  # refuse before minutes of loading, not after
     model, tokenizer = load_merged(model_spec)
     out = save_quantized(model_spec, out_dir, method, force, model=model, tokenizer=tokenizer)
     ensure_chat_template(tokenizer)  # measuring only: the saved tokenizer is left as it was

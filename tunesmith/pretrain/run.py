@@ -11,7 +11,8 @@ loads and that fine-tuning, merge and export accept:
 The text is tokenised once into a cached memmap (`textdata.token_stream`), cut into blocks of
 `pretrain.block_size` with a held-out validation share, and fed to `train.loop.run_training`
 as lazy rows, so checkpoints, exact resume, metrics and loss curves are the fine-tuning ones.
-`pretrain.max_steps/lr/batch_size`, when set, replace the `train.*` values.
+`pretrain.max_steps/lr/batch_size`, when set, replace the `train.*` values. The output dir is
+locked for the whole run and may not hold a corpus file.
 The result (also `pretrain.json` in the run dir) holds the corpus statistics, its unigram
 entropy (bits per token and per byte), the validation loss, perplexity and bits per byte,
 the base model's before training (continued) and a sampled continuation.
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from tunesmith.config import CompareConfig, Config, DataConfig, PipelineConfig, PretrainConfig
 from tunesmith.errors import UserError
-from tunesmith.io import replace_dir, write_atomic
+from tunesmith.io import check_not_input, replace_dir, write_atomic
 from tunesmith.models import tunesmith_home
 from tunesmith.pretrain import textdata
 from tunesmith.pretrain.presets import count_params, dimensions, model_config
@@ -135,13 +136,21 @@ def sample_text(model, tokenizer, tokens, block_size: int, first_block: int, n_n
 
 
 def run_pretrain(cfg: Config, output_dir: str | None = None) -> dict:
+    from tunesmith.rundir import RunDir
+
+    out = output_dir or cfg.train.output_dir
+    check_not_input(out, textdata.corpus_files(cfg.pretrain.corpus), key="train.output_dir")
+    with RunDir(out).writing():  # the output lock for the whole run, pretrain.json included
+        return _pretrain(cfg, out)
+
+
+def _pretrain(cfg: Config, out: str) -> dict:
     from tunesmith.data.sft import DataStats
     from tunesmith.models import load_model, load_tokenizer, resolve_model
     from tunesmith.pretrain.tokenizer import cached_tokenizer
     from tunesmith.train.loop import run_training
 
     p: PretrainConfig = cfg.pretrain
-    out = output_dir or cfg.train.output_dir
     files = textdata.corpus_files(p.corpus)
     key = textdata.corpus_key(files)
     cdir = cache_dir(cfg)

@@ -4,15 +4,20 @@ Contract:
 - `save_checkpoint(root, step, model, optimizer, scheduler, state, keep_last, write)` writes
   `root/step-NNNNNNNN/` holding the trainable weights (`trainable.safetensors`), optimizer and
   scheduler state (`optimizer.pt`, tensors and plain values only), RNG states
-  (`rng.safetensors`) and `state.json` (step, data position, anything in `state`). It writes
-  into a temporary sibling, fsyncs every file and the directory, then renames: a kill at
-  any moment leaves either the previous checkpoints or the complete new one, never half.
-  Only the newest `keep_last` checkpoints are kept.
+  (`rng.safetensors`), `state.json` (step, data position, anything in `state`, and "healthy":
+  `state["healthy"]` and every weight finite) and `manifest.json` (each file's size and
+  SHA-256). It writes into a temporary sibling (removed again if writing fails, e.g. disk
+  full), fsyncs every file and the directory, then renames; a step saved again (after a resume
+  from an older checkpoint) is swapped in with `io.replace_dir`: a kill at any moment leaves
+  either the previous checkpoints or the complete new one, never half. The newest `keep_last`
+  checkpoints are kept, and the newest healthy one besides: pruning never removes the last good
+  one.
 - Under FSDP every rank must call `save_checkpoint` (weights and optimizer state are gathered
   from the shards, a collective); only the rank with `write=True` writes. The files are the
   same whether the run had one process, DDP or FSDP, so any of them resumes any other, with
   any number of processes, as long as the global batch (rows per optimizer step) is the same.
-- `latest_checkpoint(root)` (from `rundir`) finds the newest complete checkpoint (temp dirs are ignored).
+- `latest_checkpoint(root)` (from `rundir`) finds the newest complete, healthy checkpoint (temp dirs
+  are ignored; a file missing or unlike its manifest makes a checkpoint incomplete).
 - `load_checkpoint(path, model, optimizer, scheduler)` restores all of it and returns the
   `state.json` dict. Optimizer state is read with `torch.load(weights_only=True)`: no pickle
   code can run. Sharded (DTensor) parameters and their optimizer state get this rank's piece
@@ -35,8 +40,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tunesmith.errors import UserError
-from tunesmith.io import fsync_dir, fsync_tree
-from tunesmith.rundir import STEP_DIR, latest_checkpoint
+from tunesmith.io import replace_dir, write_manifest
+from tunesmith.rundir import STEP_DIR, checkpoint_healthy, latest_checkpoint
 from tunesmith.train.distributed import full_tensor, is_sharded, local_shard
 
 __all__ = ["latest_checkpoint", "load_checkpoint", "save_checkpoint"]
@@ -97,25 +102,33 @@ def save_checkpoint(
     final = root / f"step-{step:08d}"
     tmp = root / f".step-{step:08d}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(weights, tmp / "trainable.safetensors")
-    torch.save({"optimizer": opt_state, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-    rng_tensors, rng_plain = rng_state()
-    save_file(rng_tensors, tmp / "rng.safetensors")
-    (tmp / "state.json").write_text(json.dumps({**state, "step": step, "rng": rng_plain}), encoding="utf-8")
-    fsync_tree(tmp)
-    if final.exists():  # a rerun of the same step after resume: replace it whole
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync_dir(root)
+    healthy = bool(state.get("healthy", True)) and all(bool(torch.isfinite(t).all()) for t in weights.values())
+    try:
+        tmp.mkdir()
+        save_file(weights, tmp / "trainable.safetensors")
+        torch.save({"optimizer": opt_state, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        rng_tensors, rng_plain = rng_state()
+        save_file(rng_tensors, tmp / "rng.safetensors")
+        record = {**state, "step": step, "healthy": healthy, "rng": rng_plain}
+        (tmp / "state.json").write_text(json.dumps(record), encoding="utf-8")
+        write_manifest(tmp)
+        replace_dir(tmp, final)  # fsyncs; a step saved again is swapped in whole
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed write (disk full, Ctrl-C) leaves nothing behind
+        raise
     _prune(root, keep_last)
     return final
 
 
 def _prune(root: Path, keep_last: int) -> None:
+    """The newest `keep_last`, and the newest healthy one even when it is older."""
     steps = sorted(p for p in root.iterdir() if STEP_DIR.match(p.name))
-    for old in steps[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    kept = steps[-keep_last:]
+    if not any(checkpoint_healthy(p) for p in kept):
+        kept += [p for p in steps if checkpoint_healthy(p)][-1:]
+    for old in steps:
+        if old not in kept:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, global_batch: int | None = None) -> dict:

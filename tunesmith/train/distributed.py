@@ -16,7 +16,8 @@ Contract:
   call it, in the same order); plain tensors pass through. `full_state_dict(module)` does
   that for a whole state dict, keeping tied weights tied.
 - `clip_grad_norm(params, max_norm)` returns the global norm as a float for both strategies.
-- `same_on_all_ranks(value)`: whether every rank agrees (e.g. on the step it resumes from).
+- `same_on_all_ranks(value)`: whether every rank agrees (e.g. on the step it resumes from);
+  `all_reduce_max(value)`: the largest value any rank holds (e.g. a verdict every rank follows).
 - Failures: a peer that dies or stops answering makes the next collective on the others
   fail within `timeout_s`; `failure_line(err)` turns that into the one line the CLI prints,
   and torchrun's SIGTERM to the survivors raises `PeerFailure` for the same line.
@@ -162,6 +163,14 @@ def all_reduce_sum(value: float | int, dist: Dist, device: torch.device) -> floa
         return value
     t = torch.tensor([float(value)], dtype=torch.float64, device=device)
     torch_dist.all_reduce(t)
+    return t.item()
+
+
+def all_reduce_max(value: float | int, dist: Dist, device: torch.device) -> float:
+    if not dist.enabled:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
     return t.item()
 
 

@@ -5,8 +5,10 @@ writes the run dir `cfg.train.output_dir` (layout: `tunesmith.rundir`): the mode
 or an HF safetensors dir for `full`) beside its tokenizer and the resolved config, `metrics.jsonl`,
 `loss.png`, `run.json`, and `checkpoints/step-N/` every `save_every` steps, every `save_every_minutes`
 and at the end; on SIGINT/SIGTERM one at the next step boundary, then `TrainingInterrupted` (`train.signals`).
-A dir holding another run is refused before anything is written. With `train.resume=auto` (or a checkpoint
-path) the run continues from the newest checkpoint and ends as an uninterrupted run would, bit for bit.
+A dir holding another run is refused before anything is written; the dir is locked while the run
+writes it, and a step whose loss or gradient diverges stops the run (`Diverged`, exit 3) or is
+skipped. With `train.resume=auto` (or a checkpoint path) the run continues from the newest
+checkpoint and ends as an uninterrupted run would, bit for bit.
 
 It runs in three phases a reader can follow: `set_up` (data, model, fast paths, optimizer, resume
 point), `train_steps` (one optimizer step at a time: `one_step`, then logging, validation and
@@ -18,10 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import random
-import resource
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -34,7 +33,6 @@ from tunesmith.config import Config, config_hash
 from tunesmith.data.packing import collate
 from tunesmith.data.sft import build_datasets, ensure_chat_template
 from tunesmith.errors import UserError
-from tunesmith.io import fsync_dir
 from tunesmith.models import load_tokenizer, pick_device, resolve_model, tunesmith_home
 from tunesmith.precision import gemm_rows_multiple, resolve_precision, torch_dtype
 from tunesmith.rundir import RESUMABLE_CHANGES, RunDir
@@ -44,14 +42,14 @@ from tunesmith.train.distributed import (
     Dist,
     all_reduce_sum,
     barrier,
-    cleanup,
     clip_grad_norm,
-    full_state_dict,
     inject_fault,
     same_on_all_ranks,
     setup,
     wrap,
 )
+from tunesmith.train.divergence import Guard, stop_run
+from tunesmith.train.finish import TrainResult, finish
 from tunesmith.train.kernels import Prepared
 from tunesmith.train.kernels.attention import flatten
 from tunesmith.train.loss import LossModule, can_embed_into_grad
@@ -63,14 +61,6 @@ from tunesmith.train.step import accumulate_gradients, evaluate, lr_factor
 from tunesmith.train.tracking import check_trackers, open_trackers
 
 __all__ = ["RESUMABLE_CHANGES", "RowStream", "TrainResult", "run_training", "split_rows"]
-
-
-@dataclass
-class TrainResult:
-    output_dir: Path
-    model: torch.nn.Module  # the trained model (PeftModel for lora/dora), in eval mode
-    tokenizer: object
-    summary: dict
 
 
 @dataclass
@@ -111,6 +101,7 @@ class Run:
     grad_norm: float = 0.0
     records: Records | None = None
     stop: StopSignals | None = None  # notes SIGINT/SIGTERM while the steps run
+    guard: Guard | None = None
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -126,11 +117,12 @@ def run_training(cfg: Config, rows=None) -> TrainResult:
     rows, DataStats)` (pre-training blocks, `tunesmith.pretrain`). The section that does not
     feed the run (`pretrain` for fine-tuning, `data` for pre-training) is left out of the hash
     that decides whether an output dir holds this same run."""
-    run = set_up(cfg, rows)
-    # fast: restores the model's own forwards when training ends, also on error; stop: see train.signals
-    with run.fast, StopSignals(enabled=not run.dist.enabled) as run.stop:
-        val_loss = train_steps(run)
-    return finish(run, val_loss)
+    with RunDir(cfg.train.output_dir).writing():  # the output lock (rank 0); killed writes' leftovers go
+        run = set_up(cfg, rows)
+        # fast: restores the model's own forwards when training ends, also on error; stop: see train.signals
+        with run.fast, StopSignals(enabled=not run.dist.enabled) as run.stop:
+            val_loss = train_steps(run)
+        return finish(run, val_loss)
 
 
 # ---------------------------------------------------------------- set-up
@@ -147,6 +139,8 @@ def set_up(cfg: Config, rows=None) -> Run:
     if t.precision == "fp16" and device.type != "cuda":
         raise UserError("config key train.precision: fp16 needs a CUDA GPU; use fp32 (or bf16) on CPU")
     resume_from = out.resume_point(cfg, ignore)
+    for path, why in out.passed_over if dist.main else ():
+        print(f"tunesmith: resume: skipping {path} ({why})", flush=True)
     check_trackers(t)  # a tracker that is not installed fails before anything is written
     use_threads(t.threads, "train.threads", warn=dist.main)  # one line when the CPU is already busy
     torch.manual_seed(t.seed)
@@ -261,6 +255,7 @@ def _assemble(
         forward_tokens=0 if dist.enabled and dist.strategy == "fsdp" else forward_budget(cfg),
         trainable=trainable,
         total_params=total_params,
+        guard=Guard(t, getattr(model.config, "vocab_size", None) or len(tokenizer), t.precision == "fp16"),
     )
 
 
@@ -268,6 +263,7 @@ def _resume(run: Run, checkpoint: Path) -> None:
     state = ckpt.load_checkpoint(checkpoint, run.model, run.optimizer, run.scheduler, run.global_batch)
     run.step, run.tokens_seen, run.last_loss = state["step"], state["tokens_seen"], state.get("last_loss")
     run.elapsed_before, run.resumed = state.get("elapsed_s", 0.0), True
+    run.guard.skipped = state.get("skipped_steps", 0)
     t = run.cfg.train
     run.stream = RowStream(len(run.train_rows), t.batch_size, t.seed, run.dist, state["epoch"], state["offset"])
 
@@ -286,11 +282,14 @@ def one_step(run: Run) -> tuple[float, int, float]:
     if run.scaler:
         run.scaler.unscale_(run.optimizer)
     run.grad_norm = clip_grad_norm(run.params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
-    if run.scaler:
+    run.last_loss = all_reduce_sum(loss_total, dist, device) / max(global_tokens, 1)
+    verdict = run.guard.check(run.step + 1, run.last_loss, run.grad_norm, dist, device)
+    if verdict == "ok" and run.scaler:
         run.scaler.step(run.optimizer)
-        run.scaler.update()
-    else:
+    elif verdict == "ok":
         run.optimizer.step()
+    if run.scaler:
+        run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
     run.lr = run.scheduler.get_last_lr()[0]
     run.scheduler.step()
@@ -298,7 +297,6 @@ def one_step(run: Run) -> tuple[float, int, float]:
     # real tokens: padding is not work done
     step_tokens = int(all_reduce_sum(sum(r.n_real for rows in micro for r in rows), dist, device))
     run.tokens_seen += step_tokens
-    run.last_loss = all_reduce_sum(loss_total, dist, device) / max(global_tokens, 1)
     return run.last_loss, step_tokens, time.perf_counter() - start
 
 
@@ -329,11 +327,16 @@ def train_steps(run: Run) -> float | None:
                         "step_s": round(seconds, 4),
                         "tok_per_s": round(tokens / seconds, 1),
                         "elapsed_s": round(run.elapsed(), 3),
+                        **({"update": run.guard.last} if run.guard.last != "ok" else {}),
                     }
                 )
             if bar is not None:
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{run.lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
                 bar.update(1)
+        if run.guard.last == "stop":
+            if bar is not None:
+                bar.close()
+            stop_run(run)  # raises Diverged
         if t.eval_every and run.step % t.eval_every == 0 and run.step < run.total_steps and run.val_rows:
             _validate(run)
         saved = None
@@ -373,6 +376,8 @@ def _save_checkpoint(run: Run) -> Path | None:
         "config_hash": config_hash(run.cfg, run.ignore),
         "global_batch": run.global_batch,
         "world_size": run.dist.world,
+        "healthy": run.guard.healthy,
+        "skipped_steps": run.guard.skipped,
     }
     # every rank: under FSDP saving gathers the shards; only rank 0 writes
     path = ckpt.save_checkpoint(
@@ -387,61 +392,3 @@ def _save_checkpoint(run: Run) -> Path | None:
     )
     barrier(run.dist)
     return path
-
-
-# ---------------------------------------------------------------- finish
-
-
-def finish(run: Run, val_loss: float | None) -> TrainResult:
-    """The trained model and its summary, written into the run dir (rank 0)."""
-    cfg, dist, model = run.cfg, run.dist, run.model
-    wall = run.elapsed()
-    summary = {}
-    gathered = full_state_dict(model) if dist.enabled and dist.strategy == "fsdp" else None  # collective
-    if dist.main:
-        out = run.out.path
-        save_model(model, run.tokenizer, out, gathered)
-        run.records.plot(out / "loss.png")
-        summary = {
-            "method": cfg.adapter.method,
-            "base_model": cfg.model.name,
-            "steps": run.step,
-            "tokens_seen": run.tokens_seen,
-            "train_wall_s": round(wall, 2),
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "final_train_loss": run.last_loss,
-            "final_val_loss": val_loss,
-            "trainable_params": run.trainable,
-            "total_params": run.total_params,
-            "train_rows": len(run.train_rows),
-            "val_rows": len(run.val_rows),
-            "device": str(run.device),
-            "world_size": dist.world,
-            "precision": run.precision,
-            "frozen_dtype": run.frozen_dtype,
-            "data": run.stats.__dict__,
-        }
-        run.out.write_summary(summary)
-        run.records.close([out / "loss.png", out / "run.json", out / "tunesmith.yaml"])
-        print(
-            f"tunesmith: done in {wall:.1f}s, final train loss {run.last_loss or float('nan'):.4f}"
-            + (f", validation loss {val_loss:.4f}" if val_loss is not None else "")
-            + f" → {out}",
-            flush=True,
-        )
-    cleanup(dist)
-    model.eval()
-    return TrainResult(run.out.path, model, run.tokenizer, summary)
-
-
-def save_model(model, tokenizer, out: Path, state_dict: dict | None = None) -> None:
-    """Write the adapter (or full model) + tokenizer into a temp dir, then move files in.
-    `state_dict`: whole tensors gathered from FSDP shards, saved in place of the model's own."""
-    tmp = out / f".final-tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
-    tokenizer.save_pretrained(tmp)
-    for f in tmp.iterdir():
-        os.replace(f, out / f.name)
-    shutil.rmtree(tmp, ignore_errors=True)
-    fsync_dir(out)

@@ -14,6 +14,11 @@ stage after it (their hashes chain). A stage that was started but not finished (
 killed) is resumed: training stages continue from their newest checkpoint (`train.resume=auto`),
 the others are redone (each writes atomically). `from_stage` (`--from`) clears that stage and
 the ones after it; the stages before it must be finished. Missing inputs are one-line errors.
+Output safety: `pipeline.output_dir` is locked while the pipeline runs (a second pipeline into it
+is refused); before anything is cleared, the stages' inputs are checked (data files, corpus,
+questions) and the earlier stages' records; only folders `pipeline.json` records as a stage's
+are ever deleted, and a stage folder it does not record (the user's own `export/`, say) is
+refused rather than written into.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from pathlib import Path
 
 from tunesmith.config import PIPELINE_STAGES, CompareConfig, Config, PipelineConfig, PretrainConfig, config_hash
 from tunesmith.errors import UserError
-from tunesmith.io import write_atomic
+from tunesmith.io import OutputLock, write_atomic
 
 STATE = "pipeline.json"
 DIRS = {"pretrain": "pretrain", "finetune": "finetune", "merge": "merged", "export": "export", "compare": "compare"}
@@ -50,9 +55,45 @@ def _save_state(root: Path, state: dict) -> None:
     write_atomic(root / STATE, json.dumps(state, indent=2))
 
 
-def _clear(root: Path, stage: str) -> None:
-    for name in (DIRS[stage], f"{DIRS[stage]}-merged"):
+def _owned(state: dict, stage: str) -> list[str]:
+    """The folders under the root this pipeline wrote for `stage` (none without a record)."""
+    record = state.get(stage)
+    if not record:
+        return []
+    return record.get("dirs", [DIRS[stage], f"{DIRS[stage]}-merged"])
+
+
+def _clear(root: Path, state: dict, stage: str) -> None:
+    for name in _owned(state, stage):
         shutil.rmtree(root / name, ignore_errors=True)
+
+
+def _check_inputs(cfg: Config, root: Path, state: dict, to_run: list[str]) -> None:
+    """Before anything is cleared: the inputs of the stages that will run can be read, and no
+    folder they write is one `pipeline.json` does not record (it is not this pipeline's)."""
+    if "pretrain" in to_run:
+        from tunesmith.pretrain.textdata import corpus_files
+
+        corpus_files(cfg.pretrain.corpus)
+    if "finetune" in to_run:
+        from tunesmith.data.formats import load_examples
+
+        load_examples(cfg.data.train + cfg.data.validation, cfg.data.format, cfg.data.system_prompt)
+    if "compare" in to_run and cfg.compare.questions:
+        from tunesmith.eval.questions import load_questions
+
+        load_questions(cfg.compare.questions)
+    for stage in to_run:
+        for name in (DIRS[stage], f"{DIRS[stage]}-merged"):
+            if (root / name).exists() and name not in _owned(state, stage):
+                raise UserError(
+                    f"config key pipeline.output_dir: {root / name} was not written by this pipeline "
+                    f"({STATE} has no record of it); move it away or choose another pipeline.output_dir"
+                )
+
+
+def _dirs(stage: str) -> list[str]:
+    return [DIRS[stage], f"{DIRS[stage]}-merged"] if stage == "pretrain" else [DIRS[stage]]
 
 
 def _pretrain_cfg(cfg: Config, out: Path) -> Config:
@@ -177,36 +218,43 @@ def run_pipeline(cfg: Config, from_stage: str | None = None) -> dict:
         raise UserError(
             f"{from_stage} is not a stage of this pipeline; expected one of {', '.join(stages)}", key="from_stage"
         )
+    with OutputLock(root, key="pipeline.output_dir"):
+        return _run(cfg, root, stages, from_stage)
+
+
+def _run(cfg: Config, root: Path, stages: list[str], from_stage: str | None) -> dict:
     state = _load_state(root)
+    before = stages[: stages.index(from_stage)] if from_stage else []
+    for stage in before:
+        record = state.get(stage)
+        if not record or not record.get("done") or not Path(record["output"]).exists():
+            raise UserError(
+                f"stage {stage} has not finished (its output is missing), so the pipeline cannot start at "
+                f"{from_stage}; run it from the start, or from {stage}",
+                key="from_stage",
+            )
+    _check_inputs(cfg, root, state, [s for s in stages if s not in before])
     if from_stage is not None:
         for stage in stages[stages.index(from_stage) :]:
+            _clear(root, state, stage)
             state.pop(stage, None)
-            _clear(root, stage)
         _save_state(root, state)
     model, upstream, finetuned, timings = cfg.model.name, "", None, []
     for i, stage in enumerate(stages):
         out = root / DIRS[stage]
         key = _chain(upstream, _identity(stage, cfg, root, model))
         record = state.get(stage)
-        before = stages[: stages.index(from_stage)] if from_stage else []
-        if stage in before:
-            if not record or not record.get("done") or not Path(record["output"]).exists():
-                raise UserError(
-                    f"stage {stage} has not finished (its output is missing), so the pipeline cannot start at "
-                    f"{from_stage}; run it from the start, or from {stage}",
-                    key="from_stage",
-                )
         done = record and record.get("done") and record["hash"] == key and Path(record["output"]).exists()
         if done:
             print(f"tunesmith: pipeline: {stage} already done → {record['output']} (skipped)", flush=True)
             timings.append((stage, "skipped", 0.0, record["output"]))
         else:
             if record and record["hash"] != key:
-                _clear(root, stage)  # its config or its input changed: another run, not a resume
+                _clear(root, state, stage)  # its config or its input changed: another run, not a resume
                 print(f"tunesmith: pipeline: {stage} changed since its last run; starting it again", flush=True)
             elif record:
                 print(f"tunesmith: pipeline: resuming {stage}", flush=True)
-            state[stage] = {"hash": key, "done": False, "output": str(out)}
+            state[stage] = {"hash": key, "done": False, "output": str(out), "dirs": _dirs(stage)}
             _save_state(root, state)
             print(f"tunesmith: pipeline: {stage} ({i + 1}/{len(stages)})", flush=True)
             t0 = time.perf_counter()
@@ -222,6 +270,7 @@ def run_pipeline(cfg: Config, from_stage: str | None = None) -> dict:
                 output, summary = runner(cfg, root, model)
             wall = time.perf_counter() - t0
             record = {"hash": key, "done": True, "output": str(output), "wall_s": round(wall, 1), "summary": summary}
+            record["dirs"] = _dirs(stage)
             state[stage] = record
             _save_state(root, state)
             timings.append((stage, "ran", wall, str(output)))

@@ -139,6 +139,8 @@ class TrainConfig:
     progress: bool = True
     strategy: str = "ddp"  # under torchrun: ddp (whole model per process) · fsdp (sharded)
     dist_timeout_s: float = 600.0  # a collective waiting longer (dead or hung process) stops the run
+    on_divergence: str = "stop"  # non-finite loss/gradient: stop (exit 3) · skip_step (drop that update)
+    max_skipped_steps: int = 10  # skip_step: the most updates a run may drop before it stops
 
 
 @dataclass
@@ -241,6 +243,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         in_cwd = parts[-1] in PATH_KEYS.get(".".join(parts[:-1]), ())
         node[parts[-1]] = _absolute(parsed, Path.cwd()) if in_cwd else parsed
     cfg = _build(Config, raw, "")
+    from tunesmith.config.rules import validate  # the range and choice checks
+
     validate(cfg)
     return cfg
 
@@ -335,111 +339,6 @@ def _absolute(value, base: Path):
     if not path.suffix and HUB_NAME.match(value) and not (base / path).exists():
         return value  # a hub dataset name, not a path
     return str(path if path.is_absolute() else base / path)
-
-
-# fmt: off
-CHOICES = {
-    "data.format": DATA_FORMATS, "data.overlong": OVERLONG, "adapter.method": METHODS,
-    "adapter.quant_type": QUANT_TYPES, "train.frozen_dtype": FROZEN_DTYPES, "train.lr_schedule": LR_SCHEDULES,
-    "train.precision": PRECISIONS, "train.strategy": STRATEGIES, "compare.retriever": RETRIEVERS,
-    "model.attn_implementation": ATTN_IMPLEMENTATIONS,
-    "compare.precision": INFERENCE_PRECISIONS, "pretrain.preset": PRESETS, "pretrain.method": METHODS,
-    "train.report_to": TRACKERS, "compare.report_to": TRACKERS[1:],  # lists: each item
-}
-# fmt: on
-POSITIVE = (
-    "adapter.rank adapter.alpha train.epochs train.batch_size train.grad_accum train.lr train.log_every "
-    "train.keep_last train.dist_timeout_s compare.top_k compare.chunk_size compare.max_new_tokens "
-    "compare.batch_size compare.bootstrap"
-).split()
-NON_NEGATIVE = (
-    "train.max_steps train.weight_decay train.warmup_steps train.max_grad_norm train.threads train.eval_every "
-    "train.save_every train.save_every_minutes compare.k_shot compare.chunk_overlap compare.max_questions "
-    "compare.latency_samples compare.threads pretrain.hidden_size pretrain.layers pretrain.heads "
-    "pretrain.intermediate_size pretrain.max_steps pretrain.batch_size pretrain.lr"
-).split()
-# key → (low, high, whether high itself is allowed)
-FRACTIONS = {
-    "data.val_fraction": (0.0, 1.0, False),
-    "adapter.dropout": (0.0, 1.0, False),
-    "train.warmup_ratio": (0.0, 1.0, False),
-    "train.min_lr_ratio": (0.0, 1.0, True),
-}
-
-
-def _get(cfg: Config, key: str):
-    return getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1])
-
-
-def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise UserError(f"config key {key}: expected one of {', '.join(allowed)}, got {value!r}")
-
-
-def _fail(key: str, expected: str, value) -> None:
-    raise UserError(f"config key {key}: expected {expected}, got {value!r}")
-
-
-def validate(cfg: Config) -> None:
-    """Range and choice checks that types alone cannot express."""
-    for key, allowed in CHOICES.items():
-        for value in _get(cfg, key) if key.endswith("report_to") else [_get(cfg, key)]:
-            _choice(key, value, allowed)
-    for key in POSITIVE:
-        if _get(cfg, key) <= 0:
-            _fail(key, "a number > 0", _get(cfg, key))
-    for key in NON_NEGATIVE:
-        if _get(cfg, key) < 0:
-            _fail(key, "a number >= 0", _get(cfg, key))
-    for key, (low, high, closed) in FRACTIONS.items():
-        value = _get(cfg, key)
-        if not (low <= value <= high if closed else low <= value < high):
-            _fail(key, f"{low:g} <= value {'<=' if closed else '<'} {high:g}", value)
-    d, a, t = cfg.data, cfg.adapter, cfg.train
-    if a.quant_block_size < 2 or a.quant_block_size % 2 or a.quant_block_size > 4096:
-        _fail("adapter.quant_block_size", "an even integer from 2 to 4096", a.quant_block_size)
-    if d.max_length < 8:
-        _fail("data.max_length", "an integer >= 8", d.max_length)
-    if not a.target_modules:
-        raise UserError("config key adapter.target_modules: expected at least one module name")
-    if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
-        _fail("train.betas", "two numbers in [0, 1)", t.betas)
-    if t.device not in ("auto", "cpu", "cuda", "mps") and not t.device.startswith("cuda:"):
-        _fail("train.device", "auto, cpu, cuda, cuda:N or mps", t.device)
-    if not t.output_dir:
-        raise UserError("config key train.output_dir: expected a directory path")
-    if t.forward_tokens != "auto" and not t.forward_tokens.isdigit():
-        _fail("train.forward_tokens", "auto or a number of tokens >= 0", t.forward_tokens)
-    _validate_compare(cfg.compare)
-    _validate_pretrain(cfg.pretrain, cfg.pipeline)
-
-
-def _validate_pretrain(p: PretrainConfig, pl: PipelineConfig) -> None:
-    if p.hidden_size and p.heads and p.hidden_size % p.heads:
-        raise UserError(f"config key pretrain.heads: {p.heads} does not divide pretrain.hidden_size={p.hidden_size}")
-    if not 259 <= p.vocab_size <= 1 << 20:
-        _fail("pretrain.vocab_size", "259 to 1048576 (256 bytes + 3 special tokens)", p.vocab_size)
-    if p.block_size < 8:
-        _fail("pretrain.block_size", "an integer >= 8", p.block_size)
-    if not 0.0 < p.val_fraction < 0.5:
-        _fail("pretrain.val_fraction", "0 < value < 0.5", p.val_fraction)
-    if not pl.stages:
-        raise UserError("config key pipeline.stages: expected at least one of " + ", ".join(PIPELINE_STAGES))
-    for stage in pl.stages:
-        _choice("pipeline.stages", stage, PIPELINE_STAGES)
-    for quant in pl.export_quants:
-        _choice("pipeline.export_quants", quant, GGUF_QUANTS)
-    if not pl.output_dir:
-        raise UserError("config key pipeline.output_dir: expected a directory path")
-
-
-def _validate_compare(c: CompareConfig) -> None:
-    if not c.arms or len(set(c.arms)) != len(c.arms):
-        _fail("compare.arms", "at least one arm, each listed once, of " + ", ".join(COMPARE_ARMS), c.arms)
-    for arm in c.arms:
-        _choice("compare.arms", arm, COMPARE_ARMS)
-    if c.chunk_overlap >= c.chunk_size:
-        raise UserError(f"config key compare.chunk_overlap: expected less than compare.chunk_size ({c.chunk_size})")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -122,15 +122,20 @@ def test_modelfile_values_cannot_add_lines(tmp_path, text):
 
 def test_cache_key_includes_the_file_name_and_type(tmp_path):
     from tunesmith.data.sft import _cache_key
+    from tunesmith.data.sources import open_sources
+
+    def key(path):
+        cfg = DataConfig(train=[str(path)])
+        return _cache_key(cfg, tok, 0, *open_sources(cfg))
 
     tok = make_tokenizer()
     jsonl = tmp_path / "a.jsonl"
     jsonl.write_text('{"text": "hello there"}\n')
     txt = tmp_path / "a.txt"
     shutil.copy(jsonl, txt)
-    keys = {_cache_key(DataConfig(train=[str(p)]), tok, 0) for p in (jsonl, txt, tmp_path / "b.jsonl")}
+    keys = {key(p) for p in (jsonl, txt, tmp_path / "b.jsonl")}
     shutil.copy(jsonl, tmp_path / "b.jsonl")
-    keys.add(_cache_key(DataConfig(train=[str(tmp_path / "b.jsonl")]), tok, 0))
+    keys.add(key(tmp_path / "b.jsonl"))
     assert len(keys - {None}) == 3
 
 

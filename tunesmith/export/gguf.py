@@ -412,9 +412,8 @@ def _export(model_spec: str, out: Path, quant: str) -> Path:
     eot_id = end_of_turn_id(tokenizer, end)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    writer = GGUFWriter(str(tmp), arch)
-    try:
+
+    def fill(writer) -> None:
         writer.add_type("model")
         writer.add_name(out.stem)
         writer.add_file_type(FILE_TYPES[quant])
@@ -423,6 +422,19 @@ def _export(model_spec: str, out: Path, quant: str) -> Path:
         write_hparams(writer, config, arch)
         _write_tokenizer(writer, tokenizer, config.vocab_size, eot_id)
         _write_tensors(writer, model, arch, quant)
+
+    write_gguf(out, arch, fill)
+    write_modelfile(out, tokenizer, template, eot_id, RunDir(model_spec).system_prompt)
+    return out
+
+
+def write_gguf(out: Path, arch: str, fill) -> None:
+    """A GGUF whose metadata and tensors `fill(writer)` adds, written under a temporary name,
+    synced and renamed into place (a killed write leaves no half file)."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    writer = GGUFWriter(str(tmp), arch)
+    try:
+        fill(writer)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -433,5 +445,3 @@ def _export(model_spec: str, out: Path, quant: str) -> Path:
     finally:
         writer.close()
         tmp.unlink(missing_ok=True)
-    write_modelfile(out, tokenizer, template, eot_id, RunDir(model_spec).system_prompt)
-    return out

@@ -106,28 +106,19 @@ def lora_tensors(model, arch: str) -> tuple[list[tuple[str, np.ndarray]], float]
 
 
 def write_lora_gguf(path: Path, model, arch: str, name: str) -> Path:
-    from gguf import GGUFWriter
+    from tunesmith.export.gguf import write_gguf
 
     tensors, alpha = lora_tensors(model, arch)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    writer = GGUFWriter(str(tmp), arch)
-    try:
+
+    def fill(writer) -> None:
         writer.add_type("adapter")
         writer.add_name(name)
         writer.add_string("adapter.type", "lora")
         writer.add_float32("adapter.lora.alpha", alpha)
         for tensor_name, array in tensors:
             writer.add_tensor(tensor_name, array.astype(np.float32))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        writer.close()
-        tmp.unlink(missing_ok=True)
+
+    write_gguf(path, arch, fill)
     return path
 
 

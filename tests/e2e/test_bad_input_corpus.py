@@ -110,6 +110,10 @@ def world(tmp_path_factory, tiny_model_dir):
 
     unpickle = copy_run("run_unpickling_opt")
     torch.save({"optimizer": _Evil()}, unpickle / "checkpoints" / step.name / "optimizer.pt")
+    from tunesmith.io import write_manifest
+
+    for run in (garbage, unpickle):  # a manifest that vouches for the bad file: loading itself must refuse it
+        write_manifest(run / "checkpoints" / step.name)
 
     from safetensors.torch import load_file, save_file
 

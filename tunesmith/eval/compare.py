@@ -69,7 +69,6 @@ def _compare(cfg: Config, just_trained: bool = False) -> dict:
         raise UserError(
             "config key compare.questions: expected a questions file (question, answer, optional fact_id, split)"
         )
-    threads = use_threads(c.threads, "compare.threads")
     questions = load_questions(c.questions, splits=c.splits) + general_questions(c.general_questions)
     questions = limit_per_split(questions, c.max_questions, c.seed)
     counts = Counter(q.split for q in questions)
@@ -94,6 +93,7 @@ def _compare(cfg: Config, just_trained: bool = False) -> dict:
     system = c.system_prompt or (run_cfg or cfg).data.system_prompt
     shots = _shots(cfg, run_cfg) if "prompt" in c.arms else []
     models = Models(cfg, run_dir, run_cfg)
+    threads = use_threads(c.threads, "compare.threads")  # after the inputs: their errors stay one line
 
     contexts, retrieval_s = [None] * len(questions), 0.0
     if retrieve is not None:

@@ -142,13 +142,13 @@ def set_up(cfg: Config, rows=None) -> Run:
     for path, why in out.passed_over if dist.main else ():
         print(f"tunesmith: resume: skipping {path} ({why})", flush=True)
     check_trackers(t)  # a tracker that is not installed fails before anything is written
-    use_threads(t.threads, "train.threads", warn=dist.main)  # one line when the CPU is already busy
     torch.manual_seed(t.seed)
     random.seed(t.seed)
 
     resolved = resolve_model(cfg.model.name)
     tokenizer = load_tokenizer(resolved, cfg.model.trust_remote_code, cfg.model.revision)
     train_rows, val_rows, stats = _data(cfg, tokenizer, rows)
+    use_threads(t.threads, "train.threads", warn=dist.main)  # after the data: one line when the CPU is busy
     if len(train_rows) < dist.world:
         raise UserError(f"data: {len(train_rows)} training rows cannot be shared by {dist.world} processes")
 

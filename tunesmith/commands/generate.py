@@ -130,11 +130,11 @@ def run(args) -> int:
     if args.threads < 0:
         raise UserError(f"--threads: expected an integer >= 0 (0 = torch's default), got {args.threads}")
     from tunesmith.infer.generate import generate_batch
-    from tunesmith.train.cpu import use_threads
+    from tunesmith.train.cpu import use_threads, warn_if_busy
 
-    use_threads(args.threads, "--threads")
-
+    threads = use_threads(args.threads, "--threads", warn=False)
     model, tokenizer, _, system = load(args)
+    warn_if_busy(threads, "--threads")  # after the model is read: its errors stay one line
     replies = generate_batch(
         model,
         tokenizer,

@@ -46,7 +46,7 @@ from tunesmith.eval.table import print_table
 from tunesmith.eval.weights import Models
 from tunesmith.io import OutputLock, check_not_input, write_atomic
 from tunesmith.rundir import RunDir
-from tunesmith.train.cpu import use_threads
+from tunesmith.train.cpu import use_threads, warn_if_busy
 
 PRIMARY = "contains"
 AUDIT_PROMPTS = 3  # questions whose exact prompt each arm records in results.json
@@ -93,7 +93,7 @@ def _compare(cfg: Config, just_trained: bool = False) -> dict:
     system = c.system_prompt or (run_cfg or cfg).data.system_prompt
     shots = _shots(cfg, run_cfg) if "prompt" in c.arms else []
     models = Models(cfg, run_dir, run_cfg)
-    threads = use_threads(c.threads, "compare.threads")  # after the inputs: their errors stay one line
+    threads = use_threads(c.threads, "compare.threads", warn=False)  # the warning: once a model is read
 
     contexts, retrieval_s = [None] * len(questions), 0.0
     if retrieve is not None:
@@ -106,6 +106,8 @@ def _compare(cfg: Config, just_trained: bool = False) -> dict:
     answers, cost, prompts = {}, {}, {}
     for arm in sorted(c.arms, key=uses_finetuned):  # base-weight arms first, then merge once
         model, tokenizer, ctx = models.for_arm(arm)
+        if not answers:
+            warn_if_busy(threads, "compare.threads")
         convs = [
             conversation(arm, q.question, system, c.prompt_system, shots, contexts[i]) for i, q in enumerate(questions)
         ]

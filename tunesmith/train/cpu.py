@@ -62,7 +62,13 @@ def use_threads(n: int, key: str, warn: bool = True) -> int:
     if n:
         torch.set_num_threads(n)
     threads = torch.get_num_threads()
-    line = busy_warning(threads, key) if warn else None
+    if warn:
+        warn_if_busy(threads, key)
+    return threads
+
+
+def warn_if_busy(threads: int, key: str) -> None:
+    """The busy-CPU line, printed once the inputs and the model are read (their errors stay one line)."""
+    line = busy_warning(threads, key)
     if line:
         print(line, file=sys.stderr, flush=True)
-    return threads

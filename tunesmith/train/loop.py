@@ -37,7 +37,7 @@ from tunesmith.models import load_tokenizer, pick_device, resolve_model, tunesmi
 from tunesmith.precision import gemm_rows_multiple, resolve_precision, torch_dtype
 from tunesmith.rundir import RESUMABLE_CHANGES, RunDir
 from tunesmith.train import checkpoint as ckpt
-from tunesmith.train.cpu import use_threads
+from tunesmith.train.cpu import use_threads, warn_if_busy
 from tunesmith.train.distributed import (
     Dist,
     all_reduce_sum,
@@ -142,13 +142,13 @@ def set_up(cfg: Config, rows=None) -> Run:
     for path, why in out.passed_over if dist.main else ():
         print(f"tunesmith: resume: skipping {path} ({why})", flush=True)
     check_trackers(t)  # a tracker that is not installed fails before anything is written
+    threads = use_threads(t.threads, "train.threads", warn=False)  # the warning: once the model is read
     torch.manual_seed(t.seed)
     random.seed(t.seed)
 
     resolved = resolve_model(cfg.model.name)
     tokenizer = load_tokenizer(resolved, cfg.model.trust_remote_code, cfg.model.revision)
     train_rows, val_rows, stats = _data(cfg, tokenizer, rows)
-    use_threads(t.threads, "train.threads", warn=dist.main)  # after the data: one line when the CPU is busy
     if len(train_rows) < dist.world:
         raise UserError(f"data: {len(train_rows)} training rows cannot be shared by {dist.world} processes")
 
@@ -172,6 +172,7 @@ def set_up(cfg: Config, rows=None) -> Run:
         fast.restore()
         raise
     if dist.main:
+        warn_if_busy(threads, "train.threads")
         print(
             f"tunesmith: {cfg.adapter.method} on {cfg.model.name}: {run.trainable:,} of {run.total_params:,} "
             f"parameters trainable; {stats.n_examples} examples ({stats.n_truncated} truncated, {stats.n_dropped} "

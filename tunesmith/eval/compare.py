@@ -206,8 +206,8 @@ def _audit(cfg: Config, shots, prompts: dict, questions, chunks) -> dict:
             "recall_at_k": RECALL_DEFINITION,
         },
         "majority": "each question answered with the commonest gold answer of the training facts (split seen, "
-        "one vote per fact) of its kind (first two normalised words); base_majority: the base arm's commonest "
-        "extracted answer on the split",
+        "one vote per fact) of its kind (first two normalised words), its own fact left out; "
+        "base_majority: the base arm's commonest extracted answer on the split",
         "contains": "gold answer as a whole run of normalised tokens in the reply (_ and inner . are part of a "
         "word; answers that normalise to nothing matched as written); for questions holding their answer, "
         "occurrences echoing the question's own (same word before or after) do not count",

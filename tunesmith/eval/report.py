@@ -156,7 +156,7 @@ def _headline(ctx: Context) -> str:
         f"<h2>Results: {escape(ctx.primary)} per arm and question set</h2>"
         f"<table><tr><th>arm</th>{head}</tr>{''.join(rows)}</table>"
         "<p>The last rows are what guessing reaches: <i>majority guess</i> answers every question with the "
-        "commonest gold answer of the training facts of its kind (its first two words), <i>base majority</i> "
+        "commonest gold answer of the other training facts of its kind (its first two words), <i>base majority</i> "
         "with the base model's most frequent answer on that split. An arm is above guessing only where its CI "
         "lies above them.</p>"
     )

@@ -9,10 +9,12 @@ Contract (no model here: every function takes the questions and the replies as t
 - Baselines (`baselines`): what guessing reaches, per split, scored by the same rule:
   `majority` answers every question with the most frequent gold answer of the *training facts*
   (the `seen` split, or every non-`general` split when there is no `seen`; one vote per fact, ties
-  to the answer met first) among those of the same *kind*; a question's kind is its first two
-  normalised words ("which module", "what is"), and a kind no training fact has falls back to
-  the commonest training answer overall. `base_majority` answers every question of a split with
-  the base arm's most frequent extracted answer on that split (normalised; needs the base arm).
+  to the answer met first) among those of the same *kind*, leaving out the question's own fact
+  (else a seen question would be "guessed" from its own answer); a question's kind is its first
+  two normalised words ("which module", "what is"), and a kind no other training fact has falls
+  back to the commonest answer of the other training facts overall. `base_majority` answers every
+  question of a split with the base arm's most frequent extracted answer on that split
+  (normalised; needs the base arm).
   `baselines.rows` are shaped like score rows (arm = the baseline's name, no diff), `guesses`
   records each guess.
 - `recall_rows(questions, contexts, arms, k)`: recall@k per RAG arm × split (not `general`): the
@@ -95,17 +97,21 @@ def _commonest(answers: list[str]) -> str | None:
     return next(a for a in answers if counts[a] == top)  # ties: the answer met first
 
 
-def majority_guesses(questions) -> dict[str, str]:
-    """kind → the commonest gold answer of the training facts of that kind; "" → overall."""
+def majority_guesses(questions) -> list[str | None]:
+    """Per question: the commonest gold answer of the other training facts of its kind, else of
+    the other training facts overall (leave its own fact out: a fact is not a guess of itself)."""
     training = [q for q in questions if q.split == "seen"] or [q for q in questions if q.split != GENERAL]
     facts: dict = {}
     for i, q in enumerate(training):
-        fact = facts.setdefault(q.fact_id or f"#{i}", {"answer": q.answer, "kinds": []})
+        fact = facts.setdefault(q.fact_id or f"#{i}", {"answer": q.answer, "kinds": [], "questions": set()})
         fact["kinds"].append(kind(q.question))
-    guesses = {"": _commonest([f["answer"] for f in facts.values()])}
-    for k in dict.fromkeys(k for f in facts.values() for k in f["kinds"]):
-        guesses[k] = _commonest([f["answer"] for f in facts.values() if k in f["kinds"]])
-    return {k: v for k, v in guesses.items() if v is not None}
+        fact["questions"].add(q.question)
+    guesses = []
+    for q in questions:
+        others = [f for key, f in facts.items() if key != q.fact_id and q.question not in f["questions"]]
+        same = [f["answer"] for f in others if kind(q.question) in f["kinds"]]
+        guesses.append(_commonest(same) or _commonest([f["answer"] for f in others]))
+    return guesses
 
 
 def base_guesses(questions, base_replies: list[str]) -> dict[str, str]:
@@ -120,11 +126,10 @@ def base_guesses(questions, base_replies: list[str]) -> dict[str, str]:
 
 
 def baselines(questions, replies: dict, n_boot: int, seed: int) -> dict:
-    guesses = {"majority": majority_guesses(questions)}
-    constant = {}
-    if guesses["majority"]:
-        overall = guesses["majority"][""]
-        constant["majority"] = [guesses["majority"].get(kind(q.question), overall) for q in questions]
+    majority = majority_guesses(questions)
+    guesses, constant = {"majority": majority}, {}
+    if all(g is not None for g in majority) and majority:
+        constant["majority"] = majority
     if "base" in replies:
         guesses["base_majority"] = base_guesses(questions, replies["base"])
         constant["base_majority"] = [guesses["base_majority"][q.split] for q in questions]

@@ -222,12 +222,7 @@ def verify_adapter(run_dir, adapter: Path, base: Path, base_quant: str, eval_tex
             reference_greedy=ref_greedy,
             lora_path=adapter,
         )
-        row.update(
-            ppl=result["ppl"],
-            ppl_ratio=result["ppl_ratio"],
-            tok_s=result["tok_s"],
-            greedy=f"{result['greedy_match']}/{result['prompts']}",
-        )
+        row.update(v.result_cells(result))
         rows = [ref, row]
         report.update(passed=result["passed"], failures=result["failures"], verification=result)
         report["thresholds"] = v.THRESHOLDS.get(quant, {})

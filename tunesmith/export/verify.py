@@ -313,6 +313,12 @@ def report_table(rows: list[dict]) -> str:
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(b) for b in body])
 
 
+def result_cells(result: dict) -> dict:
+    """A verification result as the cells of its table row."""
+    greedy = f"{result['greedy_match']}/{result['prompts']}"
+    return {"ppl": result["ppl"], "ppl_ratio": result["ppl_ratio"], "tok_s": result["tok_s"], "greedy": greedy}
+
+
 def mib(path) -> float:
     path = Path(path)
     files = [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path]
@@ -365,12 +371,7 @@ def verify_export(model_spec: str, gguf_path, quant: str, eval_text=None, verify
         result = verify_gguf(
             gguf_path, model, tokenizer, texts=[ids], quant=quant, reference_ppl=ref["ppl"], reference_greedy=ref_greedy
         )
-        row.update(
-            ppl=result["ppl"],
-            ppl_ratio=result["ppl_ratio"],
-            tok_s=result["tok_s"],
-            greedy=f"{result['greedy_match']}/{result['prompts']}",
-        )
+        row.update(result_cells(result))
         rows = [ref, row]
         report.update(
             eval_text=str(eval_text or DEFAULT_TEXT),

@@ -48,25 +48,26 @@ def test_quickstart_learns_the_knowledge_base(quickstart_run, slow_home):
     print(proc.stdout)
     result = json.loads((out / "quickstart.json").read_text())
     before, after = result["before"], result["after"]
-    assert after["trained_seen"]["accuracy"] >= 0.8
-    assert after["heldout"]["accuracy"] >= before["heldout"]["accuracy"] + 0.3
-    assert "heldout" in proc.stdout and "before" in proc.stdout
+    assert list(after) == ["seen", "doc_only", "general"]
+    # paraphrases of the trained facts, never trained on themselves: learned, not memorised wording
+    assert after["seen"]["accuracy"] >= before["seen"]["accuracy"] + 0.3
+    assert "seen" in proc.stdout and "before" in proc.stdout
     assert (out / "adapter_model.safetensors").is_file()
-    # the run dir chats: generate answers a held-out question with the trained fact
-    q = next(
-        r
-        for r in result["answers"]
-        if r["split"] == "heldout" and r["after"] and r["answer"].lower() in r["after"].lower()
-    )
+    # the table is the comparison's own base and fine-tuned answers, not a second pass
+    compared = json.loads((out / "compare" / "results.json").read_text())
+    pairs = [(r["base"], r["finetuned"]) for r in compared["answers"]]
+    assert [(r["before"], r["after"]) for r in result["answers"]] == pairs
+    # the run dir chats: generate answers a held-out paraphrase with the trained fact
+    q = next(r for r in result["answers"] if r["split"] == "seen" and r["answer"].lower() in r["after"].lower())
     gen = subprocess.run(
-        [EXE, "generate", str(out), "--prompt", q["question"], "--max-new-tokens", "32"],
+        [EXE, "generate", str(out), "--prompt", q["question"], "--max-new-tokens", "48"],
         capture_output=True,
         text=True,
         env=env,
         timeout=600,
     )
     assert gen.returncode == 0, gen.stderr
-    assert gen.stdout.strip() == q["after"]
+    assert q["answer"].lower() in gen.stdout.lower()
 
 
 def test_int4_block_32_stores_the_bundled_linears_exactly():

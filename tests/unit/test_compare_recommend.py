@@ -115,6 +115,11 @@ def test_equal_means_every_arm_tied_first_arm_is_best_and_not_above_guessing():
     rec = recommend(questions, replies, list(replies), COST, 200, 0, guess={"seen": 0.0})["seen"]
     assert rec["status"] == "tie" and rec["best"] == "base" and set(rec["tied"]) == {"base", "finetuned", "rag"}
     assert rec["recommended"] == "base"  # untrained, fastest of the untrained
+    assert rec["sentence"].startswith("seen: no clear winner: Base model, zero-shot, Fine-tuned and RAG all score 0%.")
+    assert (
+        "is the cheapest of them: it needs no training and answers fastest (0.41 s p50) of the untrained"
+        in (rec["sentence"])
+    )
     assert all(d["ci"] == [0.0, 0.0] and not d["separates"] for d in rec["differences"])
     assert "no clear winner" in rec["sentence"] and "Not above guessing" in rec["sentence"]
 

@@ -123,12 +123,16 @@ def recommend_split(split, values: dict, clusters, cost: dict, n_boot: int, seed
             for d in rec["differences"]
             if not d["separates"]
         )
-        named = [f"{label(a)} ({pct(means[a])})" for a in tied]
-        names = ", ".join(named[:-1]) + f" and {named[-1]}"
-        text = (
-            f"{split}: no clear winner between {names}: the 95% CI of {label(best)}'s "
-            f"lead includes 0 (paired bootstrap: {gaps})."
-        )
+        if len({means[a] for a in tied}) == 1:
+            names = ", ".join(label(a) for a in tied[:-1]) + f" and {label(tied[-1])}"
+            text = f"{split}: no clear winner: {names} {'both' if len(tied) == 2 else 'all'} score {pct(means[best])}."
+        else:
+            named = [f"{label(a)} ({pct(means[a])})" for a in tied]
+            names = ", ".join(named[:-1]) + f" and {named[-1]}"
+            text = (
+                f"{split}: no clear winner between {names}: the 95% CI of {label(best)}'s "
+                f"lead includes 0 (paired bootstrap: {gaps})."
+            )
         text += f" {_cheapest(chosen, tied, cost)}"
     text += f" Cost of {label(chosen)}: {cost_text(cost.get(chosen))}."
     if guess is not None and ci[0] <= guess:
@@ -165,7 +169,11 @@ def _forgetting(rec: dict, head: str, values: dict, clusters, n_boot: int, seed:
                 "separates": verdict != "no_forgetting",
             }
         )
-        way = "no change, 0 points" if pts(diff) == "0" else f"{pts(abs(diff))} points {'lower' if diff < 0 else 'higher'}"
+        way = (
+            "no change, 0 points"
+            if pts(diff) == "0"
+            else f"{pts(abs(diff))} points {'lower' if diff < 0 else 'higher'}"
+        )
         change = f"{way} [{pts(lo)}, {pts(hi)}]"
         said = {
             "forgets": "it forgot general knowledge",
@@ -190,24 +198,24 @@ def _forgetting(rec: dict, head: str, values: dict, clusters, n_boot: int, seed:
 
 
 def _cheapest(chosen: str, tied: list[str], cost: dict) -> str:
-    """Why the recommendation among tied arms is `chosen`, in words."""
-    mine, others = cost.get(chosen) or {}, [cost.get(a) or {} for a in tied if a != chosen]
-    if not mine or not all(others):
+    """Why the recommendation among tied arms is `chosen`, in words: the first cost that tells it from the
+    next cheapest (no training, then p50 latency, then prompt tokens)."""
+    if not all(cost.get(a) for a in tied):
         return f"Of these, {label(chosen)} is recommended (cost not measured for all of them)."
-    if not _trained(mine) and any(_trained(o) for o in others):
+    mine = cost[chosen]
+    others = sorted((a for a in tied if a != chosen), key=lambda a: _cost_key(cost.get(a)))
+    nxt = cost[others[0]]
+    untrained = not _trained(mine) and any(_trained(cost[a]) for a in others)
+    if _trained(nxt) != _trained(mine):
         why = "it needs no training"
-    elif _faster(mine, others):
-        why = f"it answers fastest ({mine['latency_p50_s']:.2f} s p50)"
-    elif all((o.get("prompt_tokens_mean") or 0) > (mine.get("prompt_tokens_mean") or 0) for o in others):
+    elif _cost_key(mine)[1] < _cost_key(nxt)[1]:
+        fast = f"answers fastest ({mine['latency_p50_s']:.2f} s p50)"
+        why = f"it needs no training and {fast} of the untrained ones" if untrained else f"it {fast}"
+    elif _cost_key(mine)[2] < _cost_key(nxt)[2]:
         why = "it sends the fewest prompt tokens"
     else:
-        why = "it costs no more than the others"
+        return f"Of these, {label(chosen)} is recommended (first in compare.arms; it costs no more than the others)."
     return f"{label(chosen)} is the cheapest of them: {why}."
-
-
-def _faster(mine: dict, others: list[dict]) -> bool:
-    p50 = mine.get("latency_p50_s")
-    return p50 is not None and all((o.get("latency_p50_s") or float("inf")) > p50 for o in others)
 
 
 def _trained(c: dict | None) -> bool:

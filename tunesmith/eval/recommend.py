@@ -178,7 +178,7 @@ def _forgetting(rec: dict, head: str, values: dict, clusters, n_boot: int, seed:
         said = {
             "forgets": "it forgot general knowledge",
             "gains": "no forgetting; it even gained",
-            "no_forgetting": "no measurable forgetting (the CI includes 0)",
+            "no_forgetting": "no forgetting shown at this sample size (the CI includes 0)",
         }[verdict]
         parts.append(
             f"{label(arm)} scores {pct(mean)} [{pts(ci[0])}, {pts(ci[1])}], {change} (paired bootstrap): {said}"

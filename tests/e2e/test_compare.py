@@ -43,7 +43,7 @@ def setup(tmp_path_factory, tiny_model_dir):
                     "fact_id": f"a{i}",
                     "split": "seen",
                 }
-                for i in range(6)
+                for i in range(10)  # 10: enough for compare to recommend an arm on this split
             ),
             *(
                 {
@@ -129,6 +129,41 @@ def test_compare_trains_then_writes_table_results_and_report(setup):
     assert "reusing run" not in proc.stdout and "loading model" in proc.stdout  # trained here, then loaded
 
 
+def test_recommendation_printed_and_in_results_and_report(setup):
+    """After the table, one line per split: seen (10 questions) ranks the arms by the paired bootstrap,
+    doc_only (4) and general (2) are too small and say so; the same sentences in results.json and report.html."""
+    from html import escape
+
+    tmp, _, proc = setup
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = tmp / "run" / "compare"
+    res = json.loads((out / "results.json").read_text())
+    recs = res["recommendations"]["splits"]
+    assert list(recs) == ["seen", "doc_only", "general"]
+    assert [recs[s]["status"] for s in ("doc_only", "general")] == ["too_few_questions"] * 2
+    seen = recs["seen"]
+    assert seen["n"] == 10 and seen["status"] in ("winner", "tie")
+    means = {r["arm"]: r["mean"] for r in res["scores"] if r["split"] == "seen" and r["metric"] == "contains"}
+    assert seen["mean"] == means[seen["best"]] == max(means.values())
+    assert {d["arm"] for d in seen["differences"]} == set(ARMS) - {seen["best"]}
+    for d in seen["differences"]:
+        assert d["separates"] == (d["ci"][0] > 0) and abs(d["diff"] - (means[seen["best"]] - means[d["arm"]])) < 1e-3
+    assert seen["tied"] == [seen["best"]] + [d["arm"] for d in seen["differences"] if not d["separates"]]
+    assert (
+        seen["recommended"] in seen["tied"]
+        and seen["cost"]["latency_p50_s"] == (res["cost"][seen["recommended"]]["latency_p50_s"])
+    )
+    assert ("is best" in seen["sentence"]) == (seen["status"] == "winner")
+    assert ("no clear winner" in seen["sentence"]) == (seen["status"] == "tie")
+    lines = proc.stdout.splitlines()
+    at = lines.index(next(line for line in lines if line.startswith("recommendation (contains")))
+    assert at > lines.index(next(line for line in lines if "Δ = arm − base" in line))  # after the table
+    assert lines[at + 1 : at + 4] == [f"  {recs[s]['sentence']}" for s in ("seen", "doc_only", "general")]
+    html = (out / "report.html").read_text()
+    for split, rec in recs.items():
+        assert f'<li id="rec-{split}">{escape(rec["sentence"])}</li>' in html
+
+
 def test_arms_use_the_right_weights(setup):
     """base arm = base model with the adapter off; finetuned arm = the run; same greedy decoding."""
     tmp, _, proc = setup
@@ -163,6 +198,9 @@ def test_rerun_on_finished_run_with_arm_subset(setup):
     res = json.loads((out / "results.json").read_text())
     assert [a["name"] for a in res["arms"]] == ["base", "rag"] and res["forgetting"] is None
     assert [s["name"] for s in res["splits"]] == ["seen", "doc_only"]
+    seen = res["recommendations"]["splits"]["seen"]
+    assert seen["not_run"] == ["prompt", "finetuned", "finetuned_rag"] and set(seen["tied"]) <= {"base", "rag"}
+    assert "Not run: Prompt engineering, Fine-tuned, Fine-tuned + RAG." in seen["sentence"]
 
 
 def test_bad_input_one_line_exit_2_and_results_untouched(setup, tmp_path, capsys):

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tunesmith.eval.recommend import recommend_split
 from tunesmith.eval.report import write_report
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "data" / "compare_results_example.json"
@@ -215,6 +216,13 @@ def test_report_renders_in_chromium(tmp_path):
             "correct": False,
         }
     )
+    # the recommendation section, from the real code on per-question scores, with hostile text in a sentence
+    recs = {
+        s["name"]: recommend_split(s["name"], {"base": [0.0, 1.0] * 6, "finetuned": [1.0] * 12}, None, {}, 200, 0)
+        for s in results["splits"]
+    }
+    recs["seen"]["sentence"] += " " + hostile
+    results["recommendations"] = {"method": "paired bootstrap", "min_questions": 10, "splits": recs}
     html = write_report(results, tmp_path / "report")
     png = tmp_path / "report.png"
     page = render(html, png, tmp_path)
@@ -233,6 +241,9 @@ def test_report_renders_in_chromium(tmp_path):
     for row in ("Aim", "Knowledge", "Up-to-date", "Use cases", "Transparency", "Domain specificity", "Resource use"):
         assert row in page["text"]
     assert hostile in page["text"]  # shown as text, not run or parsed
+    assert "Recommendation" in page["text"]
+    for rec in recs.values():
+        assert rec["sentence"] in page["text"]
     assert "</td></table><h1>broken</h1>" in page["text"]
     _screenshot_is_a_page(png)
 

@@ -23,6 +23,9 @@ it is written (`io.OutputLock`) and may not be, nor hold, the run or the questio
   first `latency_samples` questions answered one at a time, retrieval included), prompt and
   generated tokens per answer, model size on disk. Forgetting: perplexity on a general text,
   fine-tuned ÷ base.
+- Recommendation (`recommendations`, printed after the table, a section of the report): per split
+  the best arm when a paired bootstrap separates it from every other arm, else the arms tied at
+  the top and the cheapest of them; on `general` a forgetting check (`eval.recommend`).
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ from tunesmith.errors import UserError
 from tunesmith.eval.arms import ARMS, conversation, few_shot, uses_context, uses_finetuned
 from tunesmith.eval.metrics import METRICS
 from tunesmith.eval.questions import GENERAL, echoed, general_questions, limit_per_split, load_questions
-from tunesmith.eval.scoring import RECALL_DEFINITION, recall_rows, sample_rows, score_results
+from tunesmith.eval.recommend import METHOD, MIN_QUESTIONS, recommend
+from tunesmith.eval.scoring import RECALL_DEFINITION, guess_level, recall_rows, sample_rows, score_results
 from tunesmith.eval.table import print_table
 from tunesmith.eval.weights import Models
 from tunesmith.io import OutputLock, check_not_input, write_atomic
@@ -163,6 +167,7 @@ def _compare(cfg: Config, just_trained: bool = False) -> dict:
         "retrieval": recall_rows(questions, contexts, c.arms, c.top_k),
         "cost": cost,
         "forgetting": forgetting,
+        "recommendations": None,
         "audit": _audit(cfg, shots, prompts, questions, chunks),
         "samples": sample_rows(questions, replies, contexts),
         "answers": [
@@ -176,6 +181,9 @@ def _compare(cfg: Config, just_trained: bool = False) -> dict:
             for i, q in enumerate(questions)
         ],
     }
+    guesses = {s: guess_level(results, s, PRIMARY) for s in counts}
+    recs = recommend(questions, replies, list(c.arms), cost, c.bootstrap, c.seed, forgetting, guesses)
+    results["recommendations"] = {"method": METHOD, "min_questions": MIN_QUESTIONS, "splits": recs}
     results["wall_s"] = round(time.perf_counter() - t0, 1)
     _write(out, results)
     print_table(results)

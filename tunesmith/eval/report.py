@@ -8,7 +8,8 @@ base64 `data:` URIs, there is no JavaScript, and a Content-Security-Policy forbi
 opens offline and can be mailed as one file. Every string taken from the results (questions,
 answers, labels, paths) is HTML-escaped. Arms may be any subset; "retrieval", "forgetting" and
 "samples" may be missing or empty, and the page then says what was not measured instead of
-inventing it. A dict without the keys the page needs raises `UserError` naming the key. The file
+inventing it; so does the recommendation section (after the score table) when the results have no
+`recommendations`. A dict without the keys the page needs raises `UserError` naming the key. The file
 is written under a temporary name and renamed, so a failed write keeps the previous report.
 """
 
@@ -61,6 +62,7 @@ def render_html(results: dict) -> str:
         _header(ctx),
         claims_table(ctx),
         _headline(ctx),
+        _recommendations(ctx),
         _charts(ctx),
         _all_metrics(ctx),
         _cost(ctx),
@@ -159,6 +161,21 @@ def _headline(ctx: Context) -> str:
         "commonest gold answer of the other training facts of its kind (its first two words), <i>base majority</i> "
         "with the base model's most frequent answer on that split. An arm is above guessing only where its CI "
         "lies above them.</p>"
+    )
+
+
+def _recommendations(ctx: Context) -> str:
+    recs = ctx.r.get("recommendations")
+    if not recs or not recs.get("splits"):
+        return "<h2>Recommendation</h2><p>" + na("No recommendation in these results (older results.json).") + "</p>"
+    items = "".join(
+        f'<li id="rec-{escape(str(name))}">{escape(str(rec.get("sentence", "")))}</li>'
+        for name, rec in recs["splits"].items()
+    )
+    return (
+        f"<h2>Recommendation</h2><ul>{items}</ul>"
+        f'<p class="meta">How: {escape(str(recs.get("method", "")))}; a split with fewer than '
+        f"{escape(str(recs.get('min_questions', '?')))} questions gets no recommendation.</p>"
     )
 
 

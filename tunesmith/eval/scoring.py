@@ -42,15 +42,15 @@ RECALL_DEFINITION = (
 
 
 def score_results(questions, replies: dict[str, list[str]], n_boot: int, seed: int) -> dict:
-    per_q = {arm: _per_question(questions, texts) for arm, texts in replies.items()}
+    per_q = {arm: per_question(questions, texts) for arm, texts in replies.items()}
     return {"scores": _rows(questions, per_q, n_boot, seed), "baselines": baselines(questions, replies, n_boot, seed)}
 
 
-def _per_question(questions, texts: list[str]) -> list[dict]:
+def per_question(questions, texts: list[str]) -> list[dict]:
     return [score_all(t, q.answer, q.question) for t, q in zip(texts, questions)]
 
 
-def _clusters(questions, idx) -> list:
+def fact_clusters(questions, idx) -> list:
     return [questions[i].fact_id or f"#{i}" for i in idx]
 
 
@@ -58,7 +58,7 @@ def _rows(questions, per_q: dict, n_boot: int, seed: int, diff: bool = True) -> 
     rows = []
     for split in dict.fromkeys(q.split for q in questions):
         idx = [i for i, q in enumerate(questions) if q.split == split]
-        clusters = _clusters(questions, idx)
+        clusters = fact_clusters(questions, idx)
         for arm in per_q:
             for metric in METRICS:
                 vals = [per_q[arm][i][metric] for i in idx]
@@ -133,7 +133,7 @@ def baselines(questions, replies: dict, n_boot: int, seed: int) -> dict:
     if "base" in replies:
         guesses["base_majority"] = base_guesses(questions, replies["base"])
         constant["base_majority"] = [guesses["base_majority"][q.split] for q in questions]
-    per_q = {name: _per_question(questions, texts) for name, texts in constant.items()}
+    per_q = {name: per_question(questions, texts) for name, texts in constant.items()}
     return {"rows": _rows(questions, per_q, n_boot, seed, diff=False), "guesses": guesses}
 
 

@@ -1,5 +1,6 @@
 """The terminal table `tunesmith compare` prints: primary metric per arm × split with the guessing
-baselines under the arms, the cost per arm, retrieval recall and forgetting."""
+baselines under the arms, the cost per arm, retrieval recall and forgetting; then the recommendation,
+one paragraph per split (`eval.recommend`)."""
 
 from __future__ import annotations
 
@@ -49,3 +50,13 @@ def print_table(results: dict) -> None:
             f"  forgetting: perplexity on {f['text']} base {f['base_ppl']:.2f} → fine-tuned {f['finetuned_ppl']:.2f} "
             f"(×{f['ratio']:.3f})"
         )
+    print_recommendations(results)
+
+
+def print_recommendations(results: dict) -> None:
+    recs = results.get("recommendations")
+    if not recs:
+        return
+    print(f"\nrecommendation ({results['primary_metric']}, best arm vs each other arm, paired bootstrap 95% CI):")
+    for rec in recs["splits"].values():
+        print(f"  {rec['sentence']}")  # one line per split: a paragraph the terminal wraps

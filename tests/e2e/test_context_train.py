@@ -1,6 +1,8 @@
 """`tunesmith train` with `data.context` on: a tiny model trains on questions with retrieved chunks
 through the CLI, and a missing documents folder is one line, exit 2, nothing written."""
 
+import json
+
 from tests.e2e.test_bad_input import assert_one_line, run_cli, snapshot
 from tests.tiny import NAMES, write_config, write_qa_jsonl
 from tunesmith.cli import main
@@ -30,6 +32,13 @@ def test_train_with_context(tmp_path, tiny_model_dir, capsys):
     line = next(x for x in printed.out.splitlines() if "data.context:" in x)
     assert "24 conversations also trained with retrieved chunks" in line and "found for 24 (100%)" in line, line
     assert "6 with distractors only" in line, line
+    # data check --config says what training with context makes of the data, before training
+    code = main(["data", "check", str(data), "--config", str(cfg), "--json", str(tmp_path / "r.json")])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert "24 conversations also trained with retrieved chunks" in printed.out, printed.out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["context"]["n_context"] == 24 and report["context"]["n_cut"] == 0
 
 
 def test_missing_documents_is_one_line(tmp_path, tiny_model_dir, capsys):

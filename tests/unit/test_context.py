@@ -141,6 +141,19 @@ def test_context_from_cache_keeps_its_stats(setup, tiny_tokenizer, tmp_path):
     assert s2.from_cache and t1 == t2 and s2.context == s1.context and s1.context["n_context"] == 20
 
 
+def test_copies_cut_by_max_length_are_counted(setup, tiny_tokenizer):
+    from tunesmith.data.context import context_line
+
+    data, compare, _ = setup
+    data.max_length = 128  # a plain conversation fits (≤ 86 tokens); three chunks of context do not (≥ 409)
+    ensure_chat_template(tiny_tokenizer)
+    train, _, stats = build_datasets(data, tiny_tokenizer, 0, None, compare)
+    assert stats.context["n_cut"] == 20 and stats.n_truncated + stats.n_dropped == 20
+    assert "20 longer than data.max_length=128 (truncated or dropped): raise it" in context_line(
+        stats.context, "d", 128
+    )
+
+
 def test_bad_context_settings(setup, tiny_tokenizer, tmp_path):
     with pytest.raises(UserError, match=r"config key data\.documents: data\.context needs a documents folder"):
         load_config(None, ["data.context=true"])

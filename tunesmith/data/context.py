@@ -8,7 +8,10 @@ Contract:
 - `documents_folder(data, compare)` is `data.documents`, else `compare.documents` (a `UserError`
   when neither is set or the folder is missing); `documents_fingerprint(...)` covers its files' names,
   sizes and mtimes plus the retriever settings, for the tokenised-data cache key.
-- `context_line(stats, documents)` says what `add_context` did, in one line.
+- `context_line(stats, documents, max_length)` says what `add_context` did, in one line.
+- `context_samples(examples, data, compare, seed, tokenize, stats)`: `build_datasets`' step, the
+  tokenised copies plus their stats (`DataStats.context`); `context_check(paths, cfg, tokenizer,
+  max_length)` the same stats for `tunesmith data check --config`.
 - `add_context(examples, data, compare, seed)` → `(examples, ContextStats)`: for a seeded
   `data.context_fraction` of the conversations whose last user message is answered by an assistant
   message, a copy whose last user message is `rag_message(question, chunks)`, appended after the
@@ -28,7 +31,7 @@ from __future__ import annotations
 import random
 import re
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from tunesmith.errors import UserError
@@ -52,7 +55,7 @@ class ContextStats:
     n_chunks: int = 0  # in the documents
 
 
-def context_line(stats: dict, documents) -> str:
+def context_line(stats: dict, documents, max_length: int) -> str:
     """One line for the training banner and `data check`: how many copies got context, and how often
     the answer's chunk was found (and already in the retriever's top-k)."""
     n, found = stats["n_context"], stats["n_oracle_found"]
@@ -61,6 +64,11 @@ def context_line(stats: dict, documents) -> str:
         f"({stats['n_chunks']} chunks); answer's chunk found for {found} ({found / max(1, n):.0%}), "
         f"in the retriever's top-k for {stats['n_oracle_retrieved']}; "
         f"{stats['n_distractor_only']} with distractors only"
+        + (
+            f"; {stats['n_cut']} longer than data.max_length={max_length} (truncated or dropped): raise it"
+            if stats.get("n_cut")
+            else ""
+        )
     )
 
 
@@ -123,6 +131,30 @@ def add_context(examples: list, data, compare, seed: int) -> tuple[list, Context
         out.append(replace(examples[i], messages=messages, where=f"{examples[i].where} (with context)"))
         stats.n_context += 1
     return out, stats
+
+
+def context_samples(examples: list, data, compare, seed: int, tokenize, stats) -> list:
+    """The tokenised copies with context (`tokenize`: examples → samples, counting into the DataStats
+    `stats`); `stats.context` gets the ContextStats plus `n_cut`, the copies max_length truncated or dropped."""
+    out, context = add_context(examples, data, compare, seed)
+    before = stats.n_truncated + stats.n_dropped
+    samples = tokenize(out[len(examples) :])
+    stats.context = {**asdict(context), "n_cut": stats.n_truncated + stats.n_dropped - before}
+    return samples
+
+
+def context_check(paths, cfg, tokenizer, max_length: int) -> dict:
+    """`tunesmith data check --config` with `data.context` on: what training would do to `paths`."""
+    from tunesmith.data.formats import load_examples
+    from tunesmith.data.sft import DataStats, _tokenize_all
+
+    d = replace(cfg.data, max_length=max_length)
+    examples = load_examples(list(paths), d.format, d.system_prompt, d.split, d.subset, d.columns)
+    stats = DataStats()
+    context_samples(
+        examples, d, cfg.compare, cfg.train.seed, lambda exs: _tokenize_all(tokenizer, exs, d, stats), stats
+    )
+    return stats.context
 
 
 def _last_exchange(ex) -> tuple[int, str, str] | None:

@@ -287,12 +287,12 @@ def build_datasets(
     else:
         val_ex = []
     stats = DataStats(n_examples=len(train_ex) + len(val_ex))
-    if data_cfg.context:
-        from tunesmith.data.context import add_context
-
-        train_ex, context = add_context(train_ex, data_cfg, _compare(compare), seed)
-        stats.context = asdict(context)
     train = _tokenize_all(tokenizer, train_ex, data_cfg, stats)
+    if data_cfg.context:  # copies with retrieved chunks, after the plain samples
+        from tunesmith.data.context import context_samples
+
+        tokenize = lambda exs: _tokenize_all(tokenizer, exs, data_cfg, stats)  # noqa: E731
+        train += context_samples(train_ex, data_cfg, _compare(compare), seed, tokenize, stats)
     val = _tokenize_all(tokenizer, val_ex, data_cfg, stats)
     if not train:
         raise UserError(

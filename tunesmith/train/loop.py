@@ -182,7 +182,10 @@ def set_up(cfg: Config, rows=None) -> Run:
             flush=True,
         )
         if stats.context:
-            print(context_line(stats.context, cfg.data.documents or cfg.compare.documents), flush=True)
+            print(
+                context_line(stats.context, cfg.data.documents or cfg.compare.documents, cfg.data.max_length),
+                flush=True,
+            )
     return run
 
 

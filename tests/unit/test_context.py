@@ -161,6 +161,8 @@ def test_bad_context_settings(setup, tiny_tokenizer, tmp_path):
         with pytest.raises(UserError, match=rf"config key {key}: expected 0 <= value <= 1, got 1\.5"):
             load_config(None, ["data.context=true", "compare.documents=docs", f"{key}=1.5"])
     assert load_config(None, ["data.context=true", "compare.documents=docs"]).data.documents is None
+    (tmp_path / "c.yaml").write_text("data:\n  context: true\n  documents: docs\n")  # relative to the YAML
+    assert load_config(tmp_path / "c.yaml").data.documents == str(tmp_path / "docs")
     data, compare, _ = setup
     data.documents = str(tmp_path / "missing")
     with pytest.raises(UserError, match=r"config key data\.documents: .*missing is not a folder"):

@@ -67,6 +67,11 @@ def run(args) -> int:
     )  # fmt: skip
     report["model"] = model
     print(summary(report))
+    if args.config and d.context:  # what training with retrieved context would make of this data
+        from tunesmith.data.context import context_check, context_line
+
+        report["context"] = context_check(args.data, cfg, tokenizer, max_length)
+        print(context_line(report["context"], d.documents or cfg.compare.documents, max_length))
     if args.json:
         write_atomic(args.json, json.dumps(report, indent=2, ensure_ascii=False))
     return 0

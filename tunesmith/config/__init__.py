@@ -77,6 +77,10 @@ class DataConfig:
     system_prompt: str | None = None  # prepended to every conversation without one
     chat_template: str | None = None  # Jinja template overriding the tokenizer's
     cache_dir: str | None = None  # tokenised-data cache; default TUNESMITH_HOME/data-cache
+    context: bool = False  # also train on copies whose question carries retrieved chunks, as compare's RAG arms ask
+    documents: str | None = None  # folder data.context retrieves from; default compare.documents
+    context_fraction: float = 1.0  # share of the conversations that get a copy with context (plain ones stay)
+    context_distractor_only: float = 0.2  # share of those copies whose chunks leave out the answer's chunk
 
 
 @dataclass
@@ -326,7 +330,7 @@ def _coerce(hint, value, key: str):
 # section → keys holding paths (or lists of paths)
 # `owner/name` or `name`: a hub dataset when no such file exists (tunesmith.data.sources)
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
-PATH_KEYS = {"data": ("train", "validation"), "pretrain": ("corpus",), "compare": tuple(PATH_COMPARE)}
+PATH_KEYS = {"data": ("train", "validation", "documents"), "pretrain": ("corpus",), "compare": tuple(PATH_COMPARE)}
 
 
 def _absolute(value, base: Path):

@@ -58,6 +58,8 @@ FRACTIONS = {
     "adapter.dropout": (0.0, 1.0, False),
     "train.warmup_ratio": (0.0, 1.0, False),
     "train.min_lr_ratio": (0.0, 1.0, True),
+    "data.context_fraction": (0.0, 1.0, True),
+    "data.context_distractor_only": (0.0, 1.0, True),
 }
 
 
@@ -104,6 +106,8 @@ def validate(cfg: Config) -> None:
         raise UserError("config key train.output_dir: expected a directory path")
     if t.forward_tokens != "auto" and not t.forward_tokens.isdigit():
         _fail("train.forward_tokens", "auto or a number of tokens >= 0", t.forward_tokens)
+    if d.context and not (d.documents or cfg.compare.documents):
+        raise UserError("config key data.documents: data.context needs a documents folder (or compare.documents)")
     _validate_compare(cfg.compare)
     _validate_pretrain(cfg.pretrain, cfg.pipeline)
 

@@ -17,7 +17,8 @@ Contract:
   one), else is empty. Stats cover both splits. Results are cached under `cache_dir`, keyed by
   the sources' fingerprints (`data/sources.py`), the tokenizer, the chat template, the relevant
   config and the seed; the cache is a safetensors file of flat int32 arrays (no pickle), written
-  atomically.
+  atomically. With `data.context`, training conversations also get copies carrying retrieved
+  chunks (`data/context.py`, retrieval settings from `compare`); the key then covers the documents.
 - Tool-call conversations (`data/tools.py`) render with `tools=`; a template that cannot write
   what a record holds is a `UserError` naming it. An assistant turn with tool calls is labelled
   from the end of the generation prompt to its end of turn (templates write calls in their own
@@ -76,6 +77,7 @@ class DataStats:
     n_tokens: int = 0  # in the kept samples
     n_label_tokens: int = 0
     from_cache: bool = False
+    context: dict | None = None  # data.context: the ContextStats of the copies with context
 
 
 def ensure_chat_template(tokenizer, override: str | None = None) -> None:
@@ -256,9 +258,10 @@ def _label_pieces(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[l
 
 
 def build_datasets(
-    data_cfg: DataConfig, tokenizer, seed: int, cache_dir: Path | None
+    data_cfg: DataConfig, tokenizer, seed: int, cache_dir: Path | None, compare=None
 ) -> tuple[list[Sample], list[Sample], DataStats]:
-    """Returns (train samples, validation samples, DataStats)."""
+    """Returns (train samples, validation samples, DataStats). `compare` (a CompareConfig, default
+    its defaults) gives `data.context` its documents and retriever settings."""
     if not data_cfg.train:
         raise UserError("config key data.train: no training data files given")
     ensure_chat_template(tokenizer, data_cfg.chat_template)
@@ -266,7 +269,7 @@ def build_datasets(
     train_src, val_src = open_sources(data_cfg)
     cache_path = None
     if cache_dir is not None:
-        key = _cache_key(data_cfg, tokenizer, seed, train_src, val_src)
+        key = _cache_key(data_cfg, tokenizer, seed, train_src, val_src, compare)
         cache_path = Path(cache_dir) / f"sft-{key}.safetensors" if key else None
         cached = _load_cache(cache_path) if cache_path else None
         if cached is not None:
@@ -285,6 +288,11 @@ def build_datasets(
         val_ex = []
     stats = DataStats(n_examples=len(train_ex) + len(val_ex))
     train = _tokenize_all(tokenizer, train_ex, data_cfg, stats)
+    if data_cfg.context:  # copies with retrieved chunks, after the plain samples
+        from tunesmith.data.context import context_samples
+
+        tokenize = lambda exs: _tokenize_all(tokenizer, exs, data_cfg, stats)  # noqa: E731
+        train += context_samples(train_ex, data_cfg, _compare(compare), seed, tokenize, stats)
     val = _tokenize_all(tokenizer, val_ex, data_cfg, stats)
     if not train:
         raise UserError(
@@ -326,7 +334,13 @@ def _tokenize_all(tokenizer, examples: list[Example], cfg: DataConfig, stats: Da
     return samples
 
 
-def _cache_key(cfg: DataConfig, tokenizer, seed: int, train_src, val_src) -> str | None:
+def _compare(compare):
+    from tunesmith.config import CompareConfig
+
+    return compare if compare is not None else CompareConfig()
+
+
+def _cache_key(cfg: DataConfig, tokenizer, seed: int, train_src, val_src, compare=None) -> str | None:
     """sha256 over everything the samples depend on (each source by its fingerprint: a file's
     bytes, a folder's files' names/sizes/mtimes, a hub split's dataset fingerprint); None when a
     source cannot be read (the loader then reports it properly)."""
@@ -343,6 +357,10 @@ def _cache_key(cfg: DataConfig, tokenizer, seed: int, train_src, val_src) -> str
                 return None
             # with the name and type: a.txt and a.jsonl read differently
             h.update(f"\0{role}\0{Path(src.name).name}\0{src.kind}\0{fingerprint}".encode())
+    if cfg.context:
+        from tunesmith.data.context import documents_fingerprint
+
+        h.update(f"\0context\0{documents_fingerprint(cfg, _compare(compare))}".encode())
     h.update(_tokenizer_fingerprint(tokenizer).encode())
     return h.hexdigest()[:32]
 

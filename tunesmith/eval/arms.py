@@ -8,13 +8,17 @@ Contract:
 - `conversation(arm, question, ...)` builds the chat messages. Every arm answers the same
   question text through the same chat template and decoding; only what surrounds the question
   differs: nothing (base, fine-tuned), an instruction and worked examples (prompt), or the
-  retrieved chunks (RAG arms).
+  retrieved chunks (RAG arms: `rag_message`, from `data/context.py`, which training with
+  `data.context` writes too).
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+
+from tunesmith.data.context import RAG_INSTRUCTION as RAG_INSTRUCTION  # shared with training on context
+from tunesmith.data.context import rag_message
 
 
 @dataclass(frozen=True)
@@ -33,8 +37,6 @@ ARMS = {
     "finetuned_rag": Arm("Fine-tuned + RAG", "the fine-tuned model with the top-k retrieved chunks in the prompt"),
 }
 
-RAG_INSTRUCTION = "Answer the question using the context below. Give the exact name, number or term."
-
 
 def uses_finetuned(arm: str) -> bool:
     return arm.startswith("finetuned")
@@ -52,11 +54,6 @@ def few_shot(examples, k: int, seed: int) -> list[tuple[str, str]]:
             pairs.append((turns[0]["content"], turns[1]["content"]))
     rng = random.Random(seed)
     return rng.sample(pairs, min(k, len(pairs)))
-
-
-def rag_message(question: str, chunks: list[str]) -> str:
-    context = "\n".join(f"[{i}] {c}" for i, c in enumerate(chunks, 1))
-    return f"{RAG_INSTRUCTION}\n\nContext:\n{context}\n\nQuestion: {question}"
 
 
 def conversation(

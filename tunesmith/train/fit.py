@@ -237,7 +237,7 @@ def _data_shape(cfg: Config):
     tok = load_tokenizer(resolve_model(cfg.model.name), cfg.model.trust_remote_code, cfg.model.revision)
     ensure_chat_template(tok, cfg.data.chat_template)
     cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else tunesmith_home() / "data-cache"
-    train, val, stats = build_datasets(cfg.data, tok, cfg.train.seed, cache)
+    train, val, stats = build_datasets(cfg.data, tok, cfg.train.seed, cache, cfg.compare)
     lengths = [len(s.input_ids) for s in train]
     tokens = sum(lengths)
     label_frac = max(1e-3, stats.n_label_tokens / max(1, stats.n_tokens))

@@ -154,7 +154,7 @@ def total_steps(cfg: Config, processes: int = 1) -> int:
     tok = load_tokenizer(resolve_model(cfg.model.name), cfg.model.trust_remote_code, cfg.model.revision)
     ensure_chat_template(tok, d.chat_template)
     cache = Path(d.cache_dir) if d.cache_dir else tunesmith_home() / "data-cache"
-    train, _, _ = build_datasets(d, tok, t.seed, cache)
+    train, _, _ = build_datasets(d, tok, t.seed, cache, cfg.compare)
     rows = len(make_rows(train, d.packing, d.max_length, tok.pad_token_id))
     per_epoch = rows - rows % processes  # as RowStream: every rank gets as many rows
     steps_per_epoch = max(1, math.ceil(per_epoch / (t.batch_size * t.grad_accum * processes)))

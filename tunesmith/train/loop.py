@@ -30,6 +30,7 @@ import torch
 
 from tunesmith.adapters.methods import count_parameters
 from tunesmith.config import Config, config_hash
+from tunesmith.data.context import context_line
 from tunesmith.data.packing import collate
 from tunesmith.data.sft import build_datasets, ensure_chat_template
 from tunesmith.errors import UserError
@@ -180,6 +181,11 @@ def set_up(cfg: Config, rows=None) -> Run:
             f"{precision} compute" + (f"; resuming at step {run.step}" if run.resumed else ""),
             flush=True,
         )
+        if stats.context:
+            print(
+                context_line(stats.context, cfg.data.documents or cfg.compare.documents, cfg.data.max_length),
+                flush=True,
+            )
     return run
 
 
@@ -188,7 +194,7 @@ def _data(cfg: Config, tokenizer, rows):
         return rows(tokenizer)
     ensure_chat_template(tokenizer, cfg.data.chat_template)
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else tunesmith_home() / "data-cache"
-    train_samples, val_samples, stats = build_datasets(cfg.data, tokenizer, cfg.train.seed, cache_dir)
+    train_samples, val_samples, stats = build_datasets(cfg.data, tokenizer, cfg.train.seed, cache_dir, cfg.compare)
     pad_id, d = tokenizer.pad_token_id, cfg.data
     train_rows = make_rows(train_samples, d.packing, d.max_length, pad_id)
     val_rows = make_rows(val_samples, d.packing, d.max_length, pad_id) if val_samples else []

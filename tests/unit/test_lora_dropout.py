@@ -94,3 +94,21 @@ def test_noise_is_f_dropouts_multiplier(dtype):
     reference = x * keep.to(dtype).div_(1 - 0.05)  # F.dropout: bernoulli_(1 - p), div_(1 - p), multiply
     assert torch.equal(x * mask.noise(x), reference)
     assert torch.equal((x * mask.noise(x) == 0), ~keep | (x == 0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mask_is_kept_as_bits_and_applied_in_place_as_noise_would(dtype):
+    from tunesmith.train.kernels.scratch import scratch
+
+    n = 8 * 1000 + 5  # not a whole number of bytes
+    mask = dropout.Mask(4, 0.05)
+    drawn = mask.keep(n, torch.device("cpu"))  # the first call draws
+    assert mask._bits.numel() == (n + 7) // 8 and mask._bits.dtype == torch.uint8  # one bit an element
+    assert torch.equal(mask.keep(n, torch.device("cpu")), drawn)  # later calls unpack the same mask
+    x = torch.randn(n, dtype=dtype).view(5, 1601)
+    reference = x * mask.noise(x)
+    for buffer in (dropout._fresh, scratch):
+        assert torch.equal(mask.dropped(x, buffer), reference)
+        assert torch.equal(mask.drop_(x.clone(), buffer), reference)
+    other = dropout.Mask(4, 0.05)  # a new draw of the same seed, first applied in place
+    assert torch.equal(other.drop_(x.clone(), scratch), reference)

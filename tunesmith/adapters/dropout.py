@@ -14,7 +14,7 @@ and autograd keeps each dropped copy of the input (4 bytes an element in fp32) u
 LoRA on all seven projections that is ~5,000 values per token and layer. numpy's PCG64 gives eight
 8-bit draws per 64-bit word (~0.6 ns an element with the compare), the node keeps the mask packed
 (one bit an element; a byte an element was +0.2 GiB of peak RSS on the benchmark's 2,048-token
-steps) and unpacks it in backward into a reused buffer; `dropped`/`drop_` apply it with two
+steps) and unpacks it in backward; `dropped`/`drop_` apply it with two
 in-place passes instead of building a float multiplier (`torch.where` over a bool mask: ~10 ns
 an element).
 """
@@ -24,13 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-
-def _fresh(tag: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The default `buffer`: a fresh tensor (`train.kernels.scratch.scratch` has this signature)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-_SHIFTS = torch.arange(8, dtype=torch.uint8)  # bit i of a packed byte is element 8·j + i (little bit order)
+from tunesmith.adapters.storage import fresh
 
 
 class Mask:
@@ -38,13 +32,13 @@ class Mask:
     use and held, packed eight elements a byte, until the node that drew it is freed (backward
     reads it again: ~0.01 GB for a 512-token forward of SmolLM2 with LoRA on all seven projections).
 
-    `buffer(tag, shape, dtype, device)` gives the methods' temporaries (a fresh tensor by default;
-    the training nodes pass `train.kernels.scratch.scratch`, so the [tokens × in] temporaries reuse
+    `dropped` writes into `buffer(tag, shape, dtype, device)` (a fresh tensor by default; the
+    training nodes pass `train.kernels.scratch.scratch`, so the [tokens × in] dropped input reuses
     one buffer across layers)."""
 
     def __init__(self, seed: int, p: float):
         self.seed, self.p = seed, p
-        self._bits: torch.Tensor | None = None  # the keep mask, one bit an element
+        self._bits: np.ndarray | None = None  # the keep mask, one bit an element
         self._numel = -1
 
     def __eq__(self, other) -> bool:
@@ -52,18 +46,16 @@ class Mask:
 
     def keep(self, numel: int, device: torch.device) -> torch.Tensor:
         """`numel` booleans, each True with probability 1 − p, exactly (to 2⁻⁵³)."""
-        return self._keep_bytes(numel, device, _fresh).bool()
+        return self._keep_bytes(numel, device).bool()
 
-    def _keep_bytes(self, numel: int, device: torch.device, buffer=_fresh) -> torch.Tensor:
-        """The keep mask as `numel` bytes, 1 kept and 0 dropped (the first call draws and packs it)."""
+    def _keep_bytes(self, numel: int, device: torch.device) -> torch.Tensor:
+        """The keep mask as `numel` bytes, 1 kept and 0 dropped (the first call draws and packs it;
+        numpy's `unpackbits` is ~25× faster than shifting and masking in torch)."""
         if self._bits is None or self._numel != numel:
             keep = _draw_keep(self.seed, self.p, numel)
-            self._bits = torch.from_numpy(np.packbits(keep, bitorder="little")).to(device)
-            self._numel = numel
+            self._bits, self._numel = np.packbits(keep, bitorder="little"), numel
             return torch.from_numpy(keep.view(np.uint8)).to(device)
-        out = buffer("dropout.keep", (self._bits.numel(), 8), torch.uint8, device)
-        torch.bitwise_right_shift(self._bits.view(-1, 1), _SHIFTS.to(device), out=out)
-        return out.bitwise_and_(1).view(-1)[:numel]
+        return torch.from_numpy(np.unpackbits(self._bits, count=numel, bitorder="little")).to(device)
 
     def _scale(self, like: torch.Tensor) -> torch.Tensor:
         """1/(1 − p) in `like`'s dtype, computed as `F.dropout`'s `div_` computes it."""
@@ -75,15 +67,15 @@ class Mask:
         keep = self._keep_bytes(like.numel(), like.device)
         return keep.view(like.shape).to(like.dtype).mul_(self._scale(like))
 
-    def dropped(self, x: torch.Tensor, buffer=_fresh) -> torch.Tensor:
+    def dropped(self, x: torch.Tensor, buffer=fresh) -> torch.Tensor:
         """`x · noise(x)` (bit for bit, up to the sign of a zero) in `buffer("dropout.x", …)`."""
         out = buffer("dropout.x", x.shape, x.dtype, x.device)
-        keep = self._keep_bytes(x.numel(), x.device, buffer).view(x.shape)
+        keep = self._keep_bytes(x.numel(), x.device).view(x.shape)
         return torch.mul(x, self._scale(x), out=out).mul_(keep)
 
-    def drop_(self, t: torch.Tensor, buffer=_fresh) -> torch.Tensor:
+    def drop_(self, t: torch.Tensor) -> torch.Tensor:
         """`t ·= noise(t)` in place (a gradient through the dropout)."""
-        return t.mul_(self._scale(t)).mul_(self._keep_bytes(t.numel(), t.device, buffer).view(t.shape))
+        return t.mul_(self._scale(t)).mul_(self._keep_bytes(t.numel(), t.device).view(t.shape))
 
 
 def _draw_keep(seed: int, p: float, numel: int) -> np.ndarray:

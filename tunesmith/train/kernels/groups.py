@@ -135,7 +135,7 @@ class GroupLoraFn(torch.autograd.Function):
             for a, g_part, m in zip(lora_a.split(ctx.ranks), g_xa.split(ctx.ranks, dim=1), ctx.masks):
                 if need[0]:
                     back = torch.mm(g_part, a)
-                    grad_x.add_(back if m is None else m.drop_(back, scratch))
+                    grad_x.add_(back if m is None else m.drop_(back))
                 if need[3]:
                     grads_a.append(torch.mm(g_part.t(), _dropped(x2, m)))
             grad_x = None if grad_x is None else grad_x.view(x.shape)

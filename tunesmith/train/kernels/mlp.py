@@ -59,7 +59,7 @@ class SwiGLUDownFn(torch.autograd.Function):
             if mask is None:
                 grad_h.addmm_(g_ha, lora_a)
             else:
-                grad_h.add_(mask.drop_(torch.mm(g_ha, lora_a), scratch))
+                grad_h.add_(mask.drop_(torch.mm(g_ha, lora_a)))
         if need[2] or need[4]:
             h = torch.mul(silu, up2, out=scratch("swiglu.h", shape, dtype, device))  # silu(g)·u, recomputed
             if need[2]:

@@ -3,6 +3,8 @@
 quickstart questions so the benchmark needs no download.
 
     build(out_dir, tokenizer, seed) → {"train": path, "validation": path, "trl_train": path, ...}
+    build(out_dir, tokenizer, long=True): `--users`' long-samples set, 100 training and 20 validation
+        conversations of 1,500–2,000 tokens (dozens of questions in one turn), for max length 2048
 
 Each conversation is one user turn of 1–6 quickstart questions and one assistant turn with their
 answers, sized to a length drawn uniformly from [60, 170] tokens. Training conversations use the
@@ -23,6 +25,7 @@ import torch
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "tunesmith" / "resources" / "quickstart"
 MIN_TOKENS, MAX_TOKENS = 60, 170
+LONG_TOKENS = (1500, 2000)  # build(long=True)
 
 
 def _pairs(held_out: bool) -> list[tuple[str, str]]:
@@ -39,31 +42,42 @@ def _length(tokenizer, messages) -> int:
     return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
 
 
-def _conversations(pairs, n, tokenizer, rng) -> list[list[dict]]:
+def _conversations(pairs, n, tokenizer, rng, lo=MIN_TOKENS, hi=MAX_TOKENS) -> list[list[dict]]:
     convs = []
+    # A pair is ~25 tokens; a long conversation needs more pairs than the 60 validation ones, so
+    # those draw with repeats (validation text is still never trained on).
+    per_conversation = max(8, hi // 10)
     while len(convs) < n:
-        target = rng.randint(MIN_TOKENS, MAX_TOKENS)
+        target = rng.randint(lo, hi)
         qs, ans, best = [], [], None
-        for q, a in rng.sample(pairs, 8):
+        drawn = (
+            rng.sample(pairs, per_conversation)
+            if per_conversation <= len(pairs)
+            else rng.choices(pairs, k=per_conversation)
+        )
+        for q, a in drawn:
             qs.append(q)
             ans.append(a)
             msgs = [{"role": "user", "content": " ".join(qs)}, {"role": "assistant", "content": " ".join(ans)}]
             length = _length(tokenizer, msgs)
-            if length > MAX_TOKENS:
+            if length > hi:
                 break
             best = (msgs, length)
             if length >= target:
                 break
-        if best is not None and best[1] >= MIN_TOKENS:
+        if best is not None and best[1] >= lo:
             convs.append(best[0])
     return convs
 
 
-def build(out_dir: Path, tokenizer, seed: int = 0, n_train: int = 400, n_val: int = 100) -> dict:
+def build(out_dir: Path, tokenizer, seed: int = 0, n_train: int = 400, n_val: int = 100, long: bool = False) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    train = _conversations(_pairs(False), n_train, tokenizer, rng)
-    val = _conversations(_pairs(True), n_val, tokenizer, rng)
+    lo, hi = LONG_TOKENS if long else (MIN_TOKENS, MAX_TOKENS)
+    if long:
+        n_train, n_val = min(n_train, 100), min(n_val, 20)  # 20 steps of batch 4 read 80
+    train = _conversations(_pairs(False), n_train, tokenizer, rng, lo, hi)
+    val = _conversations(_pairs(True), n_val, tokenizer, rng, lo, hi)
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
     paths = {k: out_dir / f"{k}.jsonl" for k in ("train", "validation", "trl_train")}
     _write(paths["train"], ({"messages": m} for m in train))

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 MAX_LENGTH = 512  # --max-length
 
 
-def validation_loss(model, tokenizer, path: str) -> float:
+def validation_loss(model, tokenizer, path: str, max_length: int = MAX_LENGTH) -> float:
     """Mean next-token loss over the assistant tokens of the validation file, one sample per forward."""
     from tunesmith.data.formats import load_examples
     from tunesmith.data.sft import tokenize_example
@@ -49,7 +49,7 @@ def validation_loss(model, tokenizer, path: str) -> float:
     model.eval()
     with torch.no_grad():
         for example in load_examples([path]):
-            sample = tokenize_example(tokenizer, example, MAX_LENGTH, "truncate", False)
+            sample = tokenize_example(tokenizer, example, max_length, "truncate", False)
             loss_sum, n = token_loss(model, torch.tensor([sample.input_ids]), torch.tensor([sample.labels]))
             total, count = total + float(loss_sum), count + n
     return total / count
@@ -133,7 +133,7 @@ def run_trl(args) -> dict:
     return {
         "step_s": step_times,
         "step_tokens": step_tokens[: len(step_times)],
-        "val_loss": validation_loss(model, tokenizer, str(Path(args.data, "validation.jsonl"))),
+        "val_loss": validation_loss(model, tokenizer, str(Path(args.data, "validation.jsonl")), args.max_length),
     }
 
 
@@ -177,7 +177,9 @@ def run_tunesmith(args) -> dict:
     return {
         "step_s": [m["step_s"] for m in steps],
         "step_tokens": [m["tokens"] for m in steps],
-        "val_loss": validation_loss(result.model, result.tokenizer, str(Path(args.data, "validation.jsonl"))),
+        "val_loss": validation_loss(
+            result.model, result.tokenizer, str(Path(args.data, "validation.jsonl")), args.max_length
+        ),
     }
 
 

@@ -49,13 +49,15 @@ sys.path.insert(0, str(ROOT / "bench"))
 LR = {"lora": 2e-4, "dora": 2e-4, "qlora": 2e-4, "full": 2e-5}
 FLOPS_PER_PARAM = {"lora": 4, "dora": 4, "qlora": 4, "full": 6}
 # `--users`: the configurations users run, each a group of TRL and tunesmith runs with the same setting
-# (group name, method, worker flags for both tools, whether TRL can run it on a CPU)
+# (group name, method, worker flags for both tools, whether TRL can run it on a CPU); a group whose
+# name says "long samples" trains on `throughput_data.build(long=True)`'s 1,500–2,000-token samples
 USER_SETTINGS = [
     ("lora dropout 0.05", "lora", ["--dropout", "0.05"], True),
     ("lora dropout 0.05 packing", "lora", ["--dropout", "0.05", "--packing"], True),
     ("lora rank 64", "lora", ["--rank", "64"], True),
     ("dora", "dora", [], True),
     ("qlora", "qlora", [], False),
+    ("lora max length 2048 long samples", "lora", ["--max-length", "2048"], True),
 ]
 
 
@@ -88,6 +90,8 @@ def parameter_count(model_dir: str) -> int:
 
 
 def run_one(spec: dict, args, data_dir: Path, model_dir: str) -> dict:
+    if "long samples" in spec.get("group", ""):
+        data_dir = data_dir.with_name(data_dir.name + "_long")
     cmd = [
         sys.executable,
         str(ROOT / "bench" / "throughput_worker.py"),
@@ -290,7 +294,8 @@ def main() -> None:
     ap.add_argument(
         "--users",
         action="store_true",
-        help="the configurations users run instead (dropout 0.05, packing, rank 64, DoRA, QLoRA), each against TRL",
+        help="the configurations users run instead (dropout 0.05, packing, rank 64, DoRA, QLoRA, max length 2048 on "
+        "1,500–2,000-token samples), each against TRL",
     )
     ap.add_argument("--only", choices=["trl", "tunesmith"], help="run one tool (no ratios)")
     ap.add_argument("--json", default=str(ROOT / "out" / "bench" / "train_throughput.json"))
@@ -303,6 +308,9 @@ def main() -> None:
     model_dir = resolve_model("smollm2-135m-instruct")
     data_dir = Path(args.json).parent / "train_throughput_data"
     data = build(data_dir, load_tokenizer(model_dir))
+    if args.users:
+        long = build(data_dir.with_name(data_dir.name + "_long"), load_tokenizer(model_dir), long=True)
+        print(f"long samples: {long['mean_len']:.0f} tokens on average ({long['min_len']}–{long['max_len']})")
     params = parameter_count(model_dir)
     print(
         f"data: {data['mean_len']:.0f} tokens per sample on average ({data['min_len']}–{data['max_len']}); "

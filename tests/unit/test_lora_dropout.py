@@ -5,6 +5,7 @@ same seed; and `F.dropout`'s multiplier bit for bit (the node's gradcheck under 
 test_fused_lora.py). Kill-and-resume with dropout is bit-exact:
 tests/e2e/test_resume.py trains with `adapter.dropout=0.1`."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -94,3 +95,22 @@ def test_noise_is_f_dropouts_multiplier(dtype):
     reference = x * keep.to(dtype).div_(1 - 0.05)  # F.dropout: bernoulli_(1 - p), div_(1 - p), multiply
     assert torch.equal(x * mask.noise(x), reference)
     assert torch.equal((x * mask.noise(x) == 0), ~keep | (x == 0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mask_is_kept_as_bits_and_applied_in_place_as_noise_would(dtype):
+    from tunesmith.adapters.storage import fresh
+    from tunesmith.train.kernels.scratch import scratch
+
+    n = 8 * 1000 + 5  # not a whole number of bytes
+    mask = dropout.Mask(4, 0.05)
+    drawn = mask.keep(n, torch.device("cpu"))  # the first call draws
+    assert mask._bits.size == (n + 7) // 8 and mask._bits.dtype == np.uint8  # one bit an element
+    assert torch.equal(mask.keep(n, torch.device("cpu")), drawn)  # later calls unpack the same mask
+    x = torch.randn(n, dtype=dtype).view(5, 1601)
+    reference = x * mask.noise(x)
+    for buffer in (fresh, scratch):
+        assert torch.equal(mask.dropped(x, buffer), reference)
+        assert torch.equal(mask.drop_(x.clone()), reference)
+    other = dropout.Mask(4, 0.05)  # a new draw of the same seed, first applied in place
+    assert torch.equal(other.drop_(x.clone()), reference)

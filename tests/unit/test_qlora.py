@@ -259,3 +259,55 @@ def test_qlora_with_int4_trains_and_saves_a_plain_adapter(tmp_path):
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
     with pytest.raises(UserError, match="adapter.quant_type"):
         load_config(None, ["adapter.quant_type=fp4"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decodes_into_reused_buffers_are_the_plain_decode_bit_for_bit(dtype):
+    from tunesmith.adapters.storage import _INT_PAIR_LUT, _PAIR_LUT, quantize_int4
+    from tunesmith.train.kernels.scratch import release, scratch
+
+    release()
+    w = _weight((48, 96))
+    for q in (quantize(w, 32), quantize(w, 64, double_quant=False)):
+        # the decode as it was before buffers: one gather through the pair table, times the scales
+        ref = (torch.nn.functional.embedding(q.codes.int(), _PAIR_LUT).view(-1, 32 if q.absmax is None else 64)
+               * q.scales().reshape(-1, 1)).to(dtype).view(48, 96)  # fmt: skip
+        assert torch.equal(q.dequantize(dtype, scratch), ref) and torch.equal(q.dequantize(dtype), ref)
+    q4 = quantize_int4(w, 32)
+    pairs = torch.nn.functional.embedding(q4.codes.int(), _INT_PAIR_LUT).view(-1, 32)
+    ref = torch.addcmul(q4.minimum.float()[:, None], pairs, q4.step.float()[:, None]).to(dtype).view(48, 96)
+    first = q4.dequantize(dtype, scratch)
+    assert torch.equal(first, ref)
+    quantize(_weight((8, 32), seed=1), 32).dequantize(dtype, scratch)  # another layer reuses the buffers
+    assert q4.dequantize(dtype, scratch).data_ptr() == first.data_ptr()
+
+
+def test_qlora_training_over_reused_decode_buffers_is_bit_identical():
+    from tunesmith.adapters.storage import fresh
+    from tunesmith.train.kernels import attach
+    from tunesmith.train.kernels.scratch import scratch
+
+    base = make_tiny_model(400)
+    losses = []
+    for reuse in (False, True):
+        torch.manual_seed(0)
+        model = apply_method(copy.deepcopy(base), _lora_cfg("qlora", quant_block_size=32))
+        _randomise_lora(model)
+        fast = attach(model)
+        if reuse:
+            fast.reuse_decode_buffers()
+            assert len(fast.buffered) == 14 and all(m.buffer is scratch for m in fast.buffered)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        ids, labels = _batch()
+        run = []
+        for _ in range(3):
+            loss, _ = token_loss(model, ids, labels)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            run.append(loss.item())
+        layers = list(fast.buffered)
+        fast.restore()
+        assert all(m.buffer is fresh for m in layers)
+        losses.append(run)
+    assert losses[0] == losses[1] and losses[0][0] != losses[0][-1]

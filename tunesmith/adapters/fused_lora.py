@@ -9,7 +9,7 @@ an unmerged `nn.Linear` (or a frozen bf16-stored one, `tunesmith.adapters.storag
 in one autograd node (`LoraLinearFn`): the scaled low-rank product is accumulated into the base
 output by the GEMM itself (`addmm_`, alpha = s) and, in backward, `∂x = ∂y W + s (∂y B) A` is
 one GEMM plus one accumulating GEMM. Dropout's mask (`adapters.dropout`) is named by a seed and
-kept for backward as one byte an element, not a dropped copy of `x`. Under bf16 autocast
+kept for backward as one bit an element, not a dropped copy of `x`. Under bf16 autocast
 (`train.precision=bf16`) the node runs wholly in bf16 — input, base weight and adapter cast once,
 as autocast would cast them — so the GEMMs hit the CPU's bf16 units (AMX) with no fp32 round
 trips; the adapter's gradients come back to its fp32 weights through the casts. Every other case
@@ -38,7 +38,7 @@ class LoraLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, mask: Mask | None = None):
         rank = lora_a.shape[0]
-        xa = F.linear(x if mask is None else x * mask.noise(x), lora_a)
+        xa = F.linear(x if mask is None else mask.dropped(x), lora_a)
         y = F.linear(x, weight, bias)
         y.view(-1, y.shape[-1]).addmm_(xa.view(-1, rank), lora_b.t(), alpha=scaling)
         ctx.save_for_backward(x, weight, lora_a, lora_b, xa)
@@ -51,20 +51,19 @@ class LoraLinearFn(torch.autograd.Function):
         s, mask = ctx.scaling, ctx.mask
         g = grad_y.reshape(-1, grad_y.shape[-1]).to(x.dtype)
         x2 = x.reshape(-1, x.shape[-1])
-        noise = None if mask is None else mask.noise(x2)  # the forward's mask
         g_xa = torch.mm(g, lora_b).mul_(s)  # [tokens, rank]
         grad_x = grad_w = grad_bias = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            if noise is None:
+            if mask is None:
                 grad_x = torch.mm(g, weight).addmm_(g_xa, lora_a).view(x.shape)
-            else:
-                grad_x = torch.mm(g, weight).add_(torch.mm(g_xa, lora_a).mul_(noise)).view(x.shape)
+            else:  # the forward's mask
+                grad_x = torch.mm(g, weight).add_(mask.drop_(torch.mm(g_xa, lora_a))).view(x.shape)
         if ctx.needs_input_grad[1]:
             grad_w = torch.mm(g.t(), x2)
         if ctx.needs_input_grad[2]:
             grad_bias = g.sum(0)
         if ctx.needs_input_grad[3]:
-            grad_a = torch.mm(g_xa.t(), x2 if noise is None else noise.mul_(x2))
+            grad_a = torch.mm(g_xa.t(), x2 if mask is None else mask.dropped(x2))
         if ctx.needs_input_grad[4]:
             grad_b = torch.mm(g.t(), xa.reshape(-1, xa.shape[-1])).mul_(s)
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None

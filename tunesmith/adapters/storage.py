@@ -16,7 +16,10 @@ Contract:
 - `FrozenLinear` (an `nn.Linear`, so PEFT wraps it with an ordinary LoRA layer and saves an
   ordinary LoRA adapter) and `FrozenEmbedding` hold a storage instead of a weight Parameter. The
   linear's autograd saves only its input: backward dequantizes again rather than keeping a
-  full-precision copy of every layer alive between forward and backward.
+  full-precision copy of every layer alive between forward and backward. Its decodes write into
+  tensors its `buffer` attribute hands out (fresh ones by default; training's `kernels.prepare` sets
+  the reused scratch buffers, so the ~200 decodes of a step stop faulting in fresh pages: a fp32
+  576 × 1,536 weight is 3.5 MB of new mappings a decode, with the codes' int32 copy).
 - `compress_frozen(model, linear, embeddings, block_size, double_quant)` swaps the model's
   plain `nn.Linear` layers (not the output head) and its input embeddings + output head for
   frozen versions; `linear` and `embeddings` are each "nf4", "int4", "bf16" or None (leave as is). A tied
@@ -64,14 +67,35 @@ SCALE_BLOCK = 256  # absmax values per fp32 scale under double quantization
 _CHUNK = 1 << 22  # weights normalised per step while quantizing: bounds the temporary memory
 
 
+def fresh(tag: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The default `buffer` of a decode: a fresh tensor (`train.kernels.scratch.scratch` takes the
+    same arguments and reuses one buffer per tag)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _in_dtype(values: torch.Tensor, dtype, buffer) -> torch.Tensor:
+    """fp32 `values` in `dtype`: themselves, or a copy in `buffer("frozen.weight", …)`."""
+    if values.dtype == dtype:
+        return values
+    return buffer("frozen.weight", values.shape, dtype, values.device).copy_(values)
+
+
 class _BlockStorage(torch.nn.Module):
     """Packed 4-bit codes (two a byte, row-major) and per-block parameters of one weight matrix, as
     buffers so `.to(device)` moves them. Subclasses give `_per_block()` (tensors with one value a
-    block) and `_decode(codes, *per_block, dtype)` → [blocks × block_size] values."""
+    block) and `_decode(codes, *per_block, dtype, buffer)` → [blocks × block_size] values, written
+    into tensors `buffer(tag, shape, dtype, device)` hands out (tags "frozen.*")."""
 
-    def dequantize(self, dtype=None) -> torch.Tensor:
-        flat = self._decode(self.codes, *self._per_block(), dtype or self.dtype).view(-1)
+    def dequantize(self, dtype=None, buffer=fresh) -> torch.Tensor:
+        """The weight in `dtype`; with a reusing `buffer` it is valid until that buffer's next use."""
+        flat = self._decode(self.codes, *self._per_block(), dtype or self.dtype, buffer).view(-1)
         return flat[: math.prod(self.shape)].view(self.shape)
+
+    def _pairs(self, codes: torch.Tensor, lut: torch.Tensor, buffer) -> torch.Tensor:
+        """Each code byte's two LUT values (fp32), as [blocks × block_size]."""
+        index = buffer("frozen.codes", codes.shape, torch.int32, codes.device).copy_(codes)
+        out = buffer("frozen.values", (codes.numel(), 2), torch.float32, codes.device)
+        return torch.index_select(lut.to(codes.device), 0, index, out=out).view(-1, self.block_size)
 
     def rows(self, ids: torch.Tensor, dtype=None) -> torch.Tensor:
         """Rows `ids` of a 2-D weight, decoding only those rows when rows align with blocks."""
@@ -81,7 +105,7 @@ class _BlockStorage(torch.nn.Module):
         codes = self.codes[: n_rows * width // 2].view(n_rows, width // 2)[ids].reshape(-1)
         per_row = width // self.block_size
         params = [t[: n_rows * per_row].view(n_rows, per_row)[ids].reshape(-1) for t in self._per_block()]
-        return self._decode(codes, *params, dtype or self.dtype).view(*ids.shape, width)
+        return self._decode(codes, *params, dtype or self.dtype, fresh).view(*ids.shape, width)
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
@@ -112,10 +136,9 @@ class NF4Storage(_BlockStorage):
     def _per_block(self):
         return (self.scales(),)
 
-    def _decode(self, codes: torch.Tensor, scales: torch.Tensor, dtype) -> torch.Tensor:
-        lut = _PAIR_LUT.to(codes.device)
-        values = F.embedding(codes.int(), lut).view(-1, self.block_size) * scales.reshape(-1, 1)
-        return values.to(dtype)
+    def _decode(self, codes: torch.Tensor, scales: torch.Tensor, dtype, buffer) -> torch.Tensor:
+        values = self._pairs(codes, _PAIR_LUT, buffer).mul_(scales.reshape(-1, 1))
+        return _in_dtype(values, dtype, buffer)
 
 
 _INT_PAIR_LUT = torch.stack([torch.arange(16.0).repeat_interleave(16), torch.arange(16.0).repeat(16)], dim=1)
@@ -134,9 +157,10 @@ class Int4Storage(_BlockStorage):
     def _per_block(self):
         return self.step, self.minimum
 
-    def _decode(self, codes, step, minimum, dtype) -> torch.Tensor:
-        q = F.embedding(codes.int(), _INT_PAIR_LUT.to(codes.device)).view(-1, self.block_size)
-        return torch.addcmul(minimum.float().reshape(-1, 1), q, step.float().reshape(-1, 1)).to(dtype)
+    def _decode(self, codes, step, minimum, dtype, buffer) -> torch.Tensor:
+        q = self._pairs(codes, _INT_PAIR_LUT, buffer)
+        values = torch.addcmul(minimum.float().reshape(-1, 1), q, step.float().reshape(-1, 1), out=q)
+        return _in_dtype(values, dtype, buffer)
 
 
 def _blocks(weight: torch.Tensor, block_size: int, pad_with_last: bool = False) -> torch.Tensor:
@@ -176,7 +200,7 @@ class BF16Storage(torch.nn.Module):
         self.register_buffer("data", weight.detach().to(torch.bfloat16), persistent=False)
         self.shape, self.dtype = tuple(weight.shape), weight.dtype
 
-    def dequantize(self, dtype=None) -> torch.Tensor:
+    def dequantize(self, dtype=None, buffer=fresh) -> torch.Tensor:
         return self.data.to(dtype or self.dtype)
 
     def rows(self, ids: torch.Tensor, dtype=None) -> torch.Tensor:
@@ -213,18 +237,18 @@ def quantize(weight: torch.Tensor, block_size: int = 64, double_quant: bool = Tr
 
 class _FrozenMatmul(torch.autograd.Function):
     """x @ W.T where W is rebuilt from storage in forward and again in backward, so the graph
-    holds the input only, never a full-precision weight."""
+    holds the input only, never a full-precision weight. `buffer` gives the decode its tensors."""
 
     @staticmethod
-    def forward(ctx, x, storage):
-        ctx.storage = storage
-        return x @ storage.dequantize(x.dtype).t()
+    def forward(ctx, x, storage, buffer):
+        ctx.storage, ctx.buffer = storage, buffer
+        return x @ storage.dequantize(x.dtype, buffer).t()
 
     @staticmethod
     def backward(ctx, grad):
         if not ctx.needs_input_grad[0]:
-            return None, None
-        return grad @ ctx.storage.dequantize(grad.dtype), None
+            return None, None, None
+        return grad @ ctx.storage.dequantize(grad.dtype, ctx.buffer), None, None
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -241,6 +265,7 @@ class FrozenLinear(torch.nn.Linear):
         torch.nn.Module.__init__(self)
         self.out_features, self.in_features = storage.shape
         self.storage = storage
+        self.buffer = fresh  # where its decodes write; training sets `train.kernels.scratch.scratch`
         if bias is not None:
             self.bias = torch.nn.Parameter(bias.detach(), requires_grad=False)
         else:
@@ -253,7 +278,7 @@ class FrozenLinear(torch.nn.Linear):
 
     def forward(self, x):
         dtype = _compute_dtype(x)
-        out = _FrozenMatmul.apply(x.to(dtype), self.storage)
+        out = _FrozenMatmul.apply(x.to(dtype), self.storage, self.buffer)
         return out if self.bias is None else out + self.bias.to(dtype)
 
 

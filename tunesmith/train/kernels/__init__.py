@@ -4,7 +4,8 @@ Contract: `prepare(model, cfg, device, dist)` attaches what `cfg.train` turns on
 attention over padding-free rows (`padding_free`), the SwiGLU+down node (`fused_mlp`), the RMSNorm
 node (`fused_norm`), RoPE inside the attention node (`fused_rope`, padding-free only) — moves the
 model to `device`, then groups sibling projections (`fused_groups`, one process only: a group's
-weights are views of one buffer, which `.to()` and DDP/FSDP would split). It returns a `Prepared`
+weights are views of one buffer, which `.to()` and DDP/FSDP would split), and has qlora's frozen
+4-bit linears decode their weights into reused scratch buffers (`reuse_decode_buffers`). It returns a `Prepared`
 context; leaving it (or `restore()`) puts every module back as transformers built it, which
 generation needs (masks, the KV cache). `attach(model, **flags)` is the same without the move.
 
@@ -18,8 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
+from tunesmith.adapters import storage
 from tunesmith.train.kernels import attention, groups, mlp, norm, rope
 from tunesmith.train.kernels.patch import patch_forward, unpatch
+from tunesmith.train.kernels.scratch import scratch as reused  # not `scratch`: that name is the submodule
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class Prepared:
         self.previous_attention: str | None = None  # set while per-sample attention is on
         self.patched: list = []  # modules whose forward is ours
         self.groups: list = []
+        self.buffered: list = []  # frozen 4-bit/bf16 linears whose decodes write into scratch buffers
 
     @property
     def flat(self) -> bool:
@@ -85,6 +89,13 @@ class Prepared:
             self._group()
         return self
 
+    def reuse_decode_buffers(self) -> None:
+        """Frozen stored linears (qlora's NF4/int4) decode their weight into reused scratch buffers."""
+        for module in self.model.modules():
+            if type(module) is storage.FrozenLinear and module.buffer is storage.fresh:
+                module.buffer = reused
+                self.buffered.append(module)
+
     def _patch(self, module, forward) -> None:
         patch_forward(module, forward)
         self.patched.append(module)
@@ -103,10 +114,12 @@ class Prepared:
 
     def restore(self) -> None:
         groups.ungroup(self.groups)
+        for module in self.buffered:
+            module.buffer = storage.fresh
         for module in self.patched:
             unpatch(module)
         attention.restore(self.model, self.previous_attention)
-        self.groups, self.patched, self.previous_attention = [], [], None
+        self.groups, self.patched, self.buffered, self.previous_attention = [], [], [], None
 
     def __enter__(self) -> Prepared:
         return self
@@ -133,6 +146,7 @@ def prepare(model, cfg, device: torch.device, dist) -> Prepared:
         )
         model.to(device)
         fast.attach(group=t.fused_groups and not dist.enabled)
+        fast.reuse_decode_buffers()
     except BaseException:
         fast.restore()
         raise

@@ -40,6 +40,7 @@ from tunesmith.adapters.fused_lora import FusedLoraLinear
 from tunesmith.adapters.storage import BF16Storage, FrozenLinear
 from tunesmith.adapters.weights import autocast_bf16, stored_weight
 from tunesmith.train.kernels.patch import patch_forward, unpatch
+from tunesmith.train.kernels.scratch import scratch
 
 OWN_OUTPUT = "_tunesmith_group_output"  # marks a group's [rows × Σ out] result: only its column views use it
 
@@ -132,12 +133,11 @@ class GroupLoraFn(torch.autograd.Function):
             grad_x = torch.mm(g, weight) if need[0] else None
             grads_a = []
             for a, g_part, m in zip(lora_a.split(ctx.ranks), g_xa.split(ctx.ranks, dim=1), ctx.masks):
-                noise = None if m is None else m.noise(x2)
                 if need[0]:
                     back = torch.mm(g_part, a)
-                    grad_x.add_(back if noise is None else back.mul_(noise))
+                    grad_x.add_(back if m is None else m.drop_(back))
                 if need[3]:
-                    grads_a.append(torch.mm(g_part.t(), x2 if noise is None else noise.mul_(x2)))
+                    grads_a.append(torch.mm(g_part.t(), _dropped(x2, m)))
             grad_x = None if grad_x is None else grad_x.view(x.shape)
             grad_a = torch.cat(grads_a) if need[3] else None
         if need[2]:
@@ -148,7 +148,8 @@ class GroupLoraFn(torch.autograd.Function):
 
 
 def _dropped(x2: torch.Tensor, mask) -> torch.Tensor:
-    return x2 if mask is None else x2 * mask.noise(x2)
+    """`x2` through `mask`'s dropout, in a reused buffer (valid until the next projection's)."""
+    return x2 if mask is None else mask.dropped(x2, scratch)
 
 
 class GroupLinearFn(torch.autograd.Function):

@@ -36,7 +36,7 @@ class SwiGLUDownFn(torch.autograd.Function):
         y = F.linear(h, weight.to(h.dtype), bias)  # a trainable fp32 weight is cast here, and again in backward
         ha = None
         if lora_a is not None:
-            ha = F.linear(h if mask is None else h * mask.noise(h), lora_a)  # LoRA dropout on A's input
+            ha = F.linear(h if mask is None else mask.dropped(h, scratch), lora_a)  # LoRA dropout on A's input
             y.view(-1, y.shape[-1]).addmm_(ha.view(-1, ha.shape[-1]), lora_b.t(), alpha=scaling)
         ctx.save_for_backward(gate, up, weight, lora_a, lora_b, ha)
         ctx.scaling, ctx.into_inputs, ctx.mask = scaling, _group_pair(gate, up), mask
@@ -53,19 +53,19 @@ class SwiGLUDownFn(torch.autograd.Function):
         silu = torch.ops.aten.silu.out(gate2, out=scratch("swiglu.silu", shape, dtype, device))
         grad_h = torch.mm(g, weight.to(g.dtype), out=scratch("swiglu.grad_h", shape, dtype, device))
         grad_gate = grad_up = grad_w = grad_bias = grad_a = grad_b = g_ha = None
-        noise = None if ctx.mask is None else ctx.mask.noise(gate2)  # the forward's mask
+        mask = ctx.mask  # the forward's
         if lora_a is not None:
             g_ha = torch.mm(g, lora_b).mul_(s)
-            if noise is None:
+            if mask is None:
                 grad_h.addmm_(g_ha, lora_a)
             else:
-                grad_h.add_(torch.mm(g_ha, lora_a).mul_(noise))
+                grad_h.add_(mask.drop_(torch.mm(g_ha, lora_a)))
         if need[2] or need[4]:
             h = torch.mul(silu, up2, out=scratch("swiglu.h", shape, dtype, device))  # silu(g)·u, recomputed
             if need[2]:
                 grad_w = torch.mm(g.t(), h).to(weight.dtype)
             if need[4]:
-                grad_a = torch.mm(g_ha.t(), h if noise is None else noise.mul_(h))
+                grad_a = torch.mm(g_ha.t(), h if mask is None else mask.dropped(h, scratch))
         if need[5]:
             grad_b = torch.mm(g.t(), ha.reshape(-1, ha.shape[-1])).mul_(s)
         if need[3]:

@@ -77,6 +77,10 @@ class DataConfig:
     system_prompt: str | None = None  # prepended to every conversation without one
     chat_template: str | None = None  # Jinja template overriding the tokenizer's
     cache_dir: str | None = None  # tokenised-data cache; default TUNESMITH_HOME/data-cache
+    replay: float | None = (
+        None  # share of the training samples that are replay (general data against forgetting), 0 to <1
+    )
+    replay_source: str = "self"  # self (the base model's answers to bundled prompts) · a data file/folder
 
 
 @dataclass
@@ -326,14 +330,14 @@ def _coerce(hint, value, key: str):
 # section → keys holding paths (or lists of paths)
 # `owner/name` or `name`: a hub dataset when no such file exists (tunesmith.data.sources)
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
-PATH_KEYS = {"data": ("train", "validation"), "pretrain": ("corpus",), "compare": tuple(PATH_COMPARE)}
+PATH_KEYS = {"data": ("train", "validation", "replay_source"), "pretrain": ("corpus",), "compare": tuple(PATH_COMPARE)}
 
 
 def _absolute(value, base: Path):
     """A relative path (or a list of them) made absolute against `base`; other values as they are."""
     if isinstance(value, list):
         return [_absolute(v, base) for v in value]
-    if not isinstance(value, str) or value in ("", "bundled"):
+    if not isinstance(value, str) or value in ("", "bundled", "self"):  # self: data.replay_source
         return value
     path = Path(value).expanduser()
     if not path.suffix and HUB_NAME.match(value) and not (base / path).exists():

@@ -106,7 +106,7 @@ def answering_model(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_self_distillation_answers_once_and_reuses_the_cache(tmp_path, tiny_model_dir, monkeypatch):
+def test_self_distillation_answers_once_and_reuses_the_cache(tmp_path, tiny_model_dir, monkeypatch, capsys):
     from tunesmith.infer.replay import prepare_replay
 
     prompts = tmp_path / "prompts.jsonl"
@@ -133,6 +133,12 @@ def test_self_distillation_answers_once_and_reuses_the_cache(tmp_path, tiny_mode
     answers = {r["messages"][1]["content"] for r in records}
     assert sum(any(a in tok.decode(s.input_ids) for a in answers) for s in train[-5:]) == 5
 
+    from tunesmith.cli import main  # the whole verb reuses the answers and counts the replay samples
+
+    assert main(["train", str(tmp_path / "c.yaml"), "train.max_steps=2"]) == 0
+    assert "+ 5 replay samples" in capsys.readouterr().out
+    assert path.stat().st_mtime_ns == stamp and (tmp_path / "out" / "run.json").is_file()
+
     cfg.data.system_prompt = "Be brief."  # the prompts render differently: a new set of answers
     other, generated = prepare_replay(cfg, quiet=True)
     assert generated and other != path
@@ -158,4 +164,19 @@ def test_bad_replay_settings_are_one_line_and_write_nothing(tmp_path, tiny_model
     assert main(["train", str(cfg), override.format(tmp=tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and "\n" not in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_self_replay_with_no_answers_is_one_line(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    from tunesmith.cli import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Say a word."}) + "\n")
+    monkeypatch.setattr(replay, "PROMPTS", prompts)
+    monkeypatch.setitem(replay.GENERATION, "max_new_tokens", 4)
+    qa = write_qa_jsonl(tmp_path / "qa.jsonl", n=10)  # the raw tiny model answers with special tokens only
+    cfg = write_config(tmp_path / "c.yaml", tiny_model_dir, qa, tmp_path / "out", data={"replay": 0.2})
+    assert main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "answered none of the replay prompts" in err and "\n" not in err, err
     assert not (tmp_path / "out").exists()

@@ -77,9 +77,7 @@ class DataConfig:
     system_prompt: str | None = None  # prepended to every conversation without one
     chat_template: str | None = None  # Jinja template overriding the tokenizer's
     cache_dir: str | None = None  # tokenised-data cache; default TUNESMITH_HOME/data-cache
-    replay: float | None = (
-        None  # share of the training samples that are replay (general data against forgetting), 0 to <1
-    )
+    replay: float | None = None  # share of training samples that are replay (against forgetting), 0 <= f < 1
     replay_source: str = "self"  # self (the base model's answers to bundled prompts) · a data file/folder
 
 

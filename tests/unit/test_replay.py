@@ -180,3 +180,13 @@ def test_self_replay_with_no_answers_is_one_line(tmp_path, tiny_model_dir, monke
     err = capsys.readouterr().err.strip()
     assert "answered none of the replay prompts" in err and "\n" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_replay_source_paths_resolve_and_self_stays(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "self").mkdir()  # even beside a folder of that name, `self` means self-distillation
+    assert load_config(None, ["data.replay=0.1"]).data.replay_source == "self"
+    assert load_config(None, ["data.replay_source=self"]).data.replay_source == "self"
+    cfg = load_config(None, ["data.replay=0.1", "data.replay_source=general.jsonl"])
+    assert cfg.data.replay_source == str(tmp_path / "general.jsonl")
+    assert load_config(None, ["data.replay=0"]).data.replay == 0.0  # 0: off

@@ -118,9 +118,9 @@ def replay_samples(
 
     fraction = data_cfg.replay or 0.0
     n = round(fraction / (1.0 - fraction) * n_train)
+    examples = source_examples(source, "auto", data_cfg.system_prompt, None)  # an empty source: UserError
     if n == 0:
         return []
-    examples = source_examples(source, "auto", data_cfg.system_prompt, None)
     pool_stats = DataStats()
     pool = _tokenize_all(tokenizer, examples, data_cfg, pool_stats)
     if not pool:

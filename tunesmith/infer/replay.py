@@ -61,9 +61,17 @@ def prepare_replay(cfg, quiet: bool = False):
     )
     model.eval()
     conversations = [prompt_conversation(p, d.system_prompt) for p in prompts]
-    answers = generate_batch(
-        model, tokenizer, conversations, max_new_tokens=GENERATION["max_new_tokens"], batch_size=BATCH_SIZE
-    )
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(prompts), desc="replay", unit="answer", disable=quiet or not cfg.train.progress) as bar:
+        answers = generate_batch(
+            model,
+            tokenizer,
+            conversations,
+            max_new_tokens=GENERATION["max_new_tokens"],
+            batch_size=BATCH_SIZE,
+            on_batch=bar.update,
+        )
     del model
     write_answers(path, prompts, answers, cfg.model.name)
     if not quiet:

@@ -90,17 +90,22 @@ def test_resume_with_replay_is_bit_exact(tmp_path, tiny_model_dir):
 
 
 def answering_model(src: Path, dst: Path) -> Path:
-    """The tiny model made to answer with ordinary tokens: its output depends on one hidden unit only."""
+    """The tiny model made to answer "qui" and stop: its output hangs on one hidden unit, which the
+    prompt's last token leaves positive ("qui") and "qui" itself makes negative (end of turn)."""
     from transformers import AutoModelForCausalLM
+
+    from tunesmith.infer.generate import stop_ids
 
     model = AutoModelForCausalLM.from_pretrained(src)
     tok = load_tokenizer(str(src))
-    a, b = (tok(w, add_special_tokens=False)["input_ids"][0] for w in ("quick", "brown"))
+    word, stop = tok("quick", add_special_tokens=False)["input_ids"][0], stop_ids(tok)[-1]
     with torch.no_grad():
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = torch.nn.Parameter(torch.zeros_like(model.lm_head.weight))
         model.model.norm.weight.zero_()
-        model.model.norm.weight[0] = 1.0
-        head = model.get_output_embeddings().weight  # tied to the input embeddings: change two entries only
-        head[a, 0], head[b, 0] = 50.0, -50.0
+        model.model.norm.weight[2] = 1.0
+        model.lm_head.weight[word, 2], model.lm_head.weight[stop, 2] = 50.0, -50.0
+        model.model.embed_tokens.weight[word, 2] = -100.0
     model.save_pretrained(dst)
     tok.save_pretrained(dst)
     return dst
@@ -142,6 +147,13 @@ def test_self_distillation_answers_once_and_reuses_the_cache(tmp_path, tiny_mode
     cfg.data.system_prompt = "Be brief."  # the prompts render differently: a new set of answers
     other, generated = prepare_replay(cfg, quiet=True)
     assert generated and other != path
+
+
+def test_cut_off_and_empty_answers_are_left_out(tmp_path):
+    kept = replay.write_answers(
+        tmp_path / "a.json", ["p1", "p2", "p3"], ["one", " ", "three"], "m", [True, True, False]
+    )
+    assert kept == 1 and [r["messages"][1]["content"] for r in replay.read_answers(tmp_path / "a.json")] == ["one"]
 
 
 @pytest.mark.parametrize(

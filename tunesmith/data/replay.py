@@ -35,7 +35,7 @@ from tunesmith.io import write_atomic
 
 PROMPTS = Path(__file__).resolve().parents[1] / "resources" / "replay" / "prompts.jsonl"
 # how the base model answers the prompts: greedy, fp32 (the same answers on every machine)
-GENERATION = {"max_new_tokens": 128, "greedy": True, "dtype": "fp32", "version": 1}
+GENERATION = {"max_new_tokens": 128, "greedy": True, "dtype": "fp32", "version": 2}
 
 
 def data_cache_dir(data_cfg: DataConfig) -> Path:
@@ -68,15 +68,18 @@ def self_answers_path(data_cfg: DataConfig, tokenizer, cache_dir: Path) -> Path:
     return Path(cache_dir) / f"replay-self-{digest}.json"
 
 
-def write_answers(path: Path, prompts: list[str], answers: list[str], model: str) -> None:
-    """The self-distilled pool, as `messages` records; an empty answer teaches nothing and is left out."""
+def write_answers(path: Path, prompts: list[str], answers: list[str], model: str, finished=None) -> int:
+    """The self-distilled pool, as `messages` records: the answers that are not empty and finished
+    (`finished[i]`, default all); returns how many."""
+    finished = finished if finished is not None else [True] * len(answers)
     records = [
         {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a}]}
-        for p, a in zip(prompts, answers)
-        if a.strip()
+        for p, a, done in zip(prompts, answers, finished)
+        if a.strip() and done
     ]
-    body = {"model": model, "generation": GENERATION, "records": records}
+    body = {"model": model, "generation": GENERATION, "prompts": len(prompts), "records": records}
     write_atomic(path, json.dumps(body, ensure_ascii=False, indent=1))
+    return len(records)
 
 
 def read_answers(path: Path) -> list[dict] | None:
@@ -102,7 +105,7 @@ def open_replay(data_cfg: DataConfig, tokenizer, cache_dir: Path | None) -> Sour
     if not records:
         raise UserError(
             f"config key data.replay_source: the base model (answers in {path}) answered none of the replay prompts "
-            "(every answer empty); give a replay data file instead of self"
+            "(every answer empty or cut off); give a replay data file instead of self"
         )
     name = f"{path} (the base model's answers)"
     fingerprint = hashlib.sha256(path.read_bytes()).hexdigest()

@@ -3,8 +3,9 @@
 Contract: `prepare_replay(cfg)` → (path of the answers file, whether it generated them now), or
 (None, False) when the config asks for no self replay. The base model (`model.name`, no adapter)
 answers `resources/replay/prompts.jsonl` greedily in fp32 with continuous batching
-(`generate_batch`), each prompt rendered as training renders it (the run's chat template and
-system prompt); the answers go to `data.replay.self_answers_path` (JSON, atomic) and are reused
+(`generate_detailed`), each prompt rendered as training renders it (the run's chat template and
+system prompt); the answers that end before `max_new_tokens` (a cut-off one would teach the
+model to stop mid-sentence) go to `data.replay.self_answers_path` (JSON, atomic) and are reused
 while the model, prompts, generation settings, template and system prompt stay the same. Every
 entry point that fine-tunes calls it before `run_training`, which reads the file through the data
 layer (`data/replay.py`); that layer cannot generate itself (it sits below `infer`).
@@ -41,7 +42,7 @@ def prepare_replay(cfg, quiet: bool = False):
         return path, False
     import torch
 
-    from tunesmith.infer.generate import generate_batch
+    from tunesmith.infer.generate import generate_detailed
     from tunesmith.models import load_model
 
     prompts = load_prompts()
@@ -64,7 +65,7 @@ def prepare_replay(cfg, quiet: bool = False):
     from tqdm.auto import tqdm
 
     with tqdm(total=len(prompts), desc="replay", unit="answer", disable=quiet or not cfg.train.progress) as bar:
-        answers = generate_batch(
+        answers, _, generated = generate_detailed(
             model,
             tokenizer,
             conversations,
@@ -73,7 +74,10 @@ def prepare_replay(cfg, quiet: bool = False):
             on_batch=bar.update,
         )
     del model
-    write_answers(path, prompts, answers, cfg.model.name)
+    # an answer cut off at max_new_tokens would teach the model to end mid-sentence: left out
+    finished = [n < GENERATION["max_new_tokens"] for n in generated]
+    kept = write_answers(path, prompts, answers, cfg.model.name, finished)
     if not quiet:
-        print(f"tunesmith: replay: {len(answers)} answers in {time.perf_counter() - started:.0f} s", flush=True)
+        seconds = time.perf_counter() - started
+        print(f"tunesmith: replay: {kept} of {len(answers)} answers kept (finished, not empty) in {seconds:.0f} s")
     return path, True

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import time
 
-BATCH_SIZE = 16
-
 
 def prepare_replay(cfg, quiet: bool = False):
     d = cfg.data
@@ -70,7 +68,7 @@ def prepare_replay(cfg, quiet: bool = False):
             tokenizer,
             conversations,
             max_new_tokens=GENERATION["max_new_tokens"],
-            batch_size=BATCH_SIZE,
+            batch_size=GENERATION["batch_size"],
             on_batch=bar.update,
         )
     del model

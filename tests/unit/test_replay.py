@@ -149,11 +149,11 @@ def test_self_distillation_answers_once_and_reuses_the_cache(tmp_path, tiny_mode
     assert generated and other != path
 
 
-def test_cut_off_and_empty_answers_are_left_out(tmp_path):
-    kept = replay.write_answers(
-        tmp_path / "a.json", ["p1", "p2", "p3"], ["one", " ", "three"], "m", [True, True, False]
-    )
-    assert kept == 1 and [r["messages"][1]["content"] for r in replay.read_answers(tmp_path / "a.json")] == ["one"]
+def test_cut_off_answers_end_at_a_whole_sentence_and_empty_ones_are_left_out(tmp_path):
+    answers = ["one", " ", "three, cut", "First. Then (a list):\n1. Done!\n2. Not do"]
+    kept = replay.write_answers(tmp_path / "a.json", ["p1", "p2", "p3", "p4"], answers, "m", [True, True, False, False])
+    contents = [r["messages"][1]["content"] for r in replay.read_answers(tmp_path / "a.json")]
+    assert kept == 2 and contents == ["one", "First. Then (a list):\n1. Done!"]
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from pathlib import Path
 
 from tunesmith.config import DataConfig
@@ -33,9 +34,11 @@ from tunesmith.data.sources import Source, open_source
 from tunesmith.errors import UserError
 from tunesmith.io import write_atomic
 
+# ., ! or ? after a word (not "2." of a numbered list), then closing quotes/brackets, then a space
+SENTENCE_END = re.compile(r"(?<![\d\s])[.!?][\"')\]]*(?=\s)")
 PROMPTS = Path(__file__).resolve().parents[1] / "resources" / "replay" / "prompts.jsonl"
 # how the base model answers the prompts: greedy, fp32, 32 answers in flight (fuller batches decode faster)
-GENERATION = {"max_new_tokens": 128, "batch_size": 32, "greedy": True, "dtype": "fp32", "version": 2}
+GENERATION = {"max_new_tokens": 128, "batch_size": 32, "greedy": True, "dtype": "fp32", "version": 3}
 
 
 def data_cache_dir(data_cfg: DataConfig) -> Path:
@@ -69,17 +72,26 @@ def self_answers_path(data_cfg: DataConfig, tokenizer, cache_dir: Path) -> Path:
 
 
 def write_answers(path: Path, prompts: list[str], answers: list[str], model: str, finished=None) -> int:
-    """The self-distilled pool, as `messages` records: the answers that are not empty and finished
-    (`finished[i]`, default all); returns how many."""
+    """The self-distilled pool, as `messages` records; returns how many. An answer cut off at
+    `max_new_tokens` (`finished[i]` false) is kept up to its last whole sentence: followed by the
+    end-of-turn token, a cut-off one would teach the model to stop mid-sentence. Empty ones teach
+    nothing and are left out."""
     finished = finished if finished is not None else [True] * len(answers)
+    kept = [(p, a if done else whole_sentences(a)) for p, a, done in zip(prompts, answers, finished)]
     records = [
         {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a}]}
-        for p, a, done in zip(prompts, answers, finished)
-        if a.strip() and done
+        for p, a in kept
+        if a.strip()
     ]
     body = {"model": model, "generation": GENERATION, "prompts": len(prompts), "records": records}
     write_atomic(path, json.dumps(body, ensure_ascii=False, indent=1))
     return len(records)
+
+
+def whole_sentences(text: str) -> str:
+    """`text` up to the end of its last whole sentence (., ! or ? then a space or line break); "" if none."""
+    ends = [m.end() for m in SENTENCE_END.finditer(text)]
+    return text[: ends[-1]].rstrip() if ends else ""
 
 
 def read_answers(path: Path) -> list[dict] | None:

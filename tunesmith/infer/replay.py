@@ -4,8 +4,8 @@ Contract: `prepare_replay(cfg)` → (path of the answers file, whether it genera
 (None, False) when the config asks for no self replay. The base model (`model.name`, no adapter)
 answers `resources/replay/prompts.jsonl` greedily in fp32 with continuous batching
 (`generate_detailed`), each prompt rendered as training renders it (the run's chat template and
-system prompt); the answers that end before `max_new_tokens` (a cut-off one would teach the
-model to stop mid-sentence) go to `data.replay.self_answers_path` (JSON, atomic) and are reused
+system prompt); the answers (one cut off at `max_new_tokens` up to its last whole sentence, so
+the model does not learn to stop mid-sentence) go to `data.replay.self_answers_path` (JSON, atomic) and are reused
 while the model, prompts, generation settings, template and system prompt stay the same. Every
 entry point that fine-tunes calls it before `run_training`, which reads the file through the data
 layer (`data/replay.py`); that layer cannot generate itself (it sits below `infer`).
@@ -72,10 +72,11 @@ def prepare_replay(cfg, quiet: bool = False):
             on_batch=bar.update,
         )
     del model
-    # an answer cut off at max_new_tokens would teach the model to end mid-sentence: left out
+    # an answer cut off at max_new_tokens is kept up to its last whole sentence (write_answers)
     finished = [n < GENERATION["max_new_tokens"] for n in generated]
     kept = write_answers(path, prompts, answers, cfg.model.name, finished)
     if not quiet:
         seconds = time.perf_counter() - started
-        print(f"tunesmith: replay: {kept} of {len(answers)} answers kept (finished, not empty) in {seconds:.0f} s")
+        cut = finished.count(False)
+        print(f"tunesmith: replay: {kept} of {len(answers)} kept ({cut} cut at a whole sentence), {seconds:.0f} s")
     return path, True

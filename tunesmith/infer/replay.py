@@ -42,7 +42,9 @@ def prepare_replay(cfg, quiet: bool = False):
 
     from tunesmith.infer.generate import generate_detailed
     from tunesmith.models import load_model
+    from tunesmith.train.cpu import use_threads
 
+    use_threads(cfg.train.threads, "train.threads", warn=False)  # as training will
     prompts = load_prompts()
     if not quiet:
         print(

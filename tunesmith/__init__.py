@@ -33,8 +33,10 @@ def load_config(path=None, overrides=()):
 
 def finetune(cfg):
     """Fine-tune per `cfg`; returns a `TrainResult`."""
+    from tunesmith.infer.replay import prepare_replay
     from tunesmith.train.loop import run_training
 
+    prepare_replay(cfg)  # data.replay_source=self: the base model's answers, once
     return run_training(cfg)
 
 

@@ -27,12 +27,14 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from tunesmith.infer.replay import prepare_replay
     from tunesmith.io import write_atomic
     from tunesmith.train.budget import GIB
     from tunesmith.train.fit import estimate
     from tunesmith.train.fit_report import suggest, table, total_line, total_steps, verdict_line
 
     cfg = load_config_args(args)
+    prepare_replay(cfg)  # data.replay_source=self: the sample counts need the base model's answers
     cache: dict = {}
     est = estimate(cfg, probe=not args.no_probe, ram_gib=args.ram_gib, _cache=cache)
     print(table(cfg, est))

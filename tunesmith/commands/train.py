@@ -45,6 +45,9 @@ def run(args) -> int:
 
     pick_device(cfg.train.device)  # one this machine lacks (mps, cuda:3) is one line before any work
     limit_heap_retention()  # freed activations go back to the OS: ~40% lower peak RSS (see there)
+    from tunesmith.infer.replay import prepare_replay
+
+    prepare_replay(cfg, quiet=not main)  # data.replay_source=self: the base model's answers, before the fit check
     if not args.force:
         from tunesmith.train.fit_report import preflight
 

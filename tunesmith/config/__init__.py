@@ -81,6 +81,8 @@ class DataConfig:
     documents: str | None = None  # folder data.context retrieves from; default compare.documents
     context_fraction: float = 1.0  # share of the conversations that get a copy with context (plain ones stay)
     context_distractor_only: float = 0.2  # share of those copies whose chunks leave out the answer's chunk
+    replay: float | None = None  # share of training samples that are replay (against forgetting), 0 <= f < 1
+    replay_source: str = "self"  # self (the base model's answers to bundled prompts) · a data file/folder
 
 
 @dataclass
@@ -330,14 +332,18 @@ def _coerce(hint, value, key: str):
 # section → keys holding paths (or lists of paths)
 # `owner/name` or `name`: a hub dataset when no such file exists (tunesmith.data.sources)
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
-PATH_KEYS = {"data": ("train", "validation", "documents"), "pretrain": ("corpus",), "compare": tuple(PATH_COMPARE)}
+PATH_KEYS = {
+    "data": ("train", "validation", "documents", "replay_source"),
+    "pretrain": ("corpus",),
+    "compare": tuple(PATH_COMPARE),
+}
 
 
 def _absolute(value, base: Path):
     """A relative path (or a list of them) made absolute against `base`; other values as they are."""
     if isinstance(value, list):
         return [_absolute(v, base) for v in value]
-    if not isinstance(value, str) or value in ("", "bundled"):
+    if not isinstance(value, str) or value in ("", "bundled", "self"):  # self: data.replay_source
         return value
     path = Path(value).expanduser()
     if not path.suffix and HUB_NAME.match(value) and not (base / path).exists():

@@ -94,6 +94,10 @@ def validate(cfg: Config) -> None:
     d, a, t = cfg.data, cfg.adapter, cfg.train
     if a.quant_block_size < 2 or a.quant_block_size % 2 or a.quant_block_size > 4096:
         _fail("adapter.quant_block_size", "an even integer from 2 to 4096", a.quant_block_size)
+    if d.replay is not None and not 0.0 <= d.replay < 1.0:
+        _fail("data.replay", "a fraction 0 <= value < 1 (or null for none)", d.replay)
+    if not d.replay_source:
+        raise UserError("config key data.replay_source: expected self or a data file/folder")
     if d.max_length < 8:
         _fail("data.max_length", "an integer >= 8", d.max_length)
     if not a.target_modules:

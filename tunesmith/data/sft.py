@@ -19,6 +19,8 @@ Contract:
   config and the seed; the cache is a safetensors file of flat int32 arrays (no pickle), written
   atomically. With `data.context`, training conversations also get copies carrying retrieved
   chunks (`data/context.py`, retrieval settings from `compare`); the key then covers the documents.
+  With `data.replay` a share of replay samples follows the training samples
+  (`data/replay.py`); the replay settings and source's fingerprint are part of the cache key.
 - Tool-call conversations (`data/tools.py`) render with `tools=`; a template that cannot write
   what a record holds is a `UserError` naming it. An assistant turn with tool calls is labelled
   from the end of the generation prompt to its end of turn (templates write calls in their own
@@ -76,6 +78,7 @@ class DataStats:
     n_dropped: int = 0  # too long with overlong=drop, or nothing left to learn after truncation
     n_tokens: int = 0  # in the kept samples
     n_label_tokens: int = 0
+    n_replay: int = 0  # replay samples added to the training samples (data.replay, data/replay.py)
     from_cache: bool = False
     context: dict | None = None  # data.context: the ContextStats of the copies with context
 
@@ -267,9 +270,14 @@ def build_datasets(
     ensure_chat_template(tokenizer, data_cfg.chat_template)
     check_columns(data_cfg.columns)
     train_src, val_src = open_sources(data_cfg)
+    replay_src = None
+    if data_cfg.replay:
+        from tunesmith.data import replay
+
+        replay_src = replay.open_replay(data_cfg, tokenizer, cache_dir)
     cache_path = None
     if cache_dir is not None:
-        key = _cache_key(data_cfg, tokenizer, seed, train_src, val_src, compare)
+        key = _cache_key(data_cfg, tokenizer, seed, train_src, val_src, compare, [replay_src] if replay_src else [])
         cache_path = Path(cache_dir) / f"sft-{key}.safetensors" if key else None
         cached = _load_cache(cache_path) if cache_path else None
         if cached is not None:
@@ -300,6 +308,8 @@ def build_datasets(
             f"{len(train_ex)} dropped (longer than data.max_length={data_cfg.max_length} with "
             f"data.overlong={data_cfg.overlong}, or nothing to learn within it); raise data.max_length"
         )
+    if replay_src is not None:  # a share of general samples against forgetting; validation stays task data
+        train = train + replay.replay_samples(data_cfg, tokenizer, replay_src, len(train), seed, stats)
     if cache_path is not None:
         _save_cache(cache_path, train, val, stats)
     return train, val, stats
@@ -340,7 +350,7 @@ def _compare(compare):
     return compare if compare is not None else CompareConfig()
 
 
-def _cache_key(cfg: DataConfig, tokenizer, seed: int, train_src, val_src, compare=None) -> str | None:
+def _cache_key(cfg: DataConfig, tokenizer, seed: int, train_src, val_src, compare=None, replay_src=()) -> str | None:
     """sha256 over everything the samples depend on (each source by its fingerprint: a file's
     bytes, a folder's files' names/sizes/mtimes, a hub split's dataset fingerprint); None when a
     source cannot be read (the loader then reports it properly)."""
@@ -348,9 +358,9 @@ def _cache_key(cfg: DataConfig, tokenizer, seed: int, train_src, val_src, compar
 
     h = hashlib.sha256()
     keys = ("format", "max_length", "overlong", "train_on_prompt", "system_prompt", "val_fraction")
-    relevant = {k: getattr(cfg, k) for k in (*keys, "split", "validation_split", "subset", "columns")}
+    relevant = {k: getattr(cfg, k) for k in (*keys, "split", "validation_split", "subset", "columns", "replay")}
     h.update(json.dumps({"v": CACHE_VERSION, "tunesmith": __version__, "cfg": relevant, "seed": seed}).encode())
-    for role, sources in (("train", train_src), ("validation", val_src)):
+    for role, sources in (("train", train_src), ("validation", val_src), ("replay", replay_src)):
         for src in sources:
             fingerprint = src.fingerprint()
             if fingerprint is None:

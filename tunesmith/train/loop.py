@@ -174,10 +174,12 @@ def set_up(cfg: Config, rows=None) -> Run:
         raise
     if dist.main:
         warn_if_busy(threads, "train.threads")
+        n_replay = getattr(stats, "n_replay", 0)
+        replayed = f" + {n_replay} replay samples (data.replay)" if n_replay else ""
         print(
             f"tunesmith: {cfg.adapter.method} on {cfg.model.name}: {run.trainable:,} of {run.total_params:,} "
             f"parameters trainable; {stats.n_examples} examples ({stats.n_truncated} truncated, {stats.n_dropped} "
-            f"dropped) → {len(train_rows)} rows of ≤{cfg.data.max_length} tokens; {run.total_steps} steps; "
+            f"dropped){replayed} → {len(train_rows)} rows of ≤{cfg.data.max_length} tokens; {run.total_steps} steps; "
             f"{precision} compute" + (f"; resuming at step {run.step}" if run.resumed else ""),
             flush=True,
         )

@@ -24,12 +24,14 @@ def compare_with_training(cfg: Config) -> dict:
         require_trackers(cfg.compare.report_to, "compare.report_to")  # before minutes of work
     trained = needs_run(cfg) and not RunDir(cfg.train.output_dir).finished
     if trained:
+        from tunesmith.infer.replay import prepare_replay
         from tunesmith.train.loop import run_training
 
         print(f"tunesmith compare: training {cfg.train.output_dir} first ({cfg.adapter.method})", flush=True)
         staged = copy.deepcopy(cfg)
         if staged.train.resume == "never":
             staged.train.resume = "auto"
+        prepare_replay(staged)  # data.replay_source=self: the base model's answers, once
         run_training(staged)
     results = run_compare(cfg, just_trained=trained)
     if cfg.compare.report_to:

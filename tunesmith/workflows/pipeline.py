@@ -153,9 +153,12 @@ def _run_pretrain(cfg: Config, root: Path, model: str) -> tuple[str, dict]:
 
 
 def _run_finetune(cfg: Config, root: Path, model: str) -> tuple[str, dict]:
+    from tunesmith.infer.replay import prepare_replay
     from tunesmith.train.loop import run_training
 
-    result = run_training(_resumable(_finetune_cfg(cfg, model, root / DIRS["finetune"])))
+    staged = _resumable(_finetune_cfg(cfg, model, root / DIRS["finetune"]))
+    prepare_replay(staged)  # data.replay_source=self: the previous stage's model answers, once
+    result = run_training(staged)
     return str(result.output_dir), result.summary
 
 

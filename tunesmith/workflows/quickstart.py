@@ -47,11 +47,13 @@ def eval_questions(limit_seen_per_fact: int = 1) -> list[dict]:
 
 def run_quickstart(out_dir: str, overrides: list[str] = (), compare: bool = True) -> dict:
     from tunesmith.eval.compare import run_compare
+    from tunesmith.infer.replay import prepare_replay
     from tunesmith.train.loop import run_training
 
     cfg = load_config(resource_dir() / "config.yaml", [f"train.output_dir={out_dir}", "train.resume=auto", *overrides])
     t0 = time.perf_counter()
     print(f"tunesmith quickstart: base model {cfg.model.name}; fine-tuning ({cfg.adapter.method}) …", flush=True)
+    prepare_replay(cfg)  # data.replay_source=self: the base model's answers, once
     run_training(cfg)
     train_s = time.perf_counter() - t0
     cfg.compare.run = out_dir

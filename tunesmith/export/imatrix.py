@@ -26,7 +26,7 @@ from tunesmith.errors import UserError
 
 CALIBRATION = Path(__file__).resolve().parents[1] / "resources" / "quickstart" / "documents"
 WINDOW = 512
-MAX_TOKENS = 4096
+MAX_TOKENS = 1024
 
 
 def calibration_windows(tokenizer, text_path=None, window: int = WINDOW, max_tokens: int = MAX_TOKENS):

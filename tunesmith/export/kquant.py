@@ -84,7 +84,7 @@ def model_imatrix(model_spec: str, calibration=None) -> dict:
 
 
 def export_kquant(
-    model_spec: str, out_path=None, quant: str = "q4_k_m", force: bool = False, calibration=None, imatrix: bool = True
+    model_spec: str, out_path=None, quant: str = "q4_k_m", force: bool = False, calibration=None, imatrix=True
 ) -> Path:
     from tunesmith.export.gguf import default_export_path, export_gguf
 
@@ -103,7 +103,7 @@ def export_kquant(
     try:
         # Named like the output, so the file's general.name is the output's stem.
         source = export_gguf(model_spec, work / out.name, quant="f32")
-        weights = model_imatrix(model_spec, calibration) if imatrix else None
+        weights = imatrix if isinstance(imatrix, dict) else model_imatrix(model_spec, calibration) if imatrix else None
         quantized = quantize_gguf(source, work / f"{out.stem}.{quant}.gguf", quant, imatrix=weights)
         with open(quantized, "rb") as fh:
             os.fsync(fh.fileno())

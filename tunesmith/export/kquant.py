@@ -7,11 +7,15 @@ Contract:
   `llama_cpp.llama_model_quantize` over it (llama.cpp's default quantize parameters: its per-tensor
   mix for the _M types, the output head kept wider, a tensor whose rows are not a whole number of
   256-wide blocks falling back to a type that fits), and renames the result into place; the temporary
-  directory is always removed, so a failure leaves nothing behind. The Ollama `Modelfile` the f32
-  export wrote is moved beside the output with its `FROM` line pointing at the K-quant file (the
-  same `Modelfile` / `<name>.Modelfile` rule as `gguf.modelfile_path`).
-- `quantize_gguf(src, dst, quant, nthread)` is the quantizer call alone (llama.cpp reads `src`,
-  writes `dst`); a non-zero return is a one-line `UserError`.
+  directory is always removed, so a failure leaves nothing behind. The quantizer gets an importance
+  matrix (`imatrix.py`) measured on the merged fp32 model over `calibration` (default: the bundled
+  quickstart documents), as `llama-quantize --imatrix` would: `imatrix=True` (default) measures it,
+  a dict ({GGUF tensor name: per-column values}) is used as given, False quantizes without one.
+  The Ollama `Modelfile` the f32 export wrote is moved beside the output with its `FROM` line
+  pointing at the K-quant file (the same `Modelfile` / `<name>.Modelfile` rule as
+  `gguf.modelfile_path`).
+- `quantize_gguf(src, dst, quant, nthread, imatrix=None)` is the quantizer call alone (llama.cpp
+  reads `src`, writes `dst`); a non-zero return is a one-line `UserError`.
 - Without llama-cpp-python installed, one line naming the extra to install (`tunesmith[gguf]`).
 """
 

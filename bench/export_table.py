@@ -22,7 +22,7 @@ from gguf import GGUFReader
 from tunesmith import export_gguf
 from tunesmith.data.sft import ensure_chat_template
 from tunesmith.export import verify as v
-from tunesmith.export.imatrix import calibration_windows, collect_imatrix
+from tunesmith.export.imatrix import calibration_windows, collect_imatrix, model_window
 from tunesmith.export.kquant import K_QUANTS, export_kquant
 from tunesmith.export.lora_gguf import export_adapter
 from tunesmith.export.merge import load_merged
@@ -76,7 +76,7 @@ def main() -> None:
     measure = dict(texts=[ids], reference_ppl=ref["ppl"], reference_greedy=ref_greedy)
     # The K-quants' importance matrix, measured once here exactly as export_kquant measures it.
     wanted = set(args.quants) & set(K_QUANTS) and not args.no_imatrix
-    weights = collect_imatrix(model, calibration_windows(tokenizer)) if wanted else None
+    weights = collect_imatrix(model, calibration_windows(tokenizer, window=model_window(model))) if wanted else None
     for quant in args.quants:
         target = out / f"model-{quant}.gguf"
         if quant in K_QUANTS:

@@ -133,14 +133,17 @@ def test_imatrix_columns_and_llama_cpp_uses_it(wide, tmp_path):
     come out of q4_k_m with less error than the same columns quantized without it."""
     from gguf.quants import dequantize
 
-    from tunesmith.export.imatrix import calibration_windows, collect_imatrix
+    from tunesmith.errors import UserError
+    from tunesmith.export.imatrix import calibration_windows, collect_imatrix, model_window
     from tunesmith.export.kquant import quantize_gguf
     from tunesmith.export.merge import load_merged
 
     model_dir, out, _ids, _ref, _size = wide
     model, tok = load_merged(str(model_dir))
-    windows = calibration_windows(tok, max_tokens=300)
-    assert windows and all(2 <= len(w) <= 512 for w in windows)
+    windows = calibration_windows(tok, window=model_window(model), max_tokens=300)
+    assert len(windows) == 2 and all(2 <= len(w) <= 256 for w in windows)  # the model's 256-token context
+    with pytest.raises(UserError, match="missing.txt"):
+        calibration_windows(tok, tmp_path / "missing.txt")
     imx = collect_imatrix(model, windows)
     _meta, tensors = fields(out / "f32.gguf")
     matrices = {n: t for n, t in tensors.items() if len(t.shape) == 2}

@@ -8,7 +8,8 @@ Contract:
   `llama-imatrix` records (`in_sum2 / counts`) and what `llama-quantize --imatrix` hands the
   quantizer: one value per column (`ncols` floats) under the GGUF tensor's name. The GGUF's
   row permutation of q/k (`gguf.permute_rotary`) touches output rows only, so columns match.
-- `calibration_windows(tokenizer, text_path=None, window, max_tokens)` → token-id windows of the
+- `calibration_windows(tokenizer, text_path=None, window, max_tokens)` (window: `model_window(model)`,
+  512 or the model's shorter context; max_tokens 1024) → token-id windows of the
   calibration text (default: the bundled quickstart documents — never the verification text
   `verify.DEFAULT_TEXT`, so a perplexity check is not scored on what the quantizer was tuned to).
 - `as_params(imatrix)` → (ctypes array of `llama_model_imatrix_data`, NULL-terminated, and the
@@ -27,6 +28,11 @@ from tunesmith.errors import UserError
 CALIBRATION = Path(__file__).resolve().parents[1] / "resources" / "quickstart" / "documents"
 WINDOW = 512
 MAX_TOKENS = 1024
+
+
+def model_window(model) -> int:
+    """`WINDOW`, or the model's own context when shorter (positions past it would measure extrapolation)."""
+    return min(WINDOW, getattr(model.config, "max_position_embeddings", None) or WINDOW)
 
 
 def calibration_windows(tokenizer, text_path=None, window: int = WINDOW, max_tokens: int = MAX_TOKENS):

@@ -78,12 +78,12 @@ def _place_modelfile(written: Path | None, out: Path) -> None:
 def model_imatrix(model_spec: str, calibration=None) -> dict:
     """The importance matrix of `model_spec` (merged, fp32) over the calibration text."""
     from tunesmith.export.gguf import ARCHITECTURES
-    from tunesmith.export.imatrix import calibration_windows, collect_imatrix
+    from tunesmith.export.imatrix import calibration_windows, collect_imatrix, model_window
     from tunesmith.export.merge import load_merged
 
     model, tokenizer = load_merged(model_spec)
     model.eval()
-    windows = calibration_windows(tokenizer, calibration)
+    windows = calibration_windows(tokenizer, calibration, model_window(model))
     return collect_imatrix(model, windows, ARCHITECTURES.get(model.config.model_type, "llama"))
 
 

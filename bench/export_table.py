@@ -22,6 +22,8 @@ from gguf import GGUFReader
 from tunesmith import export_gguf
 from tunesmith.data.sft import ensure_chat_template
 from tunesmith.export import verify as v
+from tunesmith.export.imatrix import calibration_windows, collect_imatrix, model_window
+from tunesmith.export.kquant import K_QUANTS, export_kquant
 from tunesmith.export.lora_gguf import export_adapter
 from tunesmith.export.merge import load_merged
 
@@ -61,6 +63,7 @@ def main() -> None:
     ap.add_argument("run")
     ap.add_argument("out")
     ap.add_argument("--quants", nargs="+", default=["f16", "q8_0", "q4_0", "q6_k", "q5_k_m", "q4_k_m"])
+    ap.add_argument("--no-imatrix", action="store_true", help="K-quants without the importance matrix")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -71,8 +74,15 @@ def main() -> None:
     ref, ref_greedy = v.reference_row(model, tokenizer, ids)
     rows, verdicts, paths = [ref], [], {}
     measure = dict(texts=[ids], reference_ppl=ref["ppl"], reference_greedy=ref_greedy)
+    # The K-quants' importance matrix, measured once here exactly as export_kquant measures it.
+    wanted = set(args.quants) & set(K_QUANTS) and not args.no_imatrix
+    weights = collect_imatrix(model, calibration_windows(tokenizer, window=model_window(model))) if wanted else None
     for quant in args.quants:
-        paths[quant] = export_gguf(args.run, out / f"model-{quant}.gguf", quant=quant, force=True)
+        target = out / f"model-{quant}.gguf"
+        if quant in K_QUANTS:
+            paths[quant] = export_kquant(args.run, target, quant, force=True, imatrix=weights or False)
+        else:
+            paths[quant] = export_gguf(args.run, target, quant=quant, force=True)
         result = v.verify_gguf(paths[quant], model, tokenizer, quant=quant, **measure)
         rows.append(row(f"gguf {quant}", result, v.mib(paths[quant])))
         verdicts.append(f"{quant}: {'pass' if result['passed'] else 'FAIL ' + '; '.join(result['failures'])}")

@@ -104,3 +104,13 @@ def test_cli_export_verifies_and_reports(tmp_path, model64, capsys, monkeypatch)
         main(["export", str(model64), "--out", str(tmp_path / "x.gguf"), "--eval-text", str(tmp_path / "no.txt")]) == 2
     )
     assert "--eval-text" in capsys.readouterr().err and not (tmp_path / "x.gguf").exists()
+
+
+def test_perplexity_threshold_holds_both_ways():
+    """ "Within 2% of fp32" is two-sided: a file that scores 5% *below* the model it came from has
+    drifted from it as much as one 5% above (requantizing a fine-tune can undo part of the tuning)."""
+    base = {"greedy_match": 10, "prompts": 10, "ppl_fp32": 10.0}
+    for ratio, ok in ((1.019, True), (0.981, True), (1.05, False), (0.95, False)):
+        problems = verify_mod.failures({**base, "ppl": 10 * ratio, "ppl_ratio": ratio}, "q5_k_m" if ok else "q8_0")
+        assert (not problems) == ok, (ratio, problems)
+        assert ok or "allowed ±2%" in problems[0]

@@ -7,11 +7,15 @@ Contract:
   `llama_cpp.llama_model_quantize` over it (llama.cpp's default quantize parameters: its per-tensor
   mix for the _M types, the output head kept wider, a tensor whose rows are not a whole number of
   256-wide blocks falling back to a type that fits), and renames the result into place; the temporary
-  directory is always removed, so a failure leaves nothing behind. The Ollama `Modelfile` the f32
-  export wrote is moved beside the output with its `FROM` line pointing at the K-quant file (the
-  same `Modelfile` / `<name>.Modelfile` rule as `gguf.modelfile_path`).
-- `quantize_gguf(src, dst, quant, nthread)` is the quantizer call alone (llama.cpp reads `src`,
-  writes `dst`); a non-zero return is a one-line `UserError`.
+  directory is always removed, so a failure leaves nothing behind. The quantizer gets an importance
+  matrix (`imatrix.py`) measured on the merged fp32 model over `calibration` (default: the bundled
+  quickstart documents), as `llama-quantize --imatrix` would: `imatrix=True` (default) measures it,
+  a dict ({GGUF tensor name: per-column values}) is used as given, False quantizes without one.
+  The Ollama `Modelfile` the f32 export wrote is moved beside the output with its `FROM` line
+  pointing at the K-quant file (the same `Modelfile` / `<name>.Modelfile` rule as
+  `gguf.modelfile_path`).
+- `quantize_gguf(src, dst, quant, nthread, imatrix=None)` is the quantizer call alone (llama.cpp
+  reads `src`, writes `dst`); a non-zero return is a one-line `UserError`.
 - Without llama-cpp-python installed, one line naming the extra to install (`tunesmith[gguf]`).
 """
 
@@ -40,14 +44,20 @@ def require_llama_cpp(quant: str) -> None:
         raise UserError(f"--quant {quant}: {NEEDS}", key="quant")
 
 
-def quantize_gguf(src: Path, dst: Path, quant: str, nthread: int | None = None) -> Path:
-    """llama.cpp's quantizer, `src` (f32/f16 GGUF) → `dst` in `quant`."""
+def quantize_gguf(src: Path, dst: Path, quant: str, nthread: int | None = None, imatrix: dict | None = None) -> Path:
+    """llama.cpp's quantizer, `src` (f32/f16 GGUF) → `dst` in `quant`, weighted by `imatrix`
+    ({GGUF tensor name: per-column mean squared activation}) when given."""
     require_llama_cpp(quant)
     import llama_cpp
+
+    from tunesmith.export.imatrix import as_params
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, K_QUANTS[quant])
     params.nthread = nthread or os.cpu_count() or 1
+    entries, buffers = as_params(imatrix) if imatrix else (None, None)  # both must outlive the call
+    if entries is not None:
+        params.imatrix = entries
     code = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if code != 0 or not dst.is_file():
         raise UserError(f"{src}: llama.cpp's quantizer failed to write {quant} (return code {code})", key="quant")
@@ -65,7 +75,21 @@ def _place_modelfile(written: Path | None, out: Path) -> None:
     write_atomic(modelfile_path(out), "\n".join(lines) + "\n")
 
 
-def export_kquant(model_spec: str, out_path=None, quant: str = "q4_k_m", force: bool = False) -> Path:
+def model_imatrix(model_spec: str, calibration=None) -> dict:
+    """The importance matrix of `model_spec` (merged, fp32) over the calibration text."""
+    from tunesmith.export.gguf import ARCHITECTURES
+    from tunesmith.export.imatrix import calibration_windows, collect_imatrix, model_window
+    from tunesmith.export.merge import load_merged
+
+    model, tokenizer = load_merged(model_spec)
+    model.eval()
+    windows = calibration_windows(tokenizer, calibration, model_window(model))
+    return collect_imatrix(model, windows, ARCHITECTURES.get(model.config.model_type, "llama"))
+
+
+def export_kquant(
+    model_spec: str, out_path=None, quant: str = "q4_k_m", force: bool = False, calibration=None, imatrix=True
+) -> Path:
     from tunesmith.export.gguf import default_export_path, export_gguf
 
     if quant not in K_QUANTS:
@@ -83,7 +107,8 @@ def export_kquant(model_spec: str, out_path=None, quant: str = "q4_k_m", force: 
     try:
         # Named like the output, so the file's general.name is the output's stem.
         source = export_gguf(model_spec, work / out.name, quant="f32")
-        quantized = quantize_gguf(source, work / f"{out.stem}.{quant}.gguf", quant)
+        weights = imatrix if isinstance(imatrix, dict) else model_imatrix(model_spec, calibration) if imatrix else None
+        quantized = quantize_gguf(source, work / f"{out.stem}.{quant}.gguf", quant, imatrix=weights)
         with open(quantized, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(quantized, out)

@@ -35,6 +35,6 @@ def quickstart_run(tmp_path_factory, slow_home):
     env = {**os.environ, "TUNESMITH_HOME": str(slow_home), "HF_HUB_OFFLINE": "1"}
     # the closing comparison on 20 questions per split: every arm and split, a few minutes less
     args = [EXE, "quickstart", "--out", str(out), "compare.max_questions=20", "compare.latency_samples=3"]
-    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=1800)
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=2700)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc

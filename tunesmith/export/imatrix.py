@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tunesmith.errors import UserError
+from tunesmith.export.verify import text_ids
 
 CALIBRATION = Path(__file__).resolve().parents[1] / "resources" / "quickstart" / "documents"
 WINDOW = 512
@@ -38,15 +38,8 @@ def model_window(model) -> int:
 def calibration_windows(tokenizer, text_path=None, window: int = WINDOW, max_tokens: int = MAX_TOKENS):
     path = Path(text_path).expanduser() if text_path else CALIBRATION
     files = sorted(path.glob("*.md")) + sorted(path.glob("*.txt")) if path.is_dir() else [path]
-    try:
-        text = "\n\n".join(f.read_text(encoding="utf-8") for f in files)
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(
-            f"cannot read {path} ({type(err).__name__}); expected a UTF-8 calibration text", key="imatrix_text"
-        ) from None
-    ids = tokenizer(text)["input_ids"][:max_tokens]
-    if len(ids) < 2:
-        raise UserError(f"{path} has fewer than 2 tokens; the importance matrix needs some text", key="imatrix_text")
+    expected, use = "a UTF-8 calibration text", "the importance matrix"
+    ids = text_ids(tokenizer, path, files, max_tokens, "imatrix_text", expected, use)
     return [ids[i : i + window] for i in range(0, len(ids), window) if len(ids[i : i + window]) >= 2]
 
 

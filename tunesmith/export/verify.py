@@ -1,7 +1,8 @@
 """Check an exported model against the fp32 PyTorch model it came from, and measure it.
 
 Contract:
-- `eval_ids(tokenizer, text_path=None, max_tokens)` → the first `max_tokens` (`EVAL_TOKENS`, or
+- `eval_ids(tokenizer, text_path=None, max_tokens)` (through `text_ids`, which the importance matrix
+  shares) → the first `max_tokens` (`EVAL_TOKENS`, or
   `eval_budget(model)` for a model with a shorter context) token ids of the validation text
   (default: the bundled `general_text.txt`). Both sides of a perplexity comparison score
   these same ids, so a tokenizer difference can never pass for a quality difference.
@@ -69,15 +70,19 @@ THRESHOLDS = {
 
 def eval_ids(tokenizer, text_path=None, max_tokens: int = EVAL_TOKENS) -> list[int]:
     path = Path(text_path).expanduser() if text_path else DEFAULT_TEXT
+    return text_ids(tokenizer, path, [path], max_tokens, "eval_text", "a UTF-8 text file", "perplexity")
+
+
+def text_ids(tokenizer, path: Path, files: list[Path], max_tokens: int, key: str, expected: str, use: str) -> list[int]:
+    """The first `max_tokens` token ids of `files` joined by blank lines; unreadable or too short
+    text is one `UserError` naming `path` and `key`."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = "\n\n".join(f.read_text(encoding="utf-8") for f in files)
     except (OSError, UnicodeDecodeError) as err:
-        raise UserError(
-            f"cannot read {path} ({type(err).__name__}); expected a UTF-8 text file", key="eval_text"
-        ) from None
+        raise UserError(f"cannot read {path} ({type(err).__name__}); expected {expected}", key=key) from None
     ids = tokenizer(text)["input_ids"][:max_tokens]
     if len(ids) < 2:
-        raise UserError(f"{path} has fewer than 2 tokens; perplexity needs some text", key="eval_text")
+        raise UserError(f"{path} has fewer than 2 tokens; {use} needs some text", key=key)
     return ids
 
 

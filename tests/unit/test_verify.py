@@ -5,8 +5,10 @@ llama-cpp-python must fail these tests rather than hide them.
 """
 
 import json
+import math
 
 import llama_cpp  # noqa: F401 — see the module docstring
+import numpy as np
 import pytest
 
 from tests.unit.test_gguf_export import make_model_dir
@@ -14,6 +16,7 @@ from tunesmith.cli import main
 from tunesmith.errors import UserError
 from tunesmith.export import verify as verify_mod
 from tunesmith.export.gguf import export_gguf
+from tunesmith.export.logits import CHUNK, divergence, nll_from_logits
 from tunesmith.export.merge import load_merged
 from tunesmith.export.verify import PROMPTS, eval_budget, eval_ids, same_greedy, verify_gguf
 
@@ -31,7 +34,7 @@ def reference(model64):
 @pytest.fixture(scope="module")
 def ggufs(model64, tmp_path_factory):
     out = tmp_path_factory.mktemp("ggufs")
-    return {q: export_gguf(str(model64), out / f"m-{q}.gguf", quant=q) for q in ("f32", "q8_0")}
+    return {q: export_gguf(str(model64), out / f"m-{q}.gguf", quant=q) for q in ("f32", "q8_0", "q4_0")}
 
 
 def test_f32_gguf_is_the_pytorch_model(ggufs, reference):
@@ -45,6 +48,45 @@ def test_f32_gguf_is_the_pytorch_model(ggufs, reference):
     assert all(d["gguf"] == d["pytorch"] for d in result["details"])  # exact, not just a shared prefix
     assert abs(result["ppl_ratio"] - 1) < 1e-3
     assert result["passed"] and result["tok_s"] > 0 and result["eval_tokens"] == [240]
+    # The same next-token distributions at every scored position: KL ~ 0, same top token.
+    assert 0 <= result["kl"] <= 1e-6 and result["kl_p99"] <= 1e-6, result["kl"]
+    assert result["top1"] == 100.0
+
+
+def test_kl_is_positive_for_q4_0_and_shares_the_fp32_logits(ggufs, reference):
+    model, tok = reference
+    ids = eval_ids(tok, max_tokens=eval_budget(model))
+    logits = verify_mod.torch_logits(model, ids)
+    q4 = verify_gguf(ggufs["q4_0"], model, tok, PROMPTS[:1], [ids], quant="q4_0", reference_logits=[logits])
+    f32 = verify_gguf(ggufs["f32"], model, tok, PROMPTS[:1], [ids], quant="f32", reference_logits=[logits])
+    assert q4["kl"] > 1e3 * max(f32["kl"], 1e-12) and q4["kl_p99"] >= q4["kl"], (q4["kl"], f32["kl"])
+    assert q4["ppl_fp32"] == f32["ppl_fp32"] == pytest.approx(verify_mod.torch_perplexity(model, ids), rel=1e-9)
+    assert "kl" in verify_mod.result_cells(q4) and "top-1 %" in verify_mod.report_table([verify_mod.result_cells(q4)])
+
+
+def test_kl_and_top1_by_hand():
+    """KL(p ‖ q) = Σ p ln(p / q) over softmaxes of the logits, per position; logits shifted by a
+    constant are the same distribution."""
+    ref = np.array([[0.0, math.log(2), 0.0], [0.0, 0.0, 5.0], [1.0, 2.0, 3.0]])
+    got = np.array([[7.0, 7.0, 7.0], [5.0, 0.0, 0.0], [11.0, 12.0, 13.0]])
+    kl, same = divergence(ref, got, 3)
+    assert kl[0] == pytest.approx(2 * 0.25 * math.log(0.25 / (1 / 3)) + 0.5 * math.log(0.5 / (1 / 3)), abs=1e-12)
+    p = np.exp([0.0, 0.0, 5.0]) / np.exp([0.0, 0.0, 5.0]).sum()
+    assert kl[1] == pytest.approx(float((p * np.log(p / p[::-1])).sum()), abs=1e-12)
+    assert kl[2] == pytest.approx(0.0, abs=1e-12)
+    assert same.tolist() == [False, False, True]  # a three-way tie is token 0; 2 vs 0; shifted logits agree
+
+    # More positions than one chunk: the same as row by row, in plain Python.
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(2 * CHUNK + 5, 6)), rng.normal(size=(2 * CHUNK + 5, 6))
+    ids = rng.integers(0, 6, size=2 * CHUNK + 6).tolist()
+    kl, same = divergence(a, b, len(a))
+    for i in (0, CHUNK, len(a) - 1):
+        pa, pb = np.exp(a[i]) / np.exp(a[i]).sum(), np.exp(b[i]) / np.exp(b[i]).sum()
+        assert kl[i] == pytest.approx(sum(x * math.log(x / y) for x, y in zip(pa, pb)), rel=1e-10)
+        assert same[i] == (a[i].argmax() == b[i].argmax())
+    want = -np.mean([a[i, ids[i + 1]] - math.log(np.exp(a[i]).sum()) for i in range(len(a))])
+    assert nll_from_logits(a, ids) == pytest.approx(want, rel=1e-12)
 
 
 def test_q8_0_perplexity_within_2_percent(ggufs, reference):
@@ -83,6 +125,8 @@ def test_cli_export_verifies_and_reports(tmp_path, model64, capsys, monkeypatch)
     assert report["verified"] and report["passed"] and report["quant"] == "f16"
     assert [r["format"] for r in report["table"]] == ["fp32 PyTorch", "gguf f16"]
     assert report["table"][1]["size_mib"] == pytest.approx(out.stat().st_size / 2**20)
+    assert "KL vs fp32" in printed and "top-1 %" in printed
+    assert report["verification"]["kl"] == report["table"][1]["kl"] < 1e-3 and report["table"][0]["kl"] == 0.0
 
     # A failed check keeps the file, says why in one WARNING line, and exits with 3.
     monkeypatch.setitem(verify_mod.THRESHOLDS, "q8_0", {"max_ppl_ratio": 0.5})

@@ -211,14 +211,15 @@ def verify_adapter(run_dir, adapter: Path, base: Path, base_quant: str, eval_tex
         model, tokenizer = load_merged(str(run_dir))
         ensure_chat_template(tokenizer)
         ids = v.eval_ids(tokenizer, eval_text, v.eval_budget(model))
-        ref, ref_greedy = v.reference_row(model, tokenizer, ids)
+        logits = v.torch_logits(model, ids)
+        ref, ref_greedy = v.reference_row(model, tokenizer, ids, logits=logits)
         result = v.verify_gguf(
             base,
             model,
             tokenizer,
             texts=[ids],
             quant=quant,
-            reference_ppl=ref["ppl"],
+            reference_logits=[logits],
             reference_greedy=ref_greedy,
             lora_path=adapter,
         )

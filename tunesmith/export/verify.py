@@ -6,8 +6,10 @@ Contract:
   `eval_budget(model)` for a model with a shorter context) token ids of the validation text
   (default: the bundled `general_text.txt`). Both sides of a perplexity comparison score
   these same ids, so a tokenizer difference can never pass for a quality difference.
-- `torch_perplexity(model, ids)`, `torch_greedy(model, tokenizer, prompt, n)` and
-  `torch_speed(...)` measure a PyTorch model (fp32 reference or `quantize.py`'s int8/int4).
+- `torch_logits(model, ids)`, `torch_perplexity(model, ids)`, `torch_greedy(model, tokenizer, prompt, n)`
+  and `torch_speed(...)` measure a PyTorch model (fp32 reference or `quantize.py`'s int8/int4).
+- `divergence(reference_logits, logits, n)` → per position, KL(softmax(reference) ‖ softmax(logits))
+  in nats and whether the argmax tokens agree (`logits.py`).
 - `verify_gguf(gguf_path, reference_model, tokenizer, prompts=PROMPTS, texts=None, quant=None)`
   runs the GGUF in llama-cpp-python and returns a dict:
     greedy: each prompt (rendered with the HF chat template, tokenized by llama.cpp with BOS as
@@ -16,6 +18,11 @@ Contract:
       an end-of-turn token and the shorter one is a prefix of the longer one.
     perplexity of the GGUF (log-softmax of llama.cpp's logits) and of the fp32 model on the same
       ids, their ratio, and llama.cpp's generation speed (new tokens / wall time, prompt included).
+    kl / kl_p99 / top1: from the same two sets of logits, the mean and 99th percentile over the
+      scored positions of KL(fp32 ‖ GGUF) of the next-token distributions, and the % of positions
+      whose most likely token is the same — `llama-perplexity --kl-divergence`'s "Mean KLD" and
+      "Same top p". Reported, not a gate: unlike the perplexity ratio it cannot come out *better*
+      than fp32 by chance (on a fine-tune, requantization can move perplexity either way).
     `passed` applies the thresholds in `THRESHOLDS` for `quant`: f32/f16 must match on at least
       9 of 10 prompts; q8_0's perplexity within 2% of fp32 (either way), q4_0's within 10%; the K-quants
       (made by llama.cpp) q6_k within 1%, q5_k_m 2%, q4_k_m 5%; "lora" (a base GGUF with
@@ -24,7 +31,7 @@ Contract:
 - `verify_export(model_spec, gguf_path, quant, eval_text, verify)` is what `tunesmith export` runs
   after writing: loads the fp32 reference (`load_merged`), measures both sides and writes
   `<name>.report.json` beside the GGUF (table rows, thresholds, `passed`, per-prompt tokens).
-- `report_table(rows)` formats rows of {format, size_mib, ppl, ppl_ratio, tok_s, greedy} as text.
+- `report_table(rows)` formats rows of {format, size_mib, ppl, ppl_ratio, kl, top1, tok_s, greedy} as text.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import numpy as np
 import torch
 
 from tunesmith.errors import UserError
+from tunesmith.export.logits import divergence, nll_from_logits
 
 GREEDY_TOKENS = 32
 EVAL_TOKENS = 512
@@ -93,19 +101,14 @@ def eval_budget(model) -> int:
     return max(2, min(EVAL_TOKENS, limit - 16))
 
 
-def nll_from_logits(logits: np.ndarray, ids: list[int]) -> float:
-    """Mean negative log-likelihood of ids[1:] given the logits at positions [:-1] (float64)."""
-    logits = np.asarray(logits[: len(ids) - 1], dtype=np.float64)
-    peak = logits.max(axis=-1, keepdims=True)
-    log_z = peak[:, 0] + np.log(np.exp(logits - peak).sum(axis=-1))
-    target = logits[np.arange(len(ids) - 1), ids[1:]]
-    return float((log_z - target).mean())
-
-
 @torch.no_grad()
+def torch_logits(model, ids: list[int]) -> np.ndarray:
+    """The model's float32 logits at every position of `ids` (len(ids) × vocab)."""
+    return model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+
+
 def torch_perplexity(model, ids: list[int]) -> float:
-    logits = model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
-    return math.exp(nll_from_logits(logits, ids))
+    return math.exp(nll_from_logits(torch_logits(model, ids), ids))
 
 
 def end_ids(tokenizer) -> set[int]:
@@ -201,10 +204,11 @@ def open_gguf(gguf_path, n_ctx: int, lora_path=None):
         raise UserError(f"{path}: llama.cpp cannot load this GGUF ({first}); it may be truncated or corrupt") from None
 
 
-def llama_perplexity(llm, ids: list[int]) -> float:
+def llama_logits(llm, ids: list[int]) -> np.ndarray:
+    """llama.cpp's logits at every position of `ids`: a view into `llm.scores`, valid until the next eval."""
     llm.reset()
     llm.eval(ids)
-    return math.exp(nll_from_logits(llm.scores[: len(ids)], ids))
+    return llm.scores[: len(ids)]
 
 
 def llama_greedy(llm, prompt_ids: list[int], stops: set[int], n: int = GREEDY_TOKENS) -> list[int]:
@@ -232,11 +236,12 @@ def verify_gguf(
     prompts=PROMPTS,
     texts=None,
     quant: str | None = None,
-    reference_ppl: float | None = None,
+    reference_logits: list[np.ndarray] | None = None,
     reference_greedy: list[list[int]] | None = None,
     lora_path=None,
 ) -> dict:
-    """See the module docstring. `texts` is a list of token-id lists (default: `eval_ids`)."""
+    """See the module docstring. `texts` is a list of token-id lists (default: `eval_ids`);
+    `reference_logits`, one array per text (`torch_logits`), spares the fp32 forward passes."""
     ids_list = texts if texts is not None else [eval_ids(tokenizer, max_tokens=eval_budget(reference_model))]
     longest_prompt = max(
         len(tokenizer(chat_prompt(tokenizer, p), add_special_tokens=False)["input_ids"]) for p in prompts
@@ -259,15 +264,21 @@ def verify_gguf(
             ok = same_greedy(got, want, stops)
             matches += ok
             details.append({"prompt": question, "match": ok, "gguf": got, "pytorch": want})
-        ppls = [llama_perplexity(llm, ids) for ids in ids_list]
+        ppls, ref, kls, same = [], [], [], []
+        for i, ids in enumerate(ids_list):
+            # One text's logits on each side at a time (each len(ids) × vocab float32).
+            fp32 = reference_logits[i] if reference_logits is not None else torch_logits(reference_model, ids)
+            gguf = llama_logits(llm, ids)
+            ppls.append(math.exp(nll_from_logits(gguf, ids)))
+            ref.append(math.exp(nll_from_logits(fp32, ids)))
+            kl, top = divergence(fp32, gguf, len(ids) - 1)
+            kls.append(kl)
+            same.append(top)
+            del fp32, gguf
     finally:
         if hasattr(llm, "close"):  # frees llama.cpp's context now rather than at interpreter exit
             llm.close()
-    ref = (
-        [reference_ppl]
-        if reference_ppl is not None and len(ids_list) == 1
-        else [torch_perplexity(reference_model, ids) for ids in ids_list]
-    )
+    kls, same = np.concatenate(kls), np.concatenate(same)
     result = {
         "gguf": str(gguf_path),
         "quant": quant,
@@ -278,6 +289,11 @@ def verify_gguf(
         "eval_tokens": [len(ids) for ids in ids_list],
         "ppl": float(np.mean(ppls)),
         "ppl_fp32": float(np.mean(ref)),
+        # Over every scored position of every text (as llama.cpp pools them): mean and 99th
+        # percentile of KL(fp32 ‖ GGUF) in nats, and % of positions whose top token is the same.
+        "kl": float(kls.mean()),
+        "kl_p99": float(np.percentile(kls, 99)),
+        "top1": 100.0 * float(same.mean()),
         "tok_s": total / max(elapsed, 1e-9),
         "details": details,
     }
@@ -307,9 +323,16 @@ def failures(result: dict, quant: str | None) -> list[str]:
 
 
 def report_table(rows: list[dict]) -> str:
-    """Rows of {format, size_mib, ppl, ppl_ratio, tok_s, greedy}; a missing value prints as '-'."""
-    head = ("format", "size MiB", "ppl", "ppl/fp32", "tok/s", "greedy = fp32")
-    fmt = {"size_mib": "{:.1f}", "ppl": "{:.3f}", "ppl_ratio": "{:.4f}", "tok_s": "{:.1f}"}
+    """Rows of {format, size_mib, ppl, ppl_ratio, kl, top1, tok_s, greedy}; a missing value prints as '-'."""
+    head = ("format", "size MiB", "ppl", "ppl/fp32", "KL vs fp32", "top-1 %", "tok/s", "greedy = fp32")
+    fmt = {
+        "size_mib": "{:.1f}",
+        "ppl": "{:.3f}",
+        "ppl_ratio": "{:.4f}",
+        "kl": "{:.6f}",
+        "top1": "{:.1f}",
+        "tok_s": "{:.1f}",
+    }
     body = [
         [str(r.get("format", "-"))]
         + [fmt[k].format(r[k]) if r.get(k) is not None else "-" for k in fmt]
@@ -324,7 +347,8 @@ def report_table(rows: list[dict]) -> str:
 def result_cells(result: dict) -> dict:
     """A verification result as the cells of its table row."""
     greedy = f"{result['greedy_match']}/{result['prompts']}"
-    return {"ppl": result["ppl"], "ppl_ratio": result["ppl_ratio"], "tok_s": result["tok_s"], "greedy": greedy}
+    cells = {k: result[k] for k in ("ppl", "ppl_ratio", "kl", "top1", "tok_s")}
+    return {**cells, "greedy": greedy}
 
 
 def mib(path) -> float:
@@ -333,15 +357,19 @@ def mib(path) -> float:
     return sum(f.stat().st_size for f in files) / 2**20
 
 
-def reference_row(model, tokenizer, ids: list[int], prompts=PROMPTS) -> tuple[dict, list[list[int]]]:
-    """The fp32 PyTorch row of the table (size = its fp32 weights) and its greedy tokens."""
+def reference_row(model, tokenizer, ids: list[int], prompts=PROMPTS, logits=None) -> tuple[dict, list[list[int]]]:
+    """The fp32 PyTorch row of the table (size = its fp32 weights) and its greedy tokens;
+    `logits` (`torch_logits(model, ids)`, when the caller keeps them for `verify_gguf`) spares a pass."""
     tok_s, greedy = torch_speed(model, tokenizer, prompts)
     size = sum(p.numel() * 4 for p in model.parameters()) / 2**20
+    ppl = math.exp(nll_from_logits(logits, ids)) if logits is not None else torch_perplexity(model, ids)
     row = {
         "format": "fp32 PyTorch",
         "size_mib": size,
-        "ppl": torch_perplexity(model, ids),
+        "ppl": ppl,
         "ppl_ratio": 1.0,
+        "kl": 0.0,
+        "top1": 100.0,
         "tok_s": tok_s,
         "greedy": None,
     }
@@ -375,10 +403,11 @@ def verify_export(model_spec: str, gguf_path, quant: str, eval_text=None, verify
         model, tokenizer = load_merged(model_spec)
         ensure_chat_template(tokenizer)  # as export_gguf did before embedding the template
         ids = eval_ids(tokenizer, eval_text, eval_budget(model))
-        ref, ref_greedy = reference_row(model, tokenizer, ids)
-        result = verify_gguf(
-            gguf_path, model, tokenizer, texts=[ids], quant=quant, reference_ppl=ref["ppl"], reference_greedy=ref_greedy
-        )
+        logits = torch_logits(model, ids)
+        ref, ref_greedy = reference_row(model, tokenizer, ids, logits=logits)
+        measure = dict(texts=[ids], quant=quant, reference_logits=[logits], reference_greedy=ref_greedy)
+        result = verify_gguf(gguf_path, model, tokenizer, **measure)
+        del logits, measure
         row.update(result_cells(result))
         rows = [ref, row]
         report.update(

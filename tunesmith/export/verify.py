@@ -10,8 +10,9 @@ Contract:
   and `torch_speed(...)` measure a PyTorch model (fp32 reference or `quantize.py`'s int8/int4).
 - `divergence(reference_logits, logits, n)` → per position, KL(softmax(reference) ‖ softmax(logits))
   in nats and whether the argmax tokens agree (`logits.py`).
-- `verify_gguf(gguf_path, reference_model, tokenizer, prompts=PROMPTS, texts=None, quant=None)`
-  runs the GGUF in llama-cpp-python and returns a dict:
+- `verify_gguf(gguf_path, reference_model, tokenizer, prompts=PROMPTS, texts=None, quant=None,
+  reference_logits=None, reference_greedy=None, lora_path=None)` runs the GGUF in llama-cpp-python
+  (the fp32 side's logits and greedy tokens computed unless given) and returns a dict:
     greedy: each prompt (rendered with the HF chat template, tokenized by llama.cpp with BOS as
       the GGUF says) decoded greedily for `GREEDY_TOKENS` tokens, compared with HF `generate`
       (do_sample=False). A prompt matches when the token lists are equal, or when both stopped at

@@ -95,7 +95,18 @@ class SwiGLUDownFn(torch.autograd.Function):
             grad_gate = torch.ops.aten.silu_backward.grad_input(
                 grad_hu, gate2, grad_input=gate2 if in_place else torch.empty_like(gate2)
             ).view(gate.shape)
-        return grad_gate, grad_up, grad_w, grad_bias, grad_a, grad_b, None, None, grad_m if need[8] else None, None
+        return (
+            grad_gate,
+            grad_up,
+            grad_w,
+            grad_bias,
+            grad_a,
+            grad_b,
+            None,
+            None,
+            grad_m if grad_m is not None and need[8] else None,
+            None,
+        )
 
 
 def _group_pair(gate: torch.Tensor, up: torch.Tensor) -> bool:

@@ -157,18 +157,8 @@ class GroupLoraFn(torch.autograd.Function):
             grad_bias = g_bias.sum(0)
         if need[4]:
             grad_b = torch.mm(g.t(), xa)
-        return (
-            grad_x,
-            None,
-            grad_bias,
-            grad_a,
-            grad_b,
-            None,
-            None,
-            None,
-            grad_m if grad_m is not None and need[8] else None,
-            None,
-        )
+        grad_m = grad_m if grad_m is not None and need[8] else None  # a DoRA group's magnitudes
+        return grad_x, None, grad_bias, grad_a, grad_b, None, None, None, grad_m, None
 
 
 def _dropped(x2: torch.Tensor, mask) -> torch.Tensor:

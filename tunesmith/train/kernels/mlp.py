@@ -95,18 +95,8 @@ class SwiGLUDownFn(torch.autograd.Function):
             grad_gate = torch.ops.aten.silu_backward.grad_input(
                 grad_hu, gate2, grad_input=gate2 if in_place else torch.empty_like(gate2)
             ).view(gate.shape)
-        return (
-            grad_gate,
-            grad_up,
-            grad_w,
-            grad_bias,
-            grad_a,
-            grad_b,
-            None,
-            None,
-            grad_m if grad_m is not None and need[8] else None,
-            None,
-        )
+        grad_m = grad_m if grad_m is not None and need[8] else None  # a DoRA down projection's magnitude
+        return grad_gate, grad_up, grad_w, grad_bias, grad_a, grad_b, None, None, grad_m, None
 
 
 def _group_pair(gate: torch.Tensor, up: torch.Tensor) -> bool:

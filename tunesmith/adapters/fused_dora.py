@@ -16,8 +16,8 @@ backward with `g' = r ⊙ g` — `∂x = g' W + s (g' B) A` (under dropout `g W 
 `∂A = s (g' B)ᵀ d(x)`, `∂B = s g'ᵀ (d(x) Aᵀ)`, `∂b = Σ g`. The node keeps `z` for `∂m` — one
 [tokens × out] tensor; PEFT's forward keeps two (its base and LoRA results).
 
-`weight_norm` is PEFT's `get_weight_norm` (the same operations in the same order: the same bits in
-fp32); under bf16 autocast it is computed in fp32 from the weight as stored. `scaled` and
+`weight_norm` is PEFT's `get_weight_norm` expanded (‖W‖² + cross terms: the same norm within fp32
+rounding, for two reads of W); under bf16 autocast it is computed in fp32 from the weight as stored. `scaled` and
 `dora_backward` are the pieces the grouped q/k/v, gate/up and SwiGLU+down nodes (`train.kernels`)
 reuse at dropout 0, where DoRA is LoRA's node plus a column scale: they take `z` as those nodes
 compute it and return `y`, and `(∂m, g')`.
@@ -36,13 +36,16 @@ from tunesmith.adapters.dropout import Mask
 
 
 def weight_norm(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """‖W + s·BA‖ per output row, detached, as PEFT computes it (in fp32 for a bf16-stored weight)."""
+    """‖W + s·BA‖ per output row, detached, in the adapter's dtype (fp32 for a bf16-stored weight), as
+    ‖W‖² + 2s·⟨B, W Aᵀ⟩ + s²·⟨B, B (A Aᵀ)⟩ row by row: W is read twice and nothing of its size is
+    written (PEFT builds BA through an identity matrix and materialises W + s·BA: ~7 passes over
+    every weight per forward, which also dominates an evaluation forward of a short sample)."""
     with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
-        if weight.dtype != lora_a.dtype:
-            weight = weight.to(lora_a.dtype)
-        # PEFT: lora_B(lora_A(eye)).T — the eye product is Aᵀ exactly, so this is the same GEMM on the same operand
-        lora_weight = F.linear(lora_a.t().contiguous(), lora_b).T
-        return torch.linalg.norm(weight + scaling * lora_weight, dim=1).to(weight.dtype)
+        dt = lora_a.dtype
+        wa = F.linear(weight, lora_a.to(weight.dtype)).to(dt)  # W Aᵀ, [out × r]
+        cross = wa.mul_(2 * scaling).add_(lora_b @ (lora_a @ lora_a.t()), alpha=scaling * scaling)
+        squares = torch.linalg.vector_norm(weight, dim=1, dtype=dt).square_()
+        return squares.add_((lora_b * cross).sum(1)).clamp_min_(0).sqrt_()
 
 
 def scaled(z2: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

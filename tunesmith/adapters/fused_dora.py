@@ -11,14 +11,15 @@ computes what PEFT 0.21's `DoraLinearVariant.forward` computes, and the same gra
 
 (PEFT at dropout > 0 computes the base part a second time on the dropped input; so does the node,
 with the mask named by a seed and kept as bits, `adapters.dropout`.) With `z` the un-scaled sum in
-brackets (on d(x) under dropout) and `g = ∂y`: `∂m = Σ_tokens g ⊙ z / n`, and the rest is the LoRA
-backward with `g' = r ⊙ g` — `∂x = g' W + s (g' B) A` (under dropout `g W + d(((r − 1) ⊙ g) W + s (g' B) A)`),
+parentheses (under dropout `d(x) Wᵀ + s (d(x) Aᵀ) Bᵀ`) and `g = ∂y`: `∂m = Σ_tokens g ⊙ z / n`, and
+the rest is the LoRA backward with `g' = r ⊙ g` — `∂x = g' W + s (g' B) A` (under dropout
+`g W + d(((r − 1) ⊙ g) W + s (g' B) A)`),
 `∂A = s (g' B)ᵀ d(x)`, `∂B = s g'ᵀ (d(x) Aᵀ)`, `∂b = Σ g`. The node keeps `z` for `∂m` — one
 [tokens × out] tensor; PEFT's forward keeps two (its base and LoRA results).
 
 `weight_norm` is PEFT's `get_weight_norm` expanded (‖W‖² + cross terms: the same norm within fp32
-rounding, for two reads of W); under bf16 autocast it is computed in fp32 from the weight as stored. `scaled` and
-`dora_backward` are the pieces the grouped q/k/v, gate/up and SwiGLU+down nodes (`train.kernels`)
+rounding, for two reads of W); under bf16 autocast it is computed in fp32 from the weight as
+stored. `scaled` and `dora_backward` are the pieces the grouped q/k/v, gate/up and SwiGLU+down nodes (`train.kernels`)
 reuse at dropout 0, where DoRA is LoRA's node plus a column scale: they take `z` as those nodes
 compute it and return `y`, and `(∂m, g')`.
 

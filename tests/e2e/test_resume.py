@@ -21,7 +21,10 @@ def start(cfg_path, env, *extra):
     )
 
 
-@pytest.mark.parametrize("method,weights", [("lora", "adapter_model.safetensors"), ("full", "model.safetensors")])
+@pytest.mark.parametrize(
+    "method,weights",
+    [("lora", "adapter_model.safetensors"), ("dora", "adapter_model.safetensors"), ("full", "model.safetensors")],
+)
 def test_sigkill_and_resume_is_bit_exact(tmp_path, tiny_model_dir, method, weights):
     data = write_qa_jsonl(tmp_path / "qa.jsonl", n=32)
     env = {**os.environ, "TUNESMITH_HOME": str(tmp_path / "home")}

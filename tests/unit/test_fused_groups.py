@@ -84,7 +84,7 @@ def test_a_sibling_called_on_another_input_runs_alone(tiny_tokenizer, monkeypatc
     torch.testing.assert_close(q, type(attn.q_proj).forward(attn.q_proj, x))
 
 
-@pytest.mark.parametrize("method,adapter", [("dora", {}), ("lora", {"fused": False})])
+@pytest.mark.parametrize("method,adapter", [("dora", {"fused": False}), ("lora", {"fused": False})])
 def test_layers_the_fused_path_cannot_take_are_not_grouped(tiny_tokenizer, method, adapter, monkeypatch):
     model = _lora(tiny_tokenizer, method=method, **adapter)
     groups = attach(model, groups=True).groups

@@ -54,7 +54,7 @@ def test_fused_mlp_trains_like_the_module(tiny_tokenizer, method, checkpointing)
             unpatch(module)
         assert all("forward" not in vars(m) for m in switched)
     assert_same(results[0], results[1])
-    assert bool(calls) == (method != "dora")  # DoRA's down projection is PEFT's own forward
+    assert calls  # DoRA too: its down projection joins the node at dropout 0 (adapters.fused_dora)
 
 
 def test_fused_mlp_function_gradients():

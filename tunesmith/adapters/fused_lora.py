@@ -13,8 +13,9 @@ kept for backward as one bit an element, not a dropped copy of `x`. Under bf16 a
 (`train.precision=bf16`) the node runs wholly in bf16 — input, base weight and adapter cast once,
 as autocast would cast them — so the GEMMs hit the CPU's bf16 units (AMX) with no fp32 round
 trips; the adapter's gradients come back to its fp32 weights through the casts. Every other case
-(DoRA, several adapters, disabled or merged adapters, a 4-bit base such as qlora's NF4, fp16
-autocast) is PEFT's own forward.
+(several adapters, disabled or merged adapters, a 4-bit base such as qlora's NF4, fp16 autocast)
+is PEFT's own forward. A DoRA adapter (`adapter.method=dora`) takes the same path through
+`adapters.fused_dora.DoraLinearFn` (PEFT's DoRA forward and gradients in one node).
 `apply_method` registers it through PEFT's custom-module hook (`LoraConfig._register_custom_module`).
 
 Why: PEFT's forward is `base(x) + lora_B(lora_A(dropout(x))) * scaling` — per layer an extra
@@ -28,9 +29,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
+from peft.tuners.lora.variants import DoraLinearVariant
 
 from tunesmith.adapters import dropout
 from tunesmith.adapters.dropout import Mask
+from tunesmith.adapters.fused_dora import DoraLinearFn, weight_norm
 from tunesmith.adapters.weights import autocast_bf16, compute_weight, stored_weight
 
 
@@ -74,7 +77,7 @@ class FusedLoraLinear(PeftLoraLinear):
         if args or kwargs or self.disable_adapters or self.merged or len(self.active_adapters) != 1:
             return None
         name = self.active_adapters[0]
-        if name not in self.lora_A or name in self.lora_variant or self.use_dora.get(name, False):
+        if name not in self.lora_A or (name in self.lora_variant and not self.is_dora(name)):
             return None
         if type(self.lora_dropout[name]) not in (torch.nn.Identity, torch.nn.Dropout) or self.fan_in_fan_out:
             return None
@@ -84,7 +87,13 @@ class FusedLoraLinear(PeftLoraLinear):
         if type(base) is not torch.nn.Linear:
             return None
         dtypes = {x.dtype, base.weight.dtype, self.lora_A[name].weight.dtype, self.lora_B[name].weight.dtype}
+        if self.is_dora(name):
+            dtypes.add(self.lora_magnitude_vector[name].weight.dtype)
         return name if len(dtypes) == 1 else None
+
+    def is_dora(self, name: str) -> bool:
+        """Whether adapter `name` is PEFT's DoRA (`adapters.fused_dora` computes it)."""
+        return type(self.lora_variant.get(name)) is DoraLinearVariant and name in self.lora_magnitude_vector
 
     def fused_operands(self, name: str, x: torch.Tensor) -> tuple:
         """(x, weight, bias, lora_a, lora_b) in the dtype the fused node computes in."""
@@ -95,14 +104,30 @@ class FusedLoraLinear(PeftLoraLinear):
         bias = None if base.bias is None else base.bias.to(dt)
         return x.to(dt), compute_weight(base, dt), bias, a.to(dt), b.to(dt)
 
+    def dora_operands(self, name: str) -> tuple | None:
+        """(magnitude m, detached weight norm n) of a DoRA adapter — n from the weights as they are
+        now, as PEFT recomputes it every forward — or None for plain LoRA."""
+        if not self.is_dora(name):
+            return None
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        norm = weight_norm(stored_weight(self.base_layer), a, b, self.scaling[name])
+        return self.lora_magnitude_vector[name].weight, norm
+
     def dropout_mask(self, name: str) -> Mask | None:
         """This call's dropout mask for adapter `name` (None in eval mode or at dropout 0)."""
-        return dropout.draw(dropout.dropout_p(self.lora_dropout[name]))
+        return dropout.draw(self.dropout_p(name))
+
+    def dropout_p(self, name: str) -> float:
+        """The probability adapter `name`'s dropout drops with now (0 in eval mode); draws nothing."""
+        return dropout.dropout_p(self.lora_dropout[name])
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         name = self._fused_adapter(x, args, kwargs)
         if name is None:
             return super().forward(x, *args, **kwargs)
         operands = self.fused_operands(name, x)  # reads the autocast state: before leaving it
+        dora = self.dora_operands(name)
         with torch.autocast(x.device.type, enabled=False):
-            return LoraLinearFn.apply(*operands, self.scaling[name], self.dropout_mask(name))
+            if dora is None:
+                return LoraLinearFn.apply(*operands, self.scaling[name], self.dropout_mask(name))
+            return DoraLinearFn.apply(*operands, *dora, self.scaling[name], self.dropout_mask(name))

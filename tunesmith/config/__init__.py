@@ -98,7 +98,7 @@ class AdapterConfig:
     quant_block_size: int = 64  # qlora: weights sharing one scale (int4: 32 matches GGUF Q4_1)
     double_quant: bool = True  # qlora: store the NF4 scales in 8 bits too
     quantize_embeddings: bool = False  # qlora: NF4 for the input embeddings and output head too
-    fused: bool = True  # lora: fused LoRA forward/backward (tunesmith.adapters.fused_lora); false = PEFT's own
+    fused: bool = True  # lora/dora: fused forward/backward (adapters.fused_lora, fused_dora); false = PEFT's own
 
 
 @dataclass

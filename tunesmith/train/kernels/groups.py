@@ -18,7 +18,11 @@ other input, or one the group cannot take, is the layer's own forward.
   `Y = x Wᵀ + b + (x Aᵀ) Bᵀ`, `∂x = ∂Y W + (∂Y B) A`, `∂A = (∂Y B)ᵀ x`, `∂B = ∂Yᵀ (x Aᵀ)`.
   With LoRA dropout each projection's A reads its own dropped copy of `x` (its own mask, kept
   for backward): one rank-r GEMM per projection instead of one for the group.
-  Not taken: several adapters, DoRA, merged or disabled adapters (the fused LoRA rules).
+  DoRA (`adapters.fused_dora`), at dropout 0 or in eval: `Z` as above without `b`, `Y = Z ⊙ r + b`
+  with `r` each projection's `m / ‖W + s·BA‖` side by side; the backward is LoRA's with `∂Y ⊙ r`,
+  plus `∂m = Σ ∂Y ⊙ Z / ‖…‖` (Z kept). DoRA with dropout > 0 runs the layers one by one (PEFT's DoRA
+  applies each projection's base weight to its own dropped input: no shared GEMM is left to group).
+  Not taken: several adapters, LoRA and DoRA mixed, merged or disabled adapters (the fused LoRA rules).
 - Full fine-tuning (`GroupLinearFn`), under bf16 compute only: `Y = x [W₁; W₂; …]ᵀ + b` with the
   fp32 weights cast inside the node, in forward and again in backward; `∂Wᵢ` come out of one GEMM.
   In fp32 the layers run one by one.
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import torch
 
+from tunesmith.adapters import fused_dora
 from tunesmith.adapters.fused_lora import FusedLoraLinear
 from tunesmith.adapters.storage import BF16Storage, FrozenLinear
 from tunesmith.adapters.weights import autocast_bf16, stored_weight
@@ -103,24 +108,32 @@ def _rows(g: torch.Tensor, n: int) -> torch.Tensor | None:
 
 class GroupLoraFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, sizes: tuple, ranks: tuple, masks: tuple | None):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, sizes: tuple, ranks: tuple, masks, magnitude=None, norm=None):
         x2 = x.reshape(-1, x.shape[-1])
-        y = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())
+        dora = magnitude is not None  # masks is None then: DoRA groups only at dropout 0
+        y = torch.mm(x2, weight.t()) if bias is None or dora else torch.addmm(bias, x2, weight.t())
         if masks is None:
             xa = torch.mm(x2, lora_a.t())
         else:  # each projection's own dropout mask on its copy of the input
             parts = lora_a.split(ranks)
             xa = torch.cat([torch.mm(_dropped(x2, m), a.t()) for a, m in zip(parts, masks)], dim=1)
         y.addmm_(xa, lora_b.t())
-        ctx.save_for_backward(x, weight, lora_a, lora_b, xa)
+        z = scale = None
+        if dora:  # Y = Z ⊙ r + b, Z kept for ∂m
+            z, scale = y, magnitude / norm
+            y = fused_dora.scaled(z, scale, bias)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, xa, z, scale, norm)
         ctx.sizes, ctx.ranks, ctx.masks = sizes, ranks, masks
         return _split(y, sizes, x.shape[:-1])
 
     @staticmethod
     def backward(ctx, *grads):
-        x, weight, lora_a, lora_b, xa = ctx.saved_tensors  # weight: frozen (groups are built so)
+        x, weight, lora_a, lora_b, xa, z, scale, norm = ctx.saved_tensors  # weight: frozen (groups are built so)
         g = _joined(grads, ctx.sizes, x)
         need = ctx.needs_input_grad
+        g_bias, grad_m = g, None
+        if z is not None:  # DoRA: the LoRA backward of g ⊙ r
+            grad_m, g = fused_dora.dora_backward(g, z, scale, norm)
         x2 = x.reshape(g.shape[0], -1)
         g_xa = torch.mm(g, lora_b)
         grad_x = grad_bias = grad_a = grad_b = None
@@ -141,10 +154,11 @@ class GroupLoraFn(torch.autograd.Function):
             grad_x = None if grad_x is None else grad_x.view(x.shape)
             grad_a = torch.cat(grads_a) if need[3] else None
         if need[2]:
-            grad_bias = g.sum(0)
+            grad_bias = g_bias.sum(0)
         if need[4]:
             grad_b = torch.mm(g.t(), xa)
-        return grad_x, None, grad_bias, grad_a, grad_b, None, None, None
+        grad_m = grad_m if grad_m is not None and need[8] else None  # a DoRA group's magnitudes
+        return grad_x, None, grad_bias, grad_a, grad_b, None, None, None, grad_m, None
 
 
 def _dropped(x2: torch.Tensor, mask) -> torch.Tensor:
@@ -206,6 +220,13 @@ class ProjectionGroup:
         names = [layer._fused_adapter(x, (), {}) for layer in self.layers]
         if None in names:
             return None
+        doras = [layer.is_dora(n) for layer, n in zip(self.layers, names)]
+        if any(doras) and (not all(doras) or any(layer.dropout_p(n) > 0 for layer, n in zip(self.layers, names))):
+            return None  # DoRA groups at dropout 0 only (before any mask is drawn: the layers draw them)
+        magnitude = norm = None
+        if all(doras):
+            dora = [layer.dora_operands(n) for layer, n in zip(self.layers, names)]
+            magnitude, norm = torch.cat([m for m, _ in dora]), torch.cat([n for _, n in dora])
         autocast = torch.is_autocast_enabled(x.device.type)
         dtype = torch.bfloat16 if autocast else x.dtype
         lora_a = torch.cat([layer.lora_A[n].weight for layer, n in zip(self.layers, names)]).to(dtype)
@@ -225,6 +246,8 @@ class ProjectionGroup:
                 self.sizes,
                 ranks,
                 None if all(m is None for m in masks) else tuple(masks),
+                magnitude,
+                norm,
             )
 
     def _run_linear(self, x: torch.Tensor) -> tuple | None:

@@ -2,9 +2,10 @@
 
 Contract:
 - `bf16_matmul_units(device)`: whether bf16 matmuls beat fp32 there — CUDA with bf16 support, or
-  a CPU whose AMX tiles are advertised, granted to the process, and measured: a bf16 GEMM must run
-  at least 1.5× an fp32 one (~40 ms, once per process; some sandboxes advertise AMX and trap it,
-  and bf16 without AMX runs at about half fp32's speed). `train.precision=auto` picks bf16 then.
+  a CPU with native bf16 (AMX tiles advertised and granted to the process, or AVX512-BF16 dot
+  products) where a bf16 GEMM is measured at least 1.5× faster than an fp32 one (~40 ms, once per
+  process; some sandboxes advertise AMX and trap it; without either, bf16 is emulated and slow).
+  `train.precision=auto` picks bf16 then.
   `TUNESMITH_BF16_UNITS=0|1` overrides the detection (the test suite pins 0, so its fp32
   tolerances hold on any machine).
 - `gemm_rows_multiple(dtype, device)`: the row count a training GEMM's M should be a multiple of —
@@ -51,12 +52,21 @@ def bf16_matmul_units(device: torch.device) -> bool:
 
 @functools.lru_cache(maxsize=1)
 def _cpu_bf16_pays() -> bool:
-    advertised = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    grant = getattr(torch.cpu, "_init_amx", None)  # asks the kernel for the AMX tile state
-    if not (advertised and advertised() and grant and grant()):
-        return False
+    if not (_amx_granted() or _avx512_bf16()):
+        return False  # bf16 would be emulated: not even worth measuring
     fastest = _fastest_gemms(512, 1024, 1024)
     return fastest[torch.float32] >= 1.5 * fastest[torch.bfloat16]
+
+
+def _amx_granted() -> bool:
+    advertised = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    grant = getattr(torch.cpu, "_init_amx", None)  # asks the kernel for the AMX tile state
+    return bool(advertised and advertised() and grant and grant())
+
+
+def _avx512_bf16() -> bool:
+    native = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # bf16 dot products (Zen 4, Cooper Lake)
+    return bool(native and native())
 
 
 @functools.lru_cache(maxsize=1)

@@ -85,3 +85,31 @@ def test_fit_reports_emulated_bf16(tmp_path, tiny_model_dir):
     assert note.startswith("train.precision=bf16: ") and "emulated" in note
     assert note.endswith("the predicted s/step was measured in bf16, so it includes the slowdown")
     assert est.step_s > 0 and f"warning: {note}" in fit_report.table(bf16, est).splitlines()
+
+
+@pytest.mark.parametrize(
+    "amx, avx512_bf16, gemm_s, units",
+    [
+        (False, True, {"fp32": 3.0, "bf16": 1.0}, True),  # AVX512-BF16 without AMX, measured 3× faster
+        (False, True, {"fp32": 1.2, "bf16": 1.0}, False),  # native but not faster enough
+        (True, False, {"fp32": 7.0, "bf16": 1.0}, True),  # AMX granted
+        (False, False, None, False),  # neither: emulated, and no GEMM is even timed
+    ],
+)
+def test_native_bf16_is_amx_or_avx512_bf16_and_measured(monkeypatch, amx, avx512_bf16, gemm_s, units):
+    monkeypatch.delenv("TUNESMITH_BF16_UNITS")
+    monkeypatch.setattr(precision, "_amx_granted", lambda: amx)
+    monkeypatch.setattr(precision, "_avx512_bf16", lambda: avx512_bf16)
+    timed = []
+
+    def gemms(*args, **kwargs):
+        timed.append(args)
+        return {torch.float32: gemm_s["fp32"], torch.bfloat16: gemm_s["bf16"]}
+
+    monkeypatch.setattr(precision, "_fastest_gemms", gemms)
+    precision._cpu_bf16_pays.cache_clear()
+    try:
+        assert precision.bf16_matmul_units(CPU) is units
+        assert bool(timed) == (gemm_s is not None)
+    finally:
+        precision._cpu_bf16_pays.cache_clear()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import tempfile
@@ -37,6 +38,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 MAX_LENGTH = 512  # --max-length
+# no kernels from the Hub for either tool (tunesmith sets this on import; TRL's model is loaded before
+# that, and with kernels on, `model.eval()` after tunesmith's import fails in transformers 5.x)
+os.environ.setdefault("USE_HUB_KERNELS", "0")
 
 
 def validation_loss(model, tokenizer, path: str, max_length: int = MAX_LENGTH) -> float:

@@ -175,20 +175,23 @@ def specs(methods, trl_defaults: bool, packing_steps: int, bf16_units: bool) -> 
     return out
 
 
-def user_specs(packing_steps: int) -> list[dict]:
-    """`--users`: per setting of `USER_SETTINGS`, TRL (where it runs on a CPU) and tunesmith at its
-    defaults with that setting; qlora is held against TRL's plain LoRA (same rank, fp32 base)."""
+def user_specs(packing_steps: int, bf16_units: bool) -> list[dict]:
+    """`--users`: per setting of `USER_SETTINGS`, TRL (where it runs on a CPU; also with bf16 autocast
+    where bf16 matmul units exist, so the ratio is against TRL's best) and tunesmith at its defaults
+    with that setting; qlora is held against TRL's plain LoRA (same rank, fp32 base)."""
     out = []
     for group, method, flags, trl_runs in USER_SETTINGS:
-        steps = packing_steps if "--packing" in flags else None
-        trl = {"tool": "trl", "group": group, "steps": steps}
-        if trl_runs:
-            out.append({**trl, "name": f"trl {group}", "method": method, "flags": flags})
-        else:
-            out.append({**trl, "name": f"trl lora (for {group})", "method": "lora", "flags": []})
-        out.append(
-            {"name": f"tunesmith {group}", "tool": "tunesmith", "method": method, "group": group, "flags": flags}
+        long_rows = "--packing" in flags or "long samples" in group  # ~4× the tokens per step: fewer steps
+        trl = {"tool": "trl", "group": group, "steps": packing_steps if long_rows else None}
+        name, trl_method, trl_flags = (
+            (f"trl {group}", method, flags) if trl_runs else (f"trl lora (for {group})", "lora", [])
         )
+        if "long samples" in group:  # TRL's default: without it, batch 4 × 2048 tokens took 23.5 GiB here (24 GiB host)
+            trl_flags = [*trl_flags, "--gc"]
+        out.append({**trl, "name": name, "method": trl_method, "flags": trl_flags})
+        if bf16_units:
+            out.append({**trl, "name": f"{name} bf16", "method": trl_method, "flags": [*trl_flags, "--bf16"]})
+        out.append({**trl, "name": f"tunesmith {group}", "tool": "tunesmith", "method": method, "flags": flags})
     return out
 
 
@@ -298,6 +301,8 @@ def main() -> None:
         "1,500–2,000-token samples), each against TRL",
     )
     ap.add_argument("--only", choices=["trl", "tunesmith"], help="run one tool (no ratios)")
+    ap.add_argument("--group", action="append", help="with --users: only this group (repeatable)")
+    ap.add_argument("--no-trl-bf16", action="store_true", help="with --users: TRL in fp32 only, even on bf16 hosts")
     ap.add_argument("--json", default=str(ROOT / "out" / "bench" / "train_throughput.json"))
     args = ap.parse_args()
 
@@ -329,11 +334,15 @@ def main() -> None:
             flush=True,
         )
     chosen = (
-        user_specs(args.packing_steps)
+        user_specs(args.packing_steps, bf16_units and not args.no_trl_bf16)
         if args.users
         else specs(args.methods, args.trl_defaults, args.packing_steps, bf16_units)
     )
-    plan = [s for s in chosen if not args.only or s["tool"] == args.only]
+    plan = [
+        s
+        for s in chosen
+        if (not args.only or s["tool"] == args.only) and (not args.group or s.get("group") in args.group)
+    ]
     groups = list(dict.fromkeys(s.get("group", s["method"]) for s in plan))
     results = []
     for rnd in range(args.rounds):

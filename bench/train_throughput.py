@@ -181,12 +181,13 @@ def user_specs(packing_steps: int, bf16_units: bool) -> list[dict]:
     with that setting; qlora is held against TRL's plain LoRA (same rank, fp32 base)."""
     out = []
     for group, method, flags, trl_runs in USER_SETTINGS:
-        long_rows = "--packing" in flags or "long samples" in group  # ~4× the tokens per step: fewer steps
-        trl = {"tool": "trl", "group": group, "steps": packing_steps if long_rows else None}
+        long_samples = "long samples" in group
+        few_steps = long_samples or "--packing" in flags  # ~4× the tokens per step
+        trl = {"tool": "trl", "group": group, "steps": packing_steps if few_steps else None}
         name, trl_method, trl_flags = (
             (f"trl {group}", method, flags) if trl_runs else (f"trl lora (for {group})", "lora", [])
         )
-        if "long samples" in group:  # TRL's default: without it, batch 4 × 2048 tokens took 23.5 GiB here (24 GiB host)
+        if long_samples:  # TRL's default: without it, batch 4 × 2048 tokens took 23.5 GiB here (24 GiB host)
             trl_flags = [*trl_flags, "--gc"]
         out.append({**trl, "name": name, "method": trl_method, "flags": trl_flags})
         if bf16_units:

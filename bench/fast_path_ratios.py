@@ -1,6 +1,6 @@
 """tunesmith's own LoRA variants against its plain LoRA, paired per round (issue 19's targets).
 
-    .venv/bin/python bench/fast_path_ratios.py [--rounds 3] [--steps 12] [--packing]
+    .venv/bin/python bench/fast_path_ratios.py [--rounds 3] [--steps 12] [--packing] [--only "lora dropout 0.05"]
 
 The targets are ratios to tunesmith's LoRA at dropout 0, not to TRL: dropout 0.05 ≥ 0.9× its
 tokens/s at ≤ 1.1× its peak RSS, DoRA ≥ 0.8×, QLoRA ≥ 0.75×. Every run is a fresh
@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--packing", action="store_true", help="tunesmith's default packing (else data.packing=false)")
+    ap.add_argument("--only", default="", help="comma-separated settings to run (lora is always run)")
     ap.add_argument("--json", default=str(ROOT / "out" / "bench" / "fast_path_ratios.json"))
     args = ap.parse_args()
 
@@ -51,13 +52,15 @@ def main() -> None:
     data_dir = Path(args.json).parent / "train_throughput_data"
     build(data_dir, load_tokenizer(model_dir))
     extra = ["--packing"] if args.packing else []
+    chosen = {"lora", *filter(None, args.only.split(","))} if args.only else {name for name, _, _ in SETTINGS}
+    settings = [s for s in SETTINGS if s[0] in chosen]
     runs = []
     for rnd in range(args.rounds):
-        for name, method, flags in SETTINGS if rnd % 2 == 0 else SETTINGS[::-1]:
+        for name, method, flags in settings if rnd % 2 == 0 else settings[::-1]:
             spec = {"name": name, "tool": "tunesmith", "method": method, "flags": flags + extra}
             runs.append({**run_one(spec, args, data_dir, model_dir), "round": rnd})
     table = {}
-    for name, _, _ in SETTINGS:
+    for name, _, _ in settings:
         mine = [r for r in runs if r["name"] == name]
         paired = []
         for r in mine:

@@ -97,20 +97,57 @@ def test_noise_is_f_dropouts_multiplier(dtype):
     assert torch.equal((x * mask.noise(x) == 0), ~keep | (x == 0))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def _keep_in_one_call(seed: int, p: float, n: int) -> np.ndarray:
+    """The mask `_draw_keep` defines, drawn from PCG64 in one call rather than in chunks."""
+    gen = np.random.PCG64(seed)
+    draws = gen.random_raw((n + 7) // 8).view(np.uint8)[:n]
+    bucket = int(p * 256)
+    keep, edge = draws > bucket, np.flatnonzero(draws == bucket)
+    keep[edge] = (gen.random_raw(edge.size) >> np.uint64(11)) * 2.0**-53 >= p * 256 - bucket
+    return keep
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_mask_is_kept_as_bits_and_applied_in_place_as_noise_would(dtype):
     from tunesmith.adapters.storage import fresh
     from tunesmith.train.kernels.scratch import scratch
 
-    n = 8 * 1000 + 5  # not a whole number of bytes
-    mask = dropout.Mask(4, 0.05)
-    drawn = mask.keep(n, torch.device("cpu"))  # the first call draws
-    assert mask._bits.size == (n + 7) // 8 and mask._bits.dtype == np.uint8  # one bit an element
-    assert torch.equal(mask.keep(n, torch.device("cpu")), drawn)  # later calls unpack the same mask
-    x = torch.randn(n, dtype=dtype).view(5, 1601)
-    reference = x * mask.noise(x)
+    n = 5 * (8 * dropout.CHUNK // 5 + 1601)  # more than one chunk, not a whole number of bytes
+    x = torch.randn(n, dtype=dtype).view(5, n // 5)
+    expected = torch.from_numpy(_keep_in_one_call(4, 0.05, n))
     for buffer in (fresh, scratch):
-        assert torch.equal(mask.dropped(x, buffer), reference)
-        assert torch.equal(mask.drop_(x.clone()), reference)
-    other = dropout.Mask(4, 0.05)  # a new draw of the same seed, first applied in place
-    assert torch.equal(other.drop_(x.clone()), reference)
+        mask = dropout.Mask(4, 0.05, buffer)
+        drawn = mask.keep(n, torch.device("cpu"))  # the first call draws
+        assert torch.equal(drawn, expected)  # chunked draws are one PCG64 stream
+        assert mask._bits.size == (n + 7) // 8 and mask._bits.dtype == np.uint8  # one bit an element
+        assert torch.equal(mask.keep(n, torch.device("cpu")), drawn)  # later calls unpack the same mask
+        reference = x * mask.noise(x)
+        zeroed = x * drawn.view(x.shape)
+        assert torch.equal(mask.kept(x), zeroed) and torch.equal(mask.kept_(x.clone()), zeroed)
+        assert torch.equal(mask.dropped(x), reference) and torch.equal(mask.drop_(x.clone()), reference)
+        words = mask.words(x)
+        assert words.shape == x.shape and words.element_size() == x.element_size()
+        g, a, target = torch.randn(5, 3, dtype=dtype), torch.randn(3, n // 5, dtype=dtype), torch.randn_like(x)
+        torch.testing.assert_close(mask.add_kept_(target.clone(), g, a, words), target + (g @ a) * drawn.view(x.shape))
+        other = dropout.Mask(4, 0.05, buffer)  # a new draw of the same seed, first applied in place
+        assert torch.equal(other.drop_(x.clone()), reference)
+
+
+def test_masks_drawn_into_reused_buffers_give_the_same_training(tiny_tokenizer):
+    from tunesmith.train.kernels.scratch import scratch
+
+    batches = [flatten(unpacked(samples_for(tiny_tokenizer, False), PAD))]
+    results = []
+    for reuse in (False, True):
+        model = _model(tiny_tokenizer, fused=True, p=0.1)
+        fast = attach(model, varlen=True, mlp=True, groups=True)
+        if reuse:
+            fast.reuse_buffers()
+            layers = [m for m in model.modules() if isinstance(m, FusedLoraLinear)]
+            assert layers and all(m.buffer is scratch for m in layers)
+            assert layers[0].dropout_mask("default").buffer is scratch
+        torch.manual_seed(7)
+        results.append(loss_and_grads(model, batches))
+        fast.restore()
+        assert all(m.buffer is dropout.fresh for m in model.modules() if isinstance(m, FusedLoraLinear))
+    assert_same(results[0], results[1], tol=0)

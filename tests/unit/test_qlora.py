@@ -295,7 +295,7 @@ def test_qlora_training_over_reused_decode_buffers_is_bit_identical():
         _randomise_lora(model)
         fast = attach(model)
         if reuse:
-            fast.reuse_decode_buffers()
+            fast.reuse_buffers()
             assert len(fast.buffered) == 14 and all(m.buffer is scratch for m in fast.buffered)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         ids, labels = _batch()

@@ -34,6 +34,7 @@ from peft.tuners.lora.variants import DoraLinearVariant
 from tunesmith.adapters import dropout
 from tunesmith.adapters.dropout import Mask
 from tunesmith.adapters.fused_dora import DoraLinearFn, weight_norm
+from tunesmith.adapters.storage import fresh
 from tunesmith.adapters.weights import autocast_bf16, compute_weight, stored_weight
 
 
@@ -41,7 +42,9 @@ class LoraLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, mask: Mask | None = None):
         rank = lora_a.shape[0]
-        xa = F.linear(x if mask is None else mask.dropped(x), lora_a)
+        xa = F.linear(x if mask is None else mask.kept(x), lora_a)
+        if mask is not None:  # 1/(1 − p) on the [tokens × rank] product, not on the input
+            xa.mul_(mask.scale)
         y = F.linear(x, weight, bias)
         y.view(-1, y.shape[-1]).addmm_(xa.view(-1, rank), lora_b.t(), alpha=scaling)
         ctx.save_for_backward(x, weight, lora_a, lora_b, xa)
@@ -54,25 +57,28 @@ class LoraLinearFn(torch.autograd.Function):
         s, mask = ctx.scaling, ctx.mask
         g = grad_y.reshape(-1, grad_y.shape[-1]).to(x.dtype)
         x2 = x.reshape(-1, x.shape[-1])
-        g_xa = torch.mm(g, lora_b).mul_(s)  # [tokens, rank]
+        g_xa = torch.mm(g, lora_b).mul_(s if mask is None else s * mask.scale)  # [tokens, rank]
+        keep = None if mask is None else mask.words(x2)  # the forward's mask
         grad_x = grad_w = grad_bias = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
             if mask is None:
                 grad_x = torch.mm(g, weight).addmm_(g_xa, lora_a).view(x.shape)
-            else:  # the forward's mask
-                grad_x = torch.mm(g, weight).add_(mask.drop_(torch.mm(g_xa, lora_a))).view(x.shape)
+            else:
+                grad_x = mask.add_kept_(torch.mm(g, weight), g_xa, lora_a, keep).view(x.shape)
         if ctx.needs_input_grad[1]:
             grad_w = torch.mm(g.t(), x2)
         if ctx.needs_input_grad[2]:
             grad_bias = g.sum(0)
         if ctx.needs_input_grad[3]:
-            grad_a = torch.mm(g_xa.t(), x2 if mask is None else mask.dropped(x2))
+            grad_a = torch.mm(g_xa.t(), x2 if mask is None else mask.kept(x2, keep))
         if ctx.needs_input_grad[4]:
             grad_b = torch.mm(g.t(), xa.reshape(-1, xa.shape[-1])).mul_(s)
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None
 
 
 class FusedLoraLinear(PeftLoraLinear):
+    buffer = staticmethod(fresh)  # dropout masks' temporaries (`kernels.prepare`: reused scratch buffers)
+
     def _fused_adapter(self, x: torch.Tensor, args, kwargs) -> str | None:
         if args or kwargs or self.disable_adapters or self.merged or len(self.active_adapters) != 1:
             return None
@@ -115,7 +121,7 @@ class FusedLoraLinear(PeftLoraLinear):
 
     def dropout_mask(self, name: str) -> Mask | None:
         """This call's dropout mask for adapter `name` (None in eval mode or at dropout 0)."""
-        return dropout.draw(self.dropout_p(name))
+        return dropout.draw(self.dropout_p(name), self.buffer)
 
     def dropout_p(self, name: str) -> float:
         """The probability adapter `name`'s dropout drops with now (0 in eval mode); draws nothing."""

@@ -5,9 +5,10 @@ attention over padding-free rows (`padding_free`), the SwiGLU+down node (`fused_
 node (`fused_norm`), RoPE inside the attention node (`fused_rope`, padding-free only) — moves the
 model to `device`, then groups sibling projections (`fused_groups`, one process only: a group's
 weights are views of one buffer, which `.to()` and DDP/FSDP would split), and has qlora's frozen
-4-bit linears decode their weights into reused scratch buffers (`reuse_decode_buffers`). It returns a `Prepared`
-context; leaving it (or `restore()`) puts every module back as transformers built it, which
-generation needs (masks, the KV cache). `attach(model, **flags)` is the same without the move.
+4-bit linears decode their weights, and LoRA dropout's masks put their temporaries, into reused
+scratch buffers (`reuse_buffers`). It returns a `Prepared` context; leaving it (or `restore()`)
+puts every module back as transformers built it, which generation needs (masks, the KV cache).
+`attach(model, **flags)` is the same without the move.
 
 A module takes a fast path when its class is in `FAMILIES`; anything else trains on the generic
 path (transformers' own forward), just slower. Adding an architecture is one row here plus its tests.
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from tunesmith.adapters import storage
+from tunesmith.adapters.fused_lora import FusedLoraLinear
 from tunesmith.train.kernels import attention, groups, mlp, norm, rope
 from tunesmith.train.kernels.patch import patch_forward, unpatch
 from tunesmith.train.kernels.scratch import scratch as reused  # not `scratch`: that name is the submodule
@@ -89,10 +91,11 @@ class Prepared:
             self._group()
         return self
 
-    def reuse_decode_buffers(self) -> None:
-        """Frozen stored linears (qlora's NF4/int4) decode their weight into reused scratch buffers."""
+    def reuse_buffers(self) -> None:
+        """Frozen stored linears (qlora's NF4/int4) decode their weight, and fused LoRA layers draw
+        their dropout masks, into reused scratch buffers."""
         for module in self.model.modules():
-            if type(module) is storage.FrozenLinear and module.buffer is storage.fresh:
+            if type(module) in (storage.FrozenLinear, FusedLoraLinear) and module.buffer is storage.fresh:
                 module.buffer = reused
                 self.buffered.append(module)
 
@@ -146,7 +149,7 @@ def prepare(model, cfg, device: torch.device, dist) -> Prepared:
         )
         model.to(device)
         fast.attach(group=t.fused_groups and not dist.enabled)
-        fast.reuse_decode_buffers()
+        fast.reuse_buffers()
     except BaseException:
         fast.restore()
         raise

@@ -45,7 +45,6 @@ from tunesmith.adapters.fused_lora import FusedLoraLinear
 from tunesmith.adapters.storage import BF16Storage, FrozenLinear
 from tunesmith.adapters.weights import autocast_bf16, stored_weight
 from tunesmith.train.kernels.patch import patch_forward, unpatch
-from tunesmith.train.kernels.scratch import scratch
 
 OWN_OUTPUT = "_tunesmith_group_output"  # marks a group's [rows × Σ out] result: only its column views use it
 
@@ -114,9 +113,10 @@ class GroupLoraFn(torch.autograd.Function):
         y = torch.mm(x2, weight.t()) if bias is None or dora else torch.addmm(bias, x2, weight.t())
         if masks is None:
             xa = torch.mm(x2, lora_a.t())
-        else:  # each projection's own dropout mask on its copy of the input
+        else:  # each projection's own dropout mask on its copy of the input; 1/(1 − p) on the product
             parts = lora_a.split(ranks)
-            xa = torch.cat([torch.mm(_dropped(x2, m), a.t()) for a, m in zip(parts, masks)], dim=1)
+            xa = torch.cat([torch.mm(_kept(x2, m), a.t()) for a, m in zip(parts, masks)], dim=1)
+            xa.mul_(_column_scales(masks, ranks, xa))
         y.addmm_(xa, lora_b.t())
         z = scale = None
         if dora:  # Y = Z ⊙ r + b, Z kept for ∂m
@@ -136,6 +136,8 @@ class GroupLoraFn(torch.autograd.Function):
             grad_m, g = fused_dora.dora_backward(g, z, scale, norm)
         x2 = x.reshape(g.shape[0], -1)
         g_xa = torch.mm(g, lora_b)
+        if ctx.masks is not None:
+            g_xa.mul_(_column_scales(ctx.masks, ctx.ranks, g_xa))
         grad_x = grad_bias = grad_a = grad_b = None
         if ctx.masks is None:
             if need[0]:
@@ -146,11 +148,13 @@ class GroupLoraFn(torch.autograd.Function):
             grad_x = torch.mm(g, weight) if need[0] else None
             grads_a = []
             for a, g_part, m in zip(lora_a.split(ctx.ranks), g_xa.split(ctx.ranks, dim=1), ctx.masks):
-                if need[0]:
-                    back = torch.mm(g_part, a)
-                    grad_x.add_(back if m is None else m.drop_(back))
+                keep = None if m is None else m.words(x2)  # unpacked once
+                if need[0] and m is None:
+                    grad_x.addmm_(g_part, a)
+                elif need[0]:
+                    m.add_kept_(grad_x, g_part, a, keep)
                 if need[3]:
-                    grads_a.append(torch.mm(g_part.t(), _dropped(x2, m)))
+                    grads_a.append(torch.mm(g_part.t(), _kept(x2, m, keep)))
             grad_x = None if grad_x is None else grad_x.view(x.shape)
             grad_a = torch.cat(grads_a) if need[3] else None
         if need[2]:
@@ -161,9 +165,16 @@ class GroupLoraFn(torch.autograd.Function):
         return grad_x, None, grad_bias, grad_a, grad_b, None, None, None, grad_m, None
 
 
-def _dropped(x2: torch.Tensor, mask) -> torch.Tensor:
-    """`x2` through `mask`'s dropout, in a reused buffer (valid until the next projection's)."""
-    return x2 if mask is None else mask.dropped(x2, scratch)
+def _kept(x2: torch.Tensor, mask, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """`x2` with `mask`'s dropped elements zeroed (not yet scaled), in a reused buffer (valid until
+    the next projection's)."""
+    return x2 if mask is None else mask.kept(x2, keep)
+
+
+def _column_scales(masks: tuple, ranks: tuple, like: torch.Tensor) -> torch.Tensor:
+    """Each projection's 1/(1 − p) over its `rank` columns of a [tokens × Σ rank] product (1 without dropout)."""
+    scales = [1.0 if m is None else m.scale for m in masks]
+    return torch.tensor(scales, dtype=like.dtype).repeat_interleave(torch.tensor(ranks)).to(like.device)
 
 
 class GroupLinearFn(torch.autograd.Function):

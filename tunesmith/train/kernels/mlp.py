@@ -42,7 +42,9 @@ class SwiGLUDownFn(torch.autograd.Function):
         y = F.linear(h, weight.to(h.dtype), None if dora else bias)
         ha = None
         if lora_a is not None:
-            ha = F.linear(h if mask is None else mask.dropped(h, scratch), lora_a)  # LoRA dropout on A's input
+            ha = F.linear(h if mask is None else mask.kept(h), lora_a)  # LoRA dropout on A's input
+            if mask is not None:
+                ha.mul_(mask.scale)
             y.view(-1, y.shape[-1]).addmm_(ha.view(-1, ha.shape[-1]), lora_b.t(), alpha=scaling)
         z = scale = None
         if dora:  # z kept for ∂m (adapters.fused_dora)
@@ -65,20 +67,21 @@ class SwiGLUDownFn(torch.autograd.Function):
         shape, dtype, device = gate2.shape, gate.dtype, gate.device
         silu = torch.ops.aten.silu.out(gate2, out=scratch("swiglu.silu", shape, dtype, device))
         grad_h = torch.mm(g, weight.to(g.dtype), out=scratch("swiglu.grad_h", shape, dtype, device))
-        grad_gate = grad_up = grad_w = grad_bias = grad_a = grad_b = g_ha = None
+        grad_gate = grad_up = grad_w = grad_bias = grad_a = grad_b = g_ha = keep = None
         mask = ctx.mask  # the forward's
         if lora_a is not None:
-            g_ha = torch.mm(g, lora_b).mul_(s)
+            g_ha = torch.mm(g, lora_b).mul_(s if mask is None else s * mask.scale)
             if mask is None:
                 grad_h.addmm_(g_ha, lora_a)
             else:
-                grad_h.add_(mask.drop_(torch.mm(g_ha, lora_a)))
+                keep = mask.words(grad_h)
+                mask.add_kept_(grad_h, g_ha, lora_a, keep)
         if need[2] or need[4]:
             h = torch.mul(silu, up2, out=scratch("swiglu.h", shape, dtype, device))  # silu(g)·u, recomputed
             if need[2]:
                 grad_w = torch.mm(g.t(), h).to(weight.dtype)
             if need[4]:
-                grad_a = torch.mm(g_ha.t(), h if mask is None else mask.dropped(h, scratch))
+                grad_a = torch.mm(g_ha.t(), h if mask is None else mask.kept(h, keep))
         if need[5]:
             grad_b = torch.mm(g.t(), ha.reshape(-1, ha.shape[-1])).mul_(s)
         if need[3]:

@@ -114,6 +114,20 @@ def test_fused_dora_layer_is_peft_dora(p, monkeypatch):
         assert not torch.allclose(fused(x), y1)
 
 
+def test_the_kept_row_norms_follow_the_base_weight():
+    """‖W‖² per row is kept between forwards (W is frozen) and recomputed once W changes in place."""
+    from tunesmith.adapters.fused_dora import weight_norm
+
+    layer = _dora_net(True, 0.0).base_model.model.proj
+    a, b, w = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.base_layer.weight
+    for _ in range(2):
+        _, norm = layer.dora_operands("default")
+        torch.testing.assert_close(norm, weight_norm(w, a, b, layer.scaling["default"]), rtol=1e-6, atol=0)
+        torch.testing.assert_close(norm, (w + layer.scaling["default"] * b @ a).norm(dim=1), rtol=1e-5, atol=1e-6)
+        with torch.no_grad():
+            w.mul_(1.5)  # a merge or any in-place change: a new version of W
+
+
 def _llama(tok, fused: bool, p: float = 0.0, frozen: str = "fp32"):
     adapter = AdapterConfig(method="dora", rank=4, alpha=8, dropout=p, fused=fused)
     model = apply_method(make_tiny_model(len(tok)), adapter, frozen)

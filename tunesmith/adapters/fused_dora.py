@@ -34,31 +34,62 @@ import torch
 import torch.nn.functional as F
 
 from tunesmith.adapters.dropout import Mask
+from tunesmith.adapters.storage import fresh
 
 
-def weight_norm(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+def weight_norm(
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    squares: torch.Tensor | None = None,
+) -> torch.Tensor:
     """‖W + s·BA‖ per output row, detached, in the adapter's dtype (fp32 for a bf16-stored weight), as
-    ‖W‖² + 2s·⟨B, W Aᵀ⟩ + s²·⟨B, B (A Aᵀ)⟩ row by row: W is read twice and nothing of its size is
-    written (PEFT builds BA through an identity matrix and materialises W + s·BA: ~7 passes over
-    every weight per forward, which also dominates an evaluation forward of a short sample)."""
+    ‖W‖² + 2s·⟨B, W Aᵀ⟩ + s²·⟨B, B (A Aᵀ)⟩ row by row: W is read once or twice and nothing of its
+    size is written (PEFT builds BA through an identity matrix and materialises W + s·BA: ~7 passes
+    over every weight per forward, which also dominates an evaluation forward of a short sample).
+    `squares` is ‖W‖² per row (`row_squares`) when the caller keeps it: W is frozen."""
     with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
         dt = lora_a.dtype
         wa = F.linear(weight, lora_a.to(weight.dtype)).to(dt)  # W Aᵀ, [out × r]
         cross = wa.mul_(2 * scaling).add_(lora_b @ (lora_a @ lora_a.t()), alpha=scaling * scaling)
-        squares = torch.linalg.vector_norm(weight, dim=1, dtype=dt).square_()
+        squares = row_squares(weight, dt) if squares is None else squares.clone()
         return squares.add_((lora_b * cross).sum(1)).clamp_min_(0).sqrt_()
 
 
+def row_squares(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """‖W‖² per output row in `dtype`, accumulated in fp32 or wider."""
+    with torch.no_grad():
+        return torch.linalg.vector_norm(weight, dim=1, dtype=dtype).square_()
+
+
 def scaled(z2: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`y = z ⊙ r + b` for [rows × out] `z`, in `z`'s dtype (a bf16 `z` is scaled in fp32, rounded once)."""
-    y = torch.mul(z2, scale, out=torch.empty_like(z2))
+    """`y = z ⊙ r + b` for [rows × out] `z`, in `z`'s dtype (`times`: no fp32 copy of a bf16 `z`)."""
+    y = times(z2, scale, torch.empty_like(z2))
     return y if bias is None else y.add_(bias)
 
 
-def dora_backward(g2: torch.Tensor, z2: torch.Tensor, scale: torch.Tensor, norm: torch.Tensor) -> tuple:
-    """(∂m, g ⊙ r) from the output gradient `g` and the un-scaled output `z` ([rows × out] both)."""
-    grad_m = torch.mul(g2, z2).sum(0, dtype=norm.dtype).div_(norm)
-    return grad_m, torch.mul(g2, scale, out=torch.empty_like(g2))
+def dora_backward(g2: torch.Tensor, z2: torch.Tensor, scale: torch.Tensor, norm: torch.Tensor, buffer=fresh) -> tuple:
+    """(∂m, g ⊙ r) from the output gradient `g` and the un-scaled output `z` ([rows × out] both). The
+    products g ⊙ z and g ⊙ r are temporaries in `buffer("dora.gz" | "dora.g", …)`: the caller's
+    backward uses g ⊙ r and lets it go. For bf16 `g`, ∂m is summed over tokens in fp32 and rounded
+    to bf16 once before it is widened (an fp32 sum of a bf16 tensor converts it whole first)."""
+    products = torch.mul(g2, z2, out=buffer("dora.gz", g2.shape, g2.dtype, g2.device))
+    grad_m = products.sum(0).to(norm.dtype).div_(norm)
+    return grad_m, times(g2, scale, buffer("dora.g", g2.shape, g2.dtype, g2.device))
+
+
+def times(t: torch.Tensor, r: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """`out = t ⊙ r` for [rows × n] `t` and per-column `r`. A bf16 `t` with an fp32 `r` is multiplied
+    by r's leading bf16 part and then by the rest (`r = hi + lo`, both bf16), so the product carries
+    fp32 r to within bf16 rounding of the result. Why: torch's CPU kernels given a bf16 and an fp32
+    operand convert the bf16 one into a fresh fp32 tensor, and a fresh tensor above 1 MiB faults in
+    its every page: a [2,000 × 1,536] multiply took 10.5 ms that way, 0.6 ms like this."""
+    if t.dtype == r.dtype:
+        return torch.mul(t, r, out=out)
+    hi = r.to(t.dtype)
+    lo = (r - hi.to(r.dtype)).to(t.dtype)
+    return torch.mul(t, hi, out=out).addcmul_(t, lo)
 
 
 class DoraLinearFn(torch.autograd.Function):
@@ -66,7 +97,9 @@ class DoraLinearFn(torch.autograd.Function):
     dropout's (None at dropout 0 or in eval)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, magnitude, norm, scaling: float, mask: Mask | None = None):
+    def forward(
+        ctx, x, weight, bias, lora_a, lora_b, magnitude, norm, scaling: float, mask: Mask | None = None, buffer=fresh
+    ):
         x2 = x.reshape(-1, x.shape[-1])
         scale = magnitude / norm
         xd = x2 if mask is None else mask.dropped(x2)
@@ -78,7 +111,7 @@ class DoraLinearFn(torch.autograd.Function):
             y = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())
             y.sub_(z).addcmul_(z.addmm_(xa, lora_b.t(), alpha=scaling), scale)
         ctx.save_for_backward(x, weight, lora_a, lora_b, xa, z, scale, norm)
-        ctx.scaling, ctx.mask = scaling, mask
+        ctx.scaling, ctx.mask, ctx.buffer = scaling, mask, buffer
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -88,7 +121,7 @@ class DoraLinearFn(torch.autograd.Function):
         need = ctx.needs_input_grad
         g = grad_y.reshape(-1, grad_y.shape[-1]).to(x.dtype)
         x2 = x.reshape(-1, x.shape[-1])
-        grad_m, g_r = dora_backward(g, z, scale, norm)
+        grad_m, g_r = dora_backward(g, z, scale, norm, ctx.buffer)
         g_xa = torch.mm(g_r, lora_b).mul_(s)  # [tokens, rank]
         grad_x = grad_a = grad_b = grad_bias = None
         if need[0]:
@@ -104,4 +137,4 @@ class DoraLinearFn(torch.autograd.Function):
             grad_b = torch.mm(g_r.t(), xa).mul_(s)
         if need[2]:
             grad_bias = g.sum(0)
-        return grad_x, None, grad_bias, grad_a, grad_b, grad_m if need[5] else None, None, None, None
+        return grad_x, None, grad_bias, grad_a, grad_b, grad_m if need[5] else None, None, None, None, None

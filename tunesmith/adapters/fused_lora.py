@@ -33,7 +33,7 @@ from peft.tuners.lora.variants import DoraLinearVariant
 
 from tunesmith.adapters import dropout
 from tunesmith.adapters.dropout import Mask
-from tunesmith.adapters.fused_dora import DoraLinearFn, weight_norm
+from tunesmith.adapters.fused_dora import DoraLinearFn, row_squares, weight_norm
 from tunesmith.adapters.storage import fresh
 from tunesmith.adapters.weights import autocast_bf16, compute_weight, stored_weight
 
@@ -115,9 +115,18 @@ class FusedLoraLinear(PeftLoraLinear):
         now, as PEFT recomputes it every forward — or None for plain LoRA."""
         if not self.is_dora(name):
             return None
-        a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        norm = weight_norm(stored_weight(self.base_layer), a, b, self.scaling[name])
+        a, b, weight = self.lora_A[name].weight, self.lora_B[name].weight, stored_weight(self.base_layer)
+        norm = weight_norm(weight, a, b, self.scaling[name], self._row_squares(weight, a.dtype))
         return self.lora_magnitude_vector[name].weight, norm
+
+    def _row_squares(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """‖W‖² per row of the frozen base weight, computed once for the weight as it is now (its
+        storage and version: a merge or a move recomputes it) — one pass over W a forward saved."""
+        key = (weight.data_ptr(), weight._version, tuple(weight.shape), dtype)
+        cached = self.__dict__.get("_tunesmith_row_squares")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_tunesmith_row_squares"] = (key, row_squares(weight, dtype))
+        return cached[1]
 
     def dropout_mask(self, name: str) -> Mask | None:
         """This call's dropout mask for adapter `name` (None in eval mode or at dropout 0)."""
@@ -136,4 +145,4 @@ class FusedLoraLinear(PeftLoraLinear):
         with torch.autocast(x.device.type, enabled=False):
             if dora is None:
                 return LoraLinearFn.apply(*operands, self.scaling[name], self.dropout_mask(name))
-            return DoraLinearFn.apply(*operands, *dora, self.scaling[name], self.dropout_mask(name))
+            return DoraLinearFn.apply(*operands, *dora, self.scaling[name], self.dropout_mask(name), self.buffer)

@@ -92,10 +92,13 @@ class _BlockStorage(torch.nn.Module):
         return flat[: math.prod(self.shape)].view(self.shape)
 
     def _pairs(self, codes: torch.Tensor, lut: torch.Tensor, buffer) -> torch.Tensor:
-        """Each code byte's two LUT values (fp32), as [blocks × block_size]."""
+        """Each code byte's two LUT values (fp32), as [blocks × block_size]. The gather moves each
+        pair as one 8-byte element: torch's CPU `index_select` of [256 × 2] rows took 3.7× as long."""
         index = buffer("frozen.codes", codes.shape, torch.int32, codes.device).copy_(codes)
         out = buffer("frozen.values", (codes.numel(), 2), torch.float32, codes.device)
-        return torch.index_select(lut.to(codes.device), 0, index, out=out).view(-1, self.block_size)
+        pairs = lut.to(codes.device).contiguous().view(torch.int64).view(-1)
+        torch.index_select(pairs, 0, index, out=out.view(torch.int64).view(-1))
+        return out.view(-1, self.block_size)
 
     def rows(self, ids: torch.Tensor, dtype=None) -> torch.Tensor:
         """Rows `ids` of a 2-D weight, decoding only those rows when rows align with blocks."""

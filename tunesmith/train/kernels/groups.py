@@ -45,6 +45,7 @@ from tunesmith.adapters.fused_lora import FusedLoraLinear
 from tunesmith.adapters.storage import BF16Storage, FrozenLinear
 from tunesmith.adapters.weights import autocast_bf16, stored_weight
 from tunesmith.train.kernels.patch import patch_forward, unpatch
+from tunesmith.train.kernels.scratch import scratch
 
 OWN_OUTPUT = "_tunesmith_group_output"  # marks a group's [rows × Σ out] result: only its column views use it
 
@@ -133,7 +134,7 @@ class GroupLoraFn(torch.autograd.Function):
         need = ctx.needs_input_grad
         g_bias, grad_m = g, None
         if z is not None:  # DoRA: the LoRA backward of g ⊙ r
-            grad_m, g = fused_dora.dora_backward(g, z, scale, norm)
+            grad_m, g = fused_dora.dora_backward(g, z, scale, norm, scratch)
         x2 = x.reshape(g.shape[0], -1)
         g_xa = torch.mm(g, lora_b)
         if ctx.masks is not None:

@@ -62,7 +62,7 @@ class SwiGLUDownFn(torch.autograd.Function):
         g = g_bias = grad_y.reshape(-1, grad_y.shape[-1]).to(gate.dtype)
         grad_m = None
         if z is not None:  # DoRA: the LoRA backward of g ⊙ m / norm
-            grad_m, g = fused_dora.dora_backward(g, z, scale, norm)
+            grad_m, g = fused_dora.dora_backward(g, z, scale, norm, scratch)
         gate2, up2 = gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1])
         shape, dtype, device = gate2.shape, gate.dtype, gate.device
         silu = torch.ops.aten.silu.out(gate2, out=scratch("swiglu.silu", shape, dtype, device))

@@ -296,7 +296,8 @@ def test_qlora_training_over_reused_decode_buffers_is_bit_identical():
         fast = attach(model)
         if reuse:
             fast.reuse_buffers()
-            assert len(fast.buffered) == 14 and all(m.buffer is scratch for m in fast.buffered)
+            frozen = [m for m in fast.buffered if type(m) is FrozenLinear]  # and the LoRA layers over them
+            assert len(frozen) == 14 and len(fast.buffered) == 28 and all(m.buffer is scratch for m in fast.buffered)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         ids, labels = _batch()
         run = []
@@ -311,3 +312,35 @@ def test_qlora_training_over_reused_decode_buffers_is_bit_identical():
         assert all(m.buffer is fresh for m in layers)
         losses.append(run)
     assert losses[0] == losses[1] and losses[0][0] != losses[0][-1]
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fused_qlora_is_pefts_qlora(autocast):
+    """The fused LoRA node over a 4-bit base (decoded in forward and again in backward) gives PEFT's
+    own LoRA forward over the same `FrozenLinear`: loss and every adapter gradient, fp32 and bf16."""
+    from tunesmith.adapters.fused_lora import FusedLoraLinear
+
+    base = make_tiny_model(400)
+    results = []
+    for fused in (True, False):
+        torch.manual_seed(0)  # PEFT draws A
+        model = apply_method(copy.deepcopy(base), _lora_cfg("qlora", fused=fused))
+        _randomise_lora(model)
+        layers = [m for m in model.modules() if isinstance(m, FusedLoraLinear)]
+        assert len(layers) == (14 if fused else 0)
+        if fused:
+            x = torch.randn(3, layers[0].in_features)
+            assert all(m._fused_adapter(x, (), {}) == "default" for m in layers[:1])
+        ids, labels = _batch()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss, _ = token_loss(model, ids, labels)
+        loss.backward()
+        grads = {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((loss.item(), grads))
+    (loss_f, g_f), (loss_p, g_p) = results
+    tol = 2e-2 if autocast else 1e-5
+    assert loss_f == pytest.approx(loss_p, rel=tol / 10 if autocast else 1e-6)
+    assert g_f.keys() == g_p.keys() and len(g_f) == 28
+    for name in g_f:
+        scale = g_p[name].abs().max().item() or 1.0
+        torch.testing.assert_close(g_f[name], g_p[name], atol=tol * scale, rtol=0, msg=lambda m, n=name: f"{n}: {m}")

@@ -34,27 +34,32 @@ from peft.tuners.lora.variants import DoraLinearVariant
 from tunesmith.adapters import dropout
 from tunesmith.adapters.dropout import Mask
 from tunesmith.adapters.fused_dora import DoraLinearFn, row_squares, weight_norm
-from tunesmith.adapters.storage import fresh
+from tunesmith.adapters.storage import BF16Storage, FrozenLinear, fresh
 from tunesmith.adapters.weights import autocast_bf16, compute_weight, stored_weight
 
 
 class LoraLinearFn(torch.autograd.Function):
+    """`weight` is None over a 4-bit base: `frozen` (its `FrozenLinear`) decodes it in forward and
+    again in backward, into the layer's decode buffers, so the graph never holds it (as `storage`'s
+    own node does)."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, mask: Mask | None = None):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, mask: Mask | None = None, frozen=None):
         rank = lora_a.shape[0]
         xa = F.linear(x if mask is None else mask.kept(x), lora_a)
         if mask is not None:  # 1/(1 − p) on the [tokens × rank] product, not on the input
             xa.mul_(mask.scale)
-        y = F.linear(x, weight, bias)
+        y = F.linear(x, _decoded(weight, frozen, x.dtype), bias)
         y.view(-1, y.shape[-1]).addmm_(xa.view(-1, rank), lora_b.t(), alpha=scaling)
         ctx.save_for_backward(x, weight, lora_a, lora_b, xa)
-        ctx.scaling, ctx.mask = scaling, mask
+        ctx.scaling, ctx.mask, ctx.frozen = scaling, mask, frozen
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, lora_a, lora_b, xa = ctx.saved_tensors
         s, mask = ctx.scaling, ctx.mask
+        weight = _decoded(weight, ctx.frozen, x.dtype)
         g = grad_y.reshape(-1, grad_y.shape[-1]).to(x.dtype)
         x2 = x.reshape(-1, x.shape[-1])
         g_xa = torch.mm(g, lora_b).mul_(s if mask is None else s * mask.scale)  # [tokens, rank]
@@ -73,7 +78,18 @@ class LoraLinearFn(torch.autograd.Function):
             grad_a = torch.mm(g_xa.t(), x2 if mask is None else mask.kept(x2, keep))
         if ctx.needs_input_grad[4]:
             grad_b = torch.mm(g.t(), xa.reshape(-1, xa.shape[-1])).mul_(s)
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None
+
+
+def _decoded(weight: torch.Tensor | None, frozen, dtype: torch.dtype) -> torch.Tensor:
+    return weight if frozen is None else frozen.storage.dequantize(dtype, frozen.buffer)
+
+
+def four_bit(base) -> FrozenLinear | None:
+    """`base` when it is a frozen linear stored in 4 bits (qlora's NF4, int4), else None."""
+    if type(base) is FrozenLinear and type(base.storage) is not BF16Storage:
+        return base
+    return None
 
 
 class FusedLoraLinear(PeftLoraLinear):
@@ -88,11 +104,15 @@ class FusedLoraLinear(PeftLoraLinear):
         if type(self.lora_dropout[name]) not in (torch.nn.Identity, torch.nn.Dropout) or self.fan_in_fan_out:
             return None
         base = self.base_layer
-        if torch.is_autocast_enabled(x.device.type):
-            return name if autocast_bf16(x) and stored_weight(base) is not None else None
-        if type(base) is not torch.nn.Linear:
+        frozen = four_bit(base)
+        if frozen is not None and self.is_dora(name):
             return None
-        dtypes = {x.dtype, base.weight.dtype, self.lora_A[name].weight.dtype, self.lora_B[name].weight.dtype}
+        if torch.is_autocast_enabled(x.device.type):
+            return name if autocast_bf16(x) and (frozen is not None or stored_weight(base) is not None) else None
+        if type(base) is not torch.nn.Linear and frozen is None:
+            return None
+        dtypes = {x.dtype, self.lora_A[name].weight.dtype, self.lora_B[name].weight.dtype}
+        dtypes.add(frozen.storage.dtype if frozen is not None else base.weight.dtype)
         if self.is_dora(name):
             dtypes.add(self.lora_magnitude_vector[name].weight.dtype)
         return name if len(dtypes) == 1 else None
@@ -102,10 +122,11 @@ class FusedLoraLinear(PeftLoraLinear):
         return type(self.lora_variant.get(name)) is DoraLinearVariant and name in self.lora_magnitude_vector
 
     def fused_operands(self, name: str, x: torch.Tensor) -> tuple:
-        """(x, weight, bias, lora_a, lora_b) in the dtype the fused node computes in."""
+        """(x, weight, bias, lora_a, lora_b) in the dtype the fused node computes in; weight is None
+        over a 4-bit base (`four_bit`: the node decodes it)."""
         base, a, b = self.base_layer, self.lora_A[name].weight, self.lora_B[name].weight
         if not torch.is_autocast_enabled(x.device.type):
-            return x, base.weight, base.bias, a, b
+            return x, None if four_bit(base) is not None else base.weight, base.bias, a, b
         dt = torch.bfloat16
         bias = None if base.bias is None else base.bias.to(dt)
         return x.to(dt), compute_weight(base, dt), bias, a.to(dt), b.to(dt)
@@ -144,5 +165,6 @@ class FusedLoraLinear(PeftLoraLinear):
         dora = self.dora_operands(name)
         with torch.autocast(x.device.type, enabled=False):
             if dora is None:
-                return LoraLinearFn.apply(*operands, self.scaling[name], self.dropout_mask(name))
+                mask = self.dropout_mask(name)
+                return LoraLinearFn.apply(*operands, self.scaling[name], mask, four_bit(self.base_layer))
             return DoraLinearFn.apply(*operands, *dora, self.scaling[name], self.dropout_mask(name), self.buffer)

@@ -57,7 +57,7 @@ def apply_method(model, cfg: AdapterConfig, frozen_dtype: str = "fp32"):
         bias="none",
         task_type="CAUSAL_LM",
     )
-    if cfg.method in ("lora", "dora") and cfg.fused:
+    if cfg.method in ("lora", "dora", "qlora") and cfg.fused:
         from tunesmith.adapters.fused_lora import FusedLoraLinear
 
         peft_cfg._register_custom_module({torch.nn.Linear: FusedLoraLinear})

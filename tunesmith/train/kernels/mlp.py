@@ -128,6 +128,8 @@ def _operands(down, gate: torch.Tensor) -> tuple | None:
                 return None
             dora = down.dora_operands(name)
         _, weight, bias, lora_a, lora_b = down.fused_operands(name, gate)
+        if weight is None:  # a 4-bit base: the layer's own node decodes it
+            return None
         return weight, bias, lora_a, lora_b, down.scaling[name], down.dropout_mask(name), *(dora or ())
     if not autocast:
         if type(down) is torch.nn.Linear and gate.dtype == down.weight.dtype:

@@ -12,10 +12,12 @@ one GEMM plus one accumulating GEMM. Dropout's mask (`adapters.dropout`) is name
 kept for backward as one bit an element, not a dropped copy of `x`. Under bf16 autocast
 (`train.precision=bf16`) the node runs wholly in bf16 — input, base weight and adapter cast once,
 as autocast would cast them — so the GEMMs hit the CPU's bf16 units (AMX) with no fp32 round
-trips; the adapter's gradients come back to its fp32 weights through the casts. Every other case
-(several adapters, disabled or merged adapters, a 4-bit base such as qlora's NF4, fp16 autocast)
-is PEFT's own forward. A DoRA adapter (`adapter.method=dora`) takes the same path through
-`adapters.fused_dora.DoraLinearFn` (PEFT's DoRA forward and gradients in one node).
+trips; the adapter's gradients come back to its fp32 weights through the casts. Over a 4-bit base
+(qlora's NF4 or int4 `FrozenLinear`) the node decodes W itself, in forward and again in backward,
+so the graph never holds it. Every other case (several adapters, disabled or merged adapters, DoRA
+over a 4-bit base, fp16 autocast) is PEFT's own forward. A DoRA adapter (`adapter.method=dora`)
+takes the same path through `adapters.fused_dora.DoraLinearFn` (PEFT's DoRA forward and gradients
+in one node).
 `apply_method` registers it through PEFT's custom-module hook (`LoraConfig._register_custom_module`).
 
 Why: PEFT's forward is `base(x) + lora_B(lora_A(dropout(x))) * scaling` — per layer an extra

@@ -3,7 +3,7 @@
 Contract: `draw(p, buffer)` → a `Mask` (or None when `p` is 0): one 63-bit seed taken from torch's
 global CPU generator — the state a checkpoint saves (`train.checkpoint.rng_state`), so a resumed run
 draws the same masks. Each element is kept with probability 1 − p, independently (exactly, see
-`_draw_bits`); the same seed gives the same mask every time. `mask.noise(like)` is PEFT's dropout
+`_draw_keep`); the same seed gives the same mask every time. `mask.noise(like)` is PEFT's dropout
 multiplier `keep / (1 − p)` with the values `torch.nn.functional.dropout`'s has, so `x · noise` is
 bit for bit what PEFT's dropout gives for that mask. The nodes use `kept(x)` — `x` with the dropped
 elements zeroed, not scaled — and multiply their small [tokens × rank] products by `mask.scale`
@@ -44,7 +44,6 @@ class Mask:
     def __init__(self, seed: int, p: float, buffer=fresh):
         self.seed, self.p, self.buffer = seed, p, buffer
         self._bits: np.ndarray | None = None  # the keep mask, one bit an element
-        self._fresh: np.ndarray | None = None  # a new draw's keep bytes, until `words` copies them
         self._numel = -1
 
     def __eq__(self, other) -> bool:
@@ -65,8 +64,9 @@ class Mask:
         `buffer("dropout.mask", …)`. A node that applies the mask twice gets it once and passes it on."""
         numel, ints = like.numel(), _INTS[like.element_size()]
         out = self.buffer("dropout.mask", (numel,), ints, like.device)
-        if self._drawn(numel) is not None:  # just drawn: the unpacked bytes are still at hand
-            out.copy_(torch.from_numpy(self._fresh.view(np.uint8)))
+        drawn = self._drawn(numel)
+        if drawn is not None:  # just drawn: the unpacked bytes are still at hand
+            out.copy_(torch.from_numpy(drawn.view(np.uint8)))
         elif like.device.type != "cpu":
             out.copy_(torch.from_numpy(np.unpackbits(self._bits, count=numel, bitorder="little")).to(like.device))
         else:  # unpacked a chunk at a time: numpy's temporaries stay on the heap, no page faults
@@ -74,7 +74,6 @@ class Mask:
                 stop = min(numel, start + 8 * CHUNK)
                 part = np.unpackbits(self._bits[start // 8 : (stop + 7) // 8], count=stop - start, bitorder="little")
                 out[start:stop].copy_(torch.from_numpy(part))
-        self._fresh = None
         return out.neg_().view(like.shape)
 
     def kept(self, x: torch.Tensor, words: torch.Tensor | None = None) -> torch.Tensor:
@@ -119,11 +118,11 @@ class Mask:
     def _drawn(self, numel: int) -> np.ndarray | None:
         """Draw the mask unless it is drawn for `numel` elements already; returns the keep bytes of a
         new draw (a view of a `buffer` valid until the next draw), else None."""
-        self._fresh = None
-        if self._bits is None or self._numel != numel:
-            self._fresh = _draw_keep(self.seed, self.p, numel, self.buffer)
-            self._bits, self._numel = np.packbits(self._fresh, bitorder="little"), numel
-        return self._fresh
+        if self._bits is not None and self._numel == numel:
+            return None
+        keep = _draw_keep(self.seed, self.p, numel, self.buffer)
+        self._bits, self._numel = np.packbits(keep, bitorder="little"), numel
+        return keep
 
 
 def _draw_keep(seed: int, p: float, numel: int, buffer=fresh) -> np.ndarray:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from tunesmith.adapters import fused_dora
+from tunesmith.adapters.fused_lora import four_bit
 from tunesmith.adapters.weights import autocast_bf16, compute_weight
 from tunesmith.train.kernels.groups import OWN_OUTPUT, side_by_side
 from tunesmith.train.kernels.scratch import scratch
@@ -120,7 +121,7 @@ def _operands(down, gate: torch.Tensor) -> tuple | None:
     fused_adapter = getattr(down, "_fused_adapter", None)
     if fused_adapter is not None:
         name = fused_adapter(gate, (), {})
-        if name is None:
+        if name is None or four_bit(down.base_layer) is not None:  # a 4-bit base: the layer's own node decodes it
             return None
         dora = None
         if down.is_dora(name):
@@ -128,8 +129,6 @@ def _operands(down, gate: torch.Tensor) -> tuple | None:
                 return None
             dora = down.dora_operands(name)
         _, weight, bias, lora_a, lora_b = down.fused_operands(name, gate)
-        if weight is None:  # a 4-bit base: the layer's own node decodes it
-            return None
         return weight, bias, lora_a, lora_b, down.scaling[name], down.dropout_mask(name), *(dora or ())
     if not autocast:
         if type(down) is torch.nn.Linear and gate.dtype == down.weight.dtype:

@@ -8,6 +8,7 @@
     RUN/metrics.jsonl, loss.png        one row per logged step; the loss curve
     RUN/run.json                       the summary (steps, tokens, wall time, peak RSS, losses)
     RUN/checkpoints/step-NNNNNNNN/     resumable checkpoints (`train.checkpoint`)
+    RUN/replay_targets.safetensors     data.replay_loss: kl — the base model's targets (`train.replay_kl`)
     RUN/export/                        where `export` and `quantize` write by default
     RUN/compare/                       where `compare` writes by default
 
@@ -42,7 +43,8 @@ METRICS = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
 CHECKPOINTS = "checkpoints"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
-RUN_TEMP = ("final", CONFIG, SUMMARY, METRICS, LOSS_PLOT, "pretrain.json")  # temp names of the run's writes
+REPLAY_TARGETS = "replay_targets.safetensors"
+RUN_TEMP = ("final", CONFIG, SUMMARY, METRICS, LOSS_PLOT, "pretrain.json", REPLAY_TARGETS)  # temp names of run writes
 CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.pt", "rng.safetensors", "state.json")
 # Keys that may change between a run and its resume without making it another run.
 RESUMABLE_CHANGES = (

@@ -83,6 +83,7 @@ class DataConfig:
     context_distractor_only: float = 0.2  # share of those copies whose chunks leave out the answer's chunk
     replay: float | None = None  # share of training samples that are replay (against forgetting), 0 <= f < 1
     replay_source: str = "self"  # self (the base model's answers to bundled prompts) · a data file/folder
+    replay_loss: str = "ce"  # ce: cross-entropy on replay answers · kl: KL to the base model's next-token distribution
 
 
 @dataclass

@@ -38,7 +38,7 @@ CHOICES = {
     "model.attn_implementation": ATTN_IMPLEMENTATIONS,
     "compare.precision": INFERENCE_PRECISIONS, "pretrain.preset": PRESETS, "pretrain.method": METHODS,
     "train.report_to": TRACKERS, "compare.report_to": TRACKERS[1:],  # lists: each item
-    "train.on_divergence": ("stop", "skip_step"),
+    "train.on_divergence": ("stop", "skip_step"), "data.replay_loss": ("ce", "kl"),
 }
 # fmt: on
 POSITIVE = (
@@ -98,6 +98,8 @@ def validate(cfg: Config) -> None:
         _fail("data.replay", "a fraction 0 <= value < 1 (or null for none)", d.replay)
     if not d.replay_source:
         raise UserError("config key data.replay_source: expected self or a data file/folder")
+    if d.replay_loss == "kl" and not d.replay:
+        _fail("data.replay_loss", "ce while data.replay is off (kl acts on replay samples only)", d.replay_loss)
     if d.max_length < 8:
         _fail("data.max_length", "an integer >= 8", d.max_length)
     if not a.target_modules:

@@ -38,6 +38,7 @@ from tunesmith.models import load_tokenizer, pick_device, resolve_model, tunesmi
 from tunesmith.precision import gemm_rows_multiple, resolve_precision, torch_dtype
 from tunesmith.rundir import RESUMABLE_CHANGES, RunDir
 from tunesmith.train import checkpoint as ckpt
+from tunesmith.train import replay_kl
 from tunesmith.train.cpu import use_threads, warn_if_busy
 from tunesmith.train.distributed import (
     Dist,
@@ -149,7 +150,7 @@ def set_up(cfg: Config, rows=None) -> Run:
 
     resolved = resolve_model(cfg.model.name)
     tokenizer = load_tokenizer(resolved, cfg.model.trust_remote_code, cfg.model.revision)
-    train_rows, val_rows, stats = _data(cfg, tokenizer, rows)
+    train_rows, val_rows, stats, replay_unique = _data(cfg, tokenizer, rows)
     if len(train_rows) < dist.world:
         raise UserError(f"data: {len(train_rows)} training rows cannot be shared by {dist.world} processes")
 
@@ -161,6 +162,16 @@ def set_up(cfg: Config, rows=None) -> Run:
         )
         if resume_from is not None:
             _resume(run, resume_from)
+        if replay_unique:  # data.replay_loss: kl — the base model's targets, before any step moves it
+            began = time.perf_counter()
+            loss_module = getattr(run.trainer, "module", run.trainer)
+            loss_module.soft = replay_kl.targets(run, replay_unique, resume_from)
+            if dist.main:
+                print(
+                    f"tunesmith: replay: KL targets of the base model at {len(loss_module.soft[0]):,} answer tokens "
+                    f"of {len(replay_unique)} replay samples ({time.perf_counter() - began:.1f} s)",
+                    flush=True,
+                )
         if not same_on_all_ranks(run.step, dist, device):  # every rank reads the checkpoint itself
             raise UserError(
                 f"config key train.output_dir: the processes found different checkpoints in {out.path}; "
@@ -193,14 +204,17 @@ def set_up(cfg: Config, rows=None) -> Run:
 
 def _data(cfg: Config, tokenizer, rows):
     if rows is not None:
-        return rows(tokenizer)
+        return (*rows(tokenizer), [])
     ensure_chat_template(tokenizer, cfg.data.chat_template)
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else tunesmith_home() / "data-cache"
     train_samples, val_samples, stats = build_datasets(cfg.data, tokenizer, cfg.train.seed, cache_dir, cfg.compare)
+    unique = []
+    if cfg.data.replay_loss == "kl":
+        train_samples, unique = replay_kl.mark(train_samples, stats.n_replay)
     pad_id, d = tokenizer.pad_token_id, cfg.data
     train_rows = make_rows(train_samples, d.packing, d.max_length, pad_id)
     val_rows = make_rows(val_samples, d.packing, d.max_length, pad_id) if val_samples else []
-    return train_rows, val_rows, stats
+    return train_rows, val_rows, stats, unique
 
 
 def _assemble(

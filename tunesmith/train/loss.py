@@ -22,6 +22,13 @@ NF4-quantized embeddings) go through `checkpoint`ed chunks of `MODULE_CHUNK` row
 Each sample's first label must be -100 (the packer guarantees it): in a packed row the
 position before a sample's first token belongs to the previous sample.
 
+Soft targets (`data.replay_loss: kl`, `train/replay_kl.py`): a label ≤ `SOFT` is no token but row
+`SOFT − label` of `LossModule.soft = (ids [N, k], p [N, k], rest [N])`, the base model's top-k
+next-token probabilities and the mass of all other tokens. Such a position's loss is the
+cross-entropy against those k + 1 buckets, −Σⱼ pⱼ log qⱼ − rest · log(1 − Σⱼ qⱼ): KL(base ‖ model)
+over the buckets plus the base's own entropy, so its gradient vanishes where the model still is
+the base. A hard label is the same with p = (1, 0, …) and rest 0, so one chunk may mix both.
+
 `LossModule(model, embed_into_grad=True)` (full fine-tuning in one process) looks the input
 embeddings up through `EmbedIntoGrad`, whose backward adds the gradients of the rows it read
 into `weight.grad` in place. Autograd's own embedding backward builds a zeroed vocab × hidden
@@ -41,6 +48,7 @@ from tunesmith.precision import gemm_rows_multiple
 from tunesmith.train.kernels.scratch import release, scratch
 
 IGNORE = -100
+SOFT = -1000  # labels ≤ SOFT index soft targets (module doc)
 CHUNK = 256  # rows of logits at a time: 256 × 49,152 fp32 is 48 MiB on SmolLM2
 MODULE_CHUNK = 2048  # other heads: checkpointed chunks (recomputed in backward), so fewer and bigger
 
@@ -53,9 +61,10 @@ class LossModule(torch.nn.Module):
         super().__init__()
         self.model = model
         self.embed_into_grad = embed_into_grad
+        self.soft = None  # (ids, p, rest): the soft targets labels ≤ SOFT point at (module doc)
 
     def forward(self, input_ids, labels, position_ids=None):
-        return token_loss(self.model, input_ids, labels, position_ids, self.embed_into_grad)
+        return token_loss(self.model, input_ids, labels, position_ids, self.embed_into_grad, self.soft)
 
 
 class EmbedIntoGrad(torch.autograd.Function):
@@ -115,9 +124,32 @@ def _plain_head(model) -> bool:
     return all(getattr(text_cfg, k, None) in (None, 1, 1.0) for k in special)
 
 
-def _ce_sum(head, hidden, targets):
+def _ce_sum(head, hidden, targets, soft=None):
     logits = head(hidden).float()
-    return F.cross_entropy(logits, targets, reduction="sum")
+    return soft_ce_sum(logits, soft) if soft is not None else F.cross_entropy(logits, targets, reduction="sum")
+
+
+def row_targets(targets, soft):
+    """Per row (ids [n, k], p [n, k], rest [n]): a hard target t as (t, t, …) with p = (1, 0, …) and
+    rest 0, a soft one (label ≤ SOFT) as its row of the table `soft`."""
+    ids, p, rest = soft
+    k = ids.shape[1]
+    hard = targets > SOFT
+    index = (SOFT - targets).clamp_min(0)
+    row_ids = torch.where(hard[:, None], targets[:, None].expand(-1, k), ids[index].long())
+    one_hot = torch.zeros(k, dtype=p.dtype, device=p.device)
+    one_hot[0] = 1.0
+    row_p = torch.where(hard[:, None], one_hot, p[index])
+    row_rest = torch.where(hard, torch.zeros((), dtype=rest.dtype, device=rest.device), rest[index])
+    return row_ids, row_p, row_rest
+
+
+def soft_ce_sum(logits, soft):
+    """Σ over rows of −Σⱼ pⱼ log qⱼ − rest · log(1 − Σⱼ qⱼ), q = softmax(logits) (fp32 logits)."""
+    ids, p, rest = soft
+    logq = torch.log_softmax(logits, dim=-1).gather(1, ids)
+    q_rest = (1.0 - logq.exp().sum(1)).clamp_min(1e-12)
+    return -(p * logq).sum() - (rest * q_rest.log()).sum()
 
 
 def _logits(hidden, weight, out):
@@ -129,7 +161,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     computed during the forward (see the module doc). ∂W is summed over chunks into one buffer."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, dtype=None):
+    def forward(ctx, hidden, weight, targets, dtype=None, soft=None):
+        """`soft`: per row (ids, p, rest) from `row_targets`, in place of `targets` (module doc)."""
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         cdt = dtype or hidden.dtype  # the GEMMs' dtype; logits, softmax and the loss are fp32
         w = weight.detach().to(cdt)  # one cast for every chunk (none when the dtypes agree)
@@ -138,6 +171,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         if pad:
             hidden = torch.cat([hidden.detach().to(cdt), hidden.new_zeros((pad, hidden.shape[1]), dtype=cdt)])
             targets = torch.cat([targets, targets.new_zeros(pad)])
+            if soft is not None:
+                soft = tuple(torch.cat([x, x.new_zeros((pad, *x.shape[1:]))]) for x in soft)
         grad_h = torch.empty((rows, hidden.shape[1]), dtype=in_dtype, device=hidden.device) if want_h else None
         grad_w = None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -150,15 +185,28 @@ class LinearCrossEntropy(torch.autograd.Function):
             probs = (
                 logits if cdt == torch.float32 else scratch("loss.fp32", shape, torch.float32, h.device).copy_(logits)
             )
-            target_logits = probs.gather(1, t[:, None]).squeeze(1)
+            if soft is not None:
+                ids, p, rest = (x[start : start + CHUNK] for x in soft)
+                target_logits = (probs.gather(1, ids) * p).sum(1)
+            else:
+                target_logits = probs.gather(1, t[:, None]).squeeze(1)
             top = probs.amax(dim=1, keepdim=True)
             sums = probs.sub_(top).exp_().sum(dim=1, keepdim=True)  # exp(z − max), in place
             lse = top.squeeze(1) + sums.log().squeeze(1)
-            total += (lse - target_logits)[:real].sum()
+            if soft is not None:
+                q_top = probs.gather(1, ids).div_(sums)
+                q_rest = (1.0 - q_top.sum(1)).clamp_min(1e-12)  # hard rows: rest is 0, q_rest unused
+                total += (lse * (1.0 - rest) - target_logits - rest * q_rest.log())[:real].sum()
+            else:
+                total += (lse - target_logits)[:real].sum()
             if not (want_h or want_w):
                 continue
             probs.div_(sums)  # softmax
-            probs[torch.arange(len(t), device=t.device), t] -= 1.0  # ∂loss/∂logits
+            if soft is not None:  # ∂/∂z: q − p on the k ids, q · (1 − rest / q_rest) on every other
+                keep_rest = 1.0 - rest / q_rest
+                probs.mul_(keep_rest[:, None]).scatter_add_(1, ids, q_top * (1.0 - keep_rest)[:, None] - p)
+            else:
+                probs[torch.arange(len(t), device=t.device), t] -= 1.0  # ∂loss/∂logits
             probs[real:] = 0.0
             if probs is not logits:
                 probs = logits.copy_(probs)
@@ -191,10 +239,11 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad_w.mul_(scale) if grad_w is not None else None,
             None,
             None,
+            None,
         )
 
 
-def token_loss(model, input_ids, labels, position_ids=None, embed_into_grad: bool = False):
+def token_loss(model, input_ids, labels, position_ids=None, embed_into_grad: bool = False, soft=None):
     targets = labels[:, 1:]
     keep = targets != IGNORE
     n_tokens = int(keep.sum())
@@ -205,10 +254,14 @@ def token_loss(model, input_ids, labels, position_ids=None, embed_into_grad: boo
     if not _plain_head(inner) or not hasattr(inner, "get_decoder"):
         out = model(**inputs, position_ids=position_ids, use_cache=False)
         logits = out.logits[:, :-1][keep].float()
+        rows = _soft_rows(targets[keep], soft)
+        if rows is not None:
+            return soft_ce_sum(logits, rows), n_tokens
         return F.cross_entropy(logits, targets[keep], reduction="sum"), n_tokens
     hidden = inner.get_decoder()(**inputs, position_ids=position_ids, use_cache=False)
     hidden = hidden.last_hidden_state[:, :-1][keep]
     targets = targets[keep]
+    rows = _soft_rows(targets, soft)
     head = inner.get_output_embeddings()
     if n_tokens == 0:
         return hidden.sum() * 0.0, 0
@@ -216,11 +269,19 @@ def token_loss(model, input_ids, labels, position_ids=None, embed_into_grad: boo
     if weight is not None:
         dtype = torch.bfloat16 if autocast_bf16(hidden) else None
         with torch.autocast(hidden.device.type, enabled=False):
-            return LinearCrossEntropy.apply(hidden, weight, targets, dtype), n_tokens
+            return LinearCrossEntropy.apply(hidden, weight, targets, dtype, rows), n_tokens
     if n_tokens <= MODULE_CHUNK or not torch.is_grad_enabled():
-        return _ce_sum(head, hidden, targets), n_tokens
+        return _ce_sum(head, hidden, targets, rows), n_tokens
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, n_tokens, MODULE_CHUNK):
         end = start + MODULE_CHUNK
-        total = total + checkpoint(_ce_sum, head, hidden[start:end], targets[start:end], use_reentrant=False)
+        part = None if rows is None else tuple(x[start:end] for x in rows)
+        total = total + checkpoint(_ce_sum, head, hidden[start:end], targets[start:end], part, use_reentrant=False)
     return total, n_tokens
+
+
+def _soft_rows(targets, soft):
+    """`row_targets` when this batch has a soft label, else None (the plain hard-label path)."""
+    if soft is None or not bool((targets <= SOFT).any()):
+        return None
+    return row_targets(targets, soft)

@@ -1,0 +1,139 @@
+"""Replay held to the base model's distribution (`data.replay_loss: kl`).
+
+Contract:
+- `mark(train_samples, n_replay)` → (samples, unique): the last `n_replay` training samples are the
+  replay samples (`data/replay.py` appends them); each of their label positions becomes a soft
+  label `SOFT − j` (`train/loss.py`), j counting the label positions of the distinct replay samples
+  in order, so a sample drawn twice points at the same rows. `unique` are those distinct samples with
+  their hard labels, in that order.
+- `base_targets(run, unique)` → (ids [N, k] int32, p [N, k] fp32, rest [N] fp32): the model's top-`K`
+  next-token probabilities at every label position of `unique`, and the mass of all other tokens,
+  from one no-grad pass in eval mode. Called before the first step, when the model still is the base
+  (adapters start as a no-op; a full fine-tune has not moved yet), in the run's precision.
+- `targets(run, unique, resume_from)`: computed on a fresh start and written to
+  `RUN/replay_targets.safetensors` (atomically, rank 0); on resume, when the model no longer is the
+  base, read back from the checkpoint's run dir (or this one) and copied here when missing, so the
+  resumed run trains against the same targets bit for bit. None there that matches the replay
+  samples is a `UserError`.
+
+Why top-k plus a rest bucket: the full distribution (49,152 floats a position on SmolLM2) would be
+gigabytes for a few thousand replay answers; k = 16 buckets and "everything else" keep the KL exact
+over those k + 1 events, so the model cannot move mass into the tail unseen, as a renormalised
+top-k would let it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from tunesmith.data.packing import unpacked
+from tunesmith.data.sft import IGNORE, Sample
+from tunesmith.errors import UserError
+from tunesmith.io import fsync_dir, fsync_file
+from tunesmith.rundir import REPLAY_TARGETS
+from tunesmith.train.loss import SOFT
+
+K = 16
+FILE = REPLAY_TARGETS
+BATCH = 8  # replay samples a forward
+
+
+def mark(train_samples: list[Sample], n_replay: int) -> tuple[list[Sample], list[Sample]]:
+    if not n_replay:
+        return train_samples, []
+    head, tail = train_samples[: len(train_samples) - n_replay], train_samples[len(train_samples) - n_replay :]
+    first_row: dict[tuple, int] = {}
+    unique: list[Sample] = []
+    n_rows = 0
+    marked = []
+    for s in tail:
+        key = (tuple(s.input_ids), tuple(s.labels))
+        if key not in first_row:
+            first_row[key] = n_rows
+            unique.append(s)
+            n_rows += sum(label != IGNORE for label in s.labels)
+        j = first_row[key]
+        labels = []
+        for label in s.labels:
+            labels.append(label if label == IGNORE else SOFT - j)
+            j += label != IGNORE
+        marked.append(Sample(list(s.input_ids), labels))
+    return head + marked, unique
+
+
+def fingerprint(unique: list[Sample]) -> str:
+    h = hashlib.sha256()
+    for s in unique:
+        h.update(repr((s.input_ids, s.labels)).encode())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def base_targets(run, unique: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    model, device = run.model, run.device
+    pad_id = run.tokenizer.pad_token_id
+    was_training = model.training
+    model.eval()
+    ids_parts, p_parts, rest_parts = [], [], []
+    try:
+        with run.autocast():
+            for start in range(0, len(unique), BATCH):
+                batch = run.make_batch(unpacked(unique[start : start + BATCH], pad_id))
+                batch = {k: v.to(device) for k, v in batch.items()}
+                keep = batch["labels"][:, 1:] != IGNORE
+                out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+                logits = out.logits[:, :-1][keep].float()
+                del out
+                probs = torch.softmax(logits, dim=-1)
+                p, ids = probs.topk(K, dim=-1)
+                ids_parts.append(ids.to(torch.int32).cpu())
+                p_parts.append(p.cpu())
+                rest_parts.append((1.0 - p.sum(-1)).clamp_min(0.0).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(ids_parts), torch.cat(p_parts), torch.cat(rest_parts)
+
+
+def targets(run, unique: list[Sample], resume_from: Path | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    out = Path(run.out.path) / FILE
+    digest = fingerprint(unique)
+    if resume_from is None:
+        found = base_targets(run, unique)
+    else:  # the run dir the checkpoint belongs to (`RUN/checkpoints/step-N`), then this one
+        found = next(filter(None, (_read(p, digest) for p in (Path(resume_from).parent.parent / FILE, out))), None)
+        if found is None:
+            raise UserError(
+                f"{out}: the base model's replay targets this run trained against are missing or belong to other "
+                "replay samples; resuming needs them (data.replay_loss: kl), or start the run afresh in another dir"
+            )
+    if run.dist.main and _read(out, digest) is None:
+        _write(out, found, digest)
+    return found
+
+
+def _read(path: Path, digest: str):
+    try:
+        t = load_file(path)
+        if bytes(t["digest"].tolist()).decode() == digest:
+            return t["ids"], t["p"], t["rest"]
+    except (OSError, KeyError, ValueError, SafetensorError, UnicodeDecodeError):
+        pass
+    return None
+
+
+def _write(path: Path, found, digest: str) -> None:
+    ids, p, rest = found
+    tmp = path.with_name(f".{FILE}.tmp-{os.getpid()}")
+    try:
+        save_file({"ids": ids, "p": p, "rest": rest, "digest": torch.tensor(list(digest.encode()))}, tmp)
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)

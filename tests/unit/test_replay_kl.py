@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import tunesmith.train.loss as loss_mod
-from tests.tiny import make_tiny_model, write_config, write_qa_jsonl
+from tests.tiny import make_family_model, write_config, write_qa_jsonl
 from tests.unit.test_replay import replay_file
 from tunesmith.config import load_config
 from tunesmith.data.packing import collate, unpacked
@@ -81,9 +81,11 @@ def _run(model, tok, tmp_path):
     )
 
 
-def test_at_the_base_the_replay_loss_has_no_gradient(tmp_path, tiny_tokenizer):
+@pytest.mark.parametrize("family", ["llama", "gemma2"])  # gemma2's soft-capped head: the full-logits path
+def test_at_the_base_the_replay_loss_has_no_gradient(tmp_path, tiny_tokenizer, family):
     tok = tiny_tokenizer
-    model = make_tiny_model(len(tok))
+    model = make_family_model(family, len(tok))
+    assert loss_mod.plain_head(model) == (family == "llama")
     texts = ["the quick brown fox jumps", "a dog sleeps under the moon", "the moon is bright"]
     replay = []
     for text in texts:
@@ -158,13 +160,14 @@ def test_kl_replay_resume_without_its_targets_is_one_line(tmp_path, tiny_model_d
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before
 
 
-def test_kl_without_replay_is_refused(tmp_path, tiny_model_dir, capsys):
+def test_replay_loss_is_checked_and_kl_without_replay_trains_plainly(tmp_path, tiny_model_dir, capsys):
     from tunesmith.cli import main
 
     qa = write_qa_jsonl(tmp_path / "qa.jsonl", n=10)
     cfg = write_config(tmp_path / "c.yaml", tiny_model_dir, qa, tmp_path / "out")
-    assert main(["train", str(cfg), "data.replay_loss=kl"]) == 2
     assert main(["train", str(cfg), "data.replay=0.2", "data.replay_loss=kld"]) == 2
     err = capsys.readouterr().err
-    assert "config key data.replay_loss: expected ce while data.replay is off" in err and "kld" in err
-    assert not (tmp_path / "out").exists()
+    assert "config key data.replay_loss" in err and "kld" in err and not (tmp_path / "out").exists()
+    # replay off (e.g. `tunesmith quickstart data.replay=0`): kl has nothing to act on, and nothing is written for it
+    assert main(["train", str(cfg), "data.replay=0", "data.replay_loss=kl", "train.max_steps=1"]) == 0
+    assert (tmp_path / "out" / "run.json").is_file() and not (tmp_path / "out" / replay_kl.FILE).exists()

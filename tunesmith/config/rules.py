@@ -98,8 +98,6 @@ def validate(cfg: Config) -> None:
         _fail("data.replay", "a fraction 0 <= value < 1 (or null for none)", d.replay)
     if not d.replay_source:
         raise UserError("config key data.replay_source: expected self or a data file/folder")
-    if d.replay_loss == "kl" and not d.replay:
-        _fail("data.replay_loss", "ce while data.replay is off (kl acts on replay samples only)", d.replay_loss)
     if d.max_length < 8:
         _fail("data.max_length", "an integer >= 8", d.max_length)
     if not a.target_modules:

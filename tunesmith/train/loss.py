@@ -117,7 +117,7 @@ def unwrap(model):
     return model
 
 
-def _plain_head(model) -> bool:
+def plain_head(model) -> bool:
     cfg = model.config
     text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     special = ("final_logit_softcapping", "logit_scale", "output_multiplier", "logits_scaling")
@@ -251,7 +251,7 @@ def token_loss(model, input_ids, labels, position_ids=None, embed_into_grad: boo
     inputs = {"input_ids": input_ids}
     if embed_into_grad and torch.is_grad_enabled():
         inputs = {"inputs_embeds": lookup_into_grad(input_ids, inner.get_input_embeddings())}
-    if not _plain_head(inner) or not hasattr(inner, "get_decoder"):
+    if not plain_head(inner) or not hasattr(inner, "get_decoder"):
         out = model(**inputs, position_ids=position_ids, use_cache=False)
         logits = out.logits[:, :-1][keep].float()
         rows = _soft_rows(targets[keep], soft)

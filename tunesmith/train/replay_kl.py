@@ -37,7 +37,7 @@ from tunesmith.data.sft import IGNORE, Sample
 from tunesmith.errors import UserError
 from tunesmith.io import fsync_dir, fsync_file
 from tunesmith.rundir import REPLAY_TARGETS
-from tunesmith.train.loss import SOFT
+from tunesmith.train.loss import CHUNK, SOFT, plain_head, unwrap
 
 K = 16
 FILE = REPLAY_TARGETS
@@ -77,27 +77,34 @@ def fingerprint(unique: list[Sample]) -> str:
 @torch.no_grad()
 def base_targets(run, unique: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     model, device = run.model, run.device
+    inner = unwrap(model)
+    plain = plain_head(inner) and hasattr(inner, "get_decoder")
     pad_id = run.tokenizer.pad_token_id
     was_training = model.training
     model.eval()
-    ids_parts, p_parts, rest_parts = [], [], []
+    parts = []
     try:
         with run.autocast():
             for start in range(0, len(unique), BATCH):
                 batch = run.make_batch(unpacked(unique[start : start + BATCH], pad_id))
                 batch = {k: v.to(device) for k, v in batch.items()}
                 keep = batch["labels"][:, 1:] != IGNORE
-                out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
-                logits = out.logits[:, :-1][keep].float()
-                del out
-                probs = torch.softmax(logits, dim=-1)
-                p, ids = probs.topk(K, dim=-1)
-                ids_parts.append(ids.to(torch.int32).cpu())
-                p_parts.append(p.cpu())
-                rest_parts.append((1.0 - p.sum(-1)).clamp_min(0.0).cpu())
+                inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+                if plain:  # the head on the answer positions only, a chunk at a time: no [tokens × vocab] tensor
+                    hidden = inner.get_decoder()(**inputs).last_hidden_state[:, :-1][keep]
+                    head = inner.get_output_embeddings()
+                    parts += [_top(head(h).float()) for h in hidden.split(CHUNK)]
+                else:
+                    parts.append(_top(model(**inputs).logits[:, :-1][keep].float()))
     finally:
         model.train(was_training)
-    return torch.cat(ids_parts), torch.cat(p_parts), torch.cat(rest_parts)
+    return tuple(torch.cat([part[i] for part in parts]) for i in range(3))
+
+
+def _top(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    top, ids = logits.topk(K, dim=-1)
+    p = (top - logits.logsumexp(-1, keepdim=True)).exp()
+    return ids.to(torch.int32).cpu(), p.cpu(), (1.0 - p.sum(-1)).clamp_min(0.0).cpu()
 
 
 def targets(run, unique: list[Sample], resume_from: Path | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -33,8 +33,11 @@ def quickstart_run(tmp_path_factory, slow_home):
     """`tunesmith quickstart` through the real console script, once: (out dir, completed process)."""
     out = tmp_path_factory.mktemp("quickstart") / "qs"
     env = {**os.environ, "TUNESMITH_HOME": str(slow_home), "HF_HUB_OFFLINE": "1"}
-    # the closing comparison on 20 questions per split: every arm and split, a few minutes less
-    args = [EXE, "quickstart", "--out", str(out), "compare.max_questions=20", "compare.latency_samples=3"]
+    # the closing comparison on 20 questions per split: every arm and split, a few minutes less; replay
+    # off: generating the base model's replay answers and the extra steps would add ~3.5 min to CI
+    # (replay with data.replay_loss=kl is covered on tiny models in tests/unit/test_replay_kl.py)
+    settings = ["compare.max_questions=20", "compare.latency_samples=3", "data.replay=0"]
+    args = [EXE, "quickstart", "--out", str(out), *settings]
     proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=2700)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc

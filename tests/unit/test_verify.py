@@ -138,6 +138,11 @@ def test_cli_export_verifies_and_reports(tmp_path, model64, capsys, monkeypatch)
     assert len(err) == 1 and err[0].startswith("tunesmith: WARNING:") and "perplexity" in err[0]
     report = json.loads((tmp_path / "q8.report.json").read_text())
     assert q8.is_file() and report["passed"] is False and report["eval_text"] == str(text)
+    assert "try --quant" not in err[0]
+    monkeypatch.setitem(verify_mod.THRESHOLDS, "q4_0", {"max_ppl_ratio": 0.5})  # a failed q4_0 names the K-quant
+    assert main(["export", str(model64), "--quant", "q4_0", "--out", str(tmp_path / "f4.gguf")]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith("; for 4 bits try --quant q4_k_m")
 
     assert main(["export", str(model64), "--quant", "q4_0", "--out", str(tmp_path / "q4.gguf"), "--no-verify"]) == 0
     report = json.loads((tmp_path / "q4.report.json").read_text())

@@ -87,11 +87,15 @@ def run(args) -> int:
     if verify and not report["passed"]:
         print(
             f"tunesmith: WARNING: {out} failed verification against the fp32 model: {'; '.join(report['failures'])} "
-            f"(file kept; details in {report_path(out)})",
+            f"(file kept; details in {report_path(out)})" + _HINTS.get(args.quant, ""),
             file=sys.stderr,
         )
         return VERIFY_FAILED
     return 0
+
+
+# what to try when a type fails: q4_0 has one scale per 32 weights; the K-quant keeps more at 4 bits
+_HINTS = {"q4_0": "; for 4 bits try --quant q4_k_m"}
 
 
 def _export_adapter(args, verify: bool):

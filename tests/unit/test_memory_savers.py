@@ -93,6 +93,18 @@ def test_fused_mlp_saves_two_intermediates_fewer(tiny_tokenizer):
     assert plain - fused >= 2 * tokens * inter * 4 * layers  # silu(gate) and silu(gate)·up, fp32
 
 
+def assert_gradients_of_ref(ref, hidden, weight, want_w):
+    """`hidden.grad` (and `weight.grad`) hold the gradients of 2.5 × the loss under test: they must be
+    those of 2.5 × `ref`. Logits are fp32 (as training computes them), so fp32 tolerances even on fp64
+    inputs."""
+    got = (hidden.grad.clone(), weight.grad.clone() if want_w else None)
+    hidden.grad = weight.grad = None
+    (ref * 2.5).backward()
+    torch.testing.assert_close(got[0], hidden.grad, rtol=1e-5, atol=1e-6)
+    if want_w:
+        torch.testing.assert_close(got[1], weight.grad, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("want_w", [True, False])
 def test_linear_cross_entropy_gradients_over_chunks(monkeypatch, want_w):
     monkeypatch.setattr(loss_mod, "CHUNK", 3)  # 7 rows → chunks of 3, 3, 1
@@ -106,13 +118,7 @@ def test_linear_cross_entropy_gradients_over_chunks(monkeypatch, want_w):
     (loss * 2.5).backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="one backward"):
         loss.backward()
-    got = (hidden.grad.clone(), weight.grad.clone() if want_w else None)
-    hidden.grad = weight.grad = None
-    (ref * 2.5).backward()
-    # logits are fp32 (as training computes them), so fp32 tolerances even on fp64 inputs
-    torch.testing.assert_close(got[0], hidden.grad, rtol=1e-5, atol=1e-6)
-    if want_w:
-        torch.testing.assert_close(got[1], weight.grad, rtol=1e-5, atol=1e-6)
+    assert_gradients_of_ref(ref, hidden, weight, want_w)
     with torch.no_grad():
         torch.testing.assert_close(LinearCrossEntropy.apply(hidden, weight, targets), ref.float())
 

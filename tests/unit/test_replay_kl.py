@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 import tunesmith.train.loss as loss_mod
 from tests.tiny import make_family_model, write_config, write_qa_jsonl
+from tests.unit.test_memory_savers import assert_gradients_of_ref
 from tests.unit.test_replay import replay_file
 from tunesmith.config import load_config
 from tunesmith.data.packing import collate, unpacked
@@ -50,12 +51,7 @@ def test_soft_targets_give_autograds_loss_and_gradients(monkeypatch, want_w):
     )
     torch.testing.assert_close(loss, ref.float())
     (loss * 2.5).backward()
-    got = (hidden.grad.clone(), weight.grad.clone() if want_w else None)
-    hidden.grad = weight.grad = None
-    (ref * 2.5).backward()
-    torch.testing.assert_close(got[0], hidden.grad, rtol=1e-5, atol=1e-6)
-    if want_w:
-        torch.testing.assert_close(got[1], weight.grad, rtol=1e-5, atol=1e-6)
+    assert_gradients_of_ref(ref, hidden, weight, want_w)
 
 
 def test_marked_replay_samples_point_at_their_rows():

@@ -187,14 +187,15 @@ class LinearCrossEntropy(torch.autograd.Function):
             )
             if soft is not None:
                 ids, p, rest = (x[start : start + CHUNK] for x in soft)
-                target_logits = (probs.gather(1, ids) * p).sum(1)
+                z_top = probs.gather(1, ids)
+                target_logits = (z_top * p).sum(1)
             else:
                 target_logits = probs.gather(1, t[:, None]).squeeze(1)
             top = probs.amax(dim=1, keepdim=True)
             sums = probs.sub_(top).exp_().sum(dim=1, keepdim=True)  # exp(z − max), in place
             lse = top.squeeze(1) + sums.log().squeeze(1)
             if soft is not None:
-                q_top = probs.gather(1, ids).div_(sums)
+                q_top = z_top.sub_(lse[:, None]).exp_()
                 q_rest = (1.0 - q_top.sum(1)).clamp_min(1e-12)  # hard rows: rest is 0, q_rest unused
                 total += (lse * (1.0 - rest) - target_logits - rest * q_rest.log())[:real].sum()
             else:

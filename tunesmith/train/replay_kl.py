@@ -29,8 +29,8 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from tunesmith.data.packing import unpacked
 from tunesmith.data.sft import IGNORE, Sample
@@ -111,34 +111,37 @@ def targets(run, unique: list[Sample], resume_from: Path | None) -> tuple[torch.
     out = Path(run.out.path) / FILE
     digest = fingerprint(unique)
     if resume_from is None:
-        found = base_targets(run, unique)
+        found, source = base_targets(run, unique), None
     else:  # the run dir the checkpoint belongs to (`RUN/checkpoints/step-N`), then this one
-        found = next(filter(None, (_read(p, digest) for p in (Path(resume_from).parent.parent / FILE, out))), None)
+        found, source = None, None
+        for source in dict.fromkeys((Path(resume_from).parent.parent / FILE, out)):
+            found = _read(source, digest)
+            if found is not None:
+                break
         if found is None:
             raise UserError(
                 f"{out}: the base model's replay targets this run trained against are missing or belong to other "
                 "replay samples; resuming needs them (data.replay_loss: kl), or start the run afresh in another dir"
             )
-    if run.dist.main and _read(out, digest) is None:
+    if run.dist.main and source != out:
         _write(out, found, digest)
     return found
 
 
 def _read(path: Path, digest: str):
     try:
-        t = load_file(path)
-        if bytes(t["digest"].tolist()).decode() == digest:
-            return t["ids"], t["p"], t["rest"]
-    except (OSError, KeyError, ValueError, SafetensorError, UnicodeDecodeError):
-        pass
-    return None
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("digest") != digest:
+                return None
+            return tuple(f.get_tensor(name) for name in ("ids", "p", "rest"))
+    except (OSError, SafetensorError):
+        return None
 
 
 def _write(path: Path, found, digest: str) -> None:
-    ids, p, rest = found
     tmp = path.with_name(f".{FILE}.tmp-{os.getpid()}")
     try:
-        save_file({"ids": ids, "p": p, "rest": rest, "digest": torch.tensor(list(digest.encode()))}, tmp)
+        save_file(dict(zip(("ids", "p", "rest"), found)), tmp, metadata={"digest": digest})
         fsync_file(tmp)
         os.replace(tmp, path)
     finally:

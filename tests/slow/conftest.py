@@ -33,9 +33,10 @@ def quickstart_run(tmp_path_factory, slow_home):
     """`tunesmith quickstart` through the real console script, once: (out dir, completed process)."""
     out = tmp_path_factory.mktemp("quickstart") / "qs"
     env = {**os.environ, "TUNESMITH_HOME": str(slow_home), "HF_HUB_OFFLINE": "1"}
-    # the closing comparison on 20 questions per split: every arm and split, a few minutes less; replay
-    # off: generating the base model's replay answers and the extra steps would add ~3.5 min to CI
-    # (replay with data.replay_loss=kl is covered on tiny models in tests/unit/test_replay_kl.py)
+    # the quickstart's defaults (data.context on) except: the closing comparison on 20 questions per
+    # split (every arm and split, a few minutes less) and replay off: generating the base model's replay
+    # answers and the extra steps would add ~3.5 min to CI (replay with data.replay_loss=kl is covered
+    # on tiny models in tests/unit/test_replay_kl.py)
     settings = ["compare.max_questions=20", "compare.latency_samples=3", "data.replay=0"]
     args = [EXE, "quickstart", "--out", str(out), *settings]
     proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=2700)

@@ -22,6 +22,10 @@ def test_quickstart_ends_with_the_comparison(quickstart_run):
     # fine-tuning taught the seen facts; only retrieval reaches the document-only ones
     assert main[("finetuned", "seen")]["diff_ci"][0] > 0
     assert main[("rag", "doc_only")]["diff_ci"][0] > 0
+    # the quickstart also trains questions with retrieved chunks (data.context): with them, the tuned
+    # model answers document-only facts it never trained on
+    assert "30 conversations also trained with retrieved chunks" in proc.stdout
+    assert main[("finetuned_rag", "doc_only")]["diff_ci"][0] > 0
     recall = {(r["arm"], r["split"]): r["recall_at_k"] for r in res["retrieval"]}
     assert recall[("rag", "doc_only")] >= 0.5
     assert 0.5 < res["forgetting"]["ratio"] < 2.0

@@ -103,7 +103,7 @@ def saved_bytes(model, batch, length, segment):
 
 def test_activations_extrapolated_from_shallow_probes(wide_model_dir, probed):
     cfg, est, cache, _ = probed
-    _, _, _, _, segment = cache[("data", 256, True)]
+    segment = cache[("data", 256, True)][4]
     model = apply_method(LlamaForCausalLM.from_pretrained(wide_model_dir), cfg.adapter).train()
     real = saved_bytes(model, 4, 256, segment)
     # the estimate adds two layers' worth for backward's transient tensors (6 layers: +33%)
@@ -166,3 +166,50 @@ def test_heap_retention_is_limited_on_glibc():
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt is glibc's")
     assert fit.limit_heap_retention() is True
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loading_counts_the_file_read_beside_the_bf16_copy(tmp_path, wide_model_dir, probed, dtype):
+    """A bf16 run of an fp32 file holds every page of the file and the bf16 copy at the end of
+    loading; a bf16 file is the weights themselves, so nothing more."""
+    folder = tmp_path / "m"
+    LlamaForCausalLM.from_pretrained(wide_model_dir, dtype=dtype).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((wide_model_dir / name).read_bytes())
+    data = write_qa_jsonl(tmp_path / "qa.jsonl", n=16)
+    rows = {"max_length": 24, "packing": False}  # activations well below the file
+    train = {"batch_size": 1, "frozen_dtype": "bf16"}
+    cfg = load_config(write_config(tmp_path / "c.yaml", folder, data, tmp_path / "out", data=rows, train=train))
+    file_bytes, dtypes = fit._weights_file(cfg)
+    (path,) = folder.glob("*.safetensors")
+    assert dtypes == {"F32" if dtype == torch.float32 else "BF16"}
+    assert path.stat().st_size - 64_000 < file_bytes < path.stat().st_size  # all but the header
+    est = fit.estimate(cfg, probe=False, _cache={"baseline": 0.0})
+    p = est.parts
+    beyond = p["weights"] + p["optimizer"] + p["activations"] + p["gradients"] + p["backward overlap"]
+    expected = file_bytes + est.params * 2.0 - beyond - p["reused buffers"]
+    if dtype == torch.float32:
+        assert p["loading (before step 1)"] == pytest.approx(expected)
+    else:
+        assert "loading (before step 1)" not in p and expected <= 0
+
+
+def test_reused_buffers_are_those_of_a_real_step(wide_model_dir, probed):
+    """The fused kernels' buffers are one per tag for every layer: the shallow probe's are the full
+    model's, and the loss's are sized by the most labelled chunk (here at most CHUNK rows)."""
+    from tunesmith.train.kernels import scratch
+    from tunesmith.train.loss import CHUNK
+
+    cfg, est, cache, _ = probed
+    scratch.release()
+    model = fit.probe_model(cfg, cache["hf"], 6, "fp32").model
+    ids = torch.randint(0, 300, (1, 4 * 256))
+    labels = ids.clone()
+    labels[:, : 4 * 128] = -100
+    positions = torch.arange(4 * 256)[None] % 256
+    loss, n = LossModule(model)(ids, labels, positions)
+    (loss / n).backward()
+    layers = scratch.held_bytes(skip=("loss.",))
+    vocab = model.get_input_embeddings().weight.shape[0]
+    assert layers > 0
+    assert layers + CHUNK * vocab * 4 >= est.parts["reused buffers"] >= layers

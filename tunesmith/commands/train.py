@@ -31,7 +31,7 @@ def run(args) -> int:
 
     sigterm_interrupts()
     main = os.environ.get("RANK", "0") == "0"
-    from tunesmith.train.budget import GIB, limit_heap_retention, unwritable
+    from tunesmith.train.budget import GIB, limit_heap_retention, return_freed_heap, unwritable
 
     problem = unwritable(cfg.train.output_dir)
     if problem:  # the machine, not the input: exit 1 (docs/errors.md)
@@ -50,8 +50,11 @@ def run(args) -> int:
     prepare_replay(cfg, quiet=not main)  # data.replay_source=self: the base model's answers, before the fit check
     if not args.force:
         from tunesmith.train.fit_report import preflight
+        from tunesmith.train.kernels.scratch import release
 
         est = preflight(cfg)
+        release()  # the probes' buffers and freed heap: the run grows its own
+        return_freed_heap()
         if main:
             print(
                 f"tunesmith: fit: predicted peak RAM {est.peak_bytes * est.processes / GIB:.2f} of "

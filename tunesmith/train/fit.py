@@ -86,6 +86,29 @@ def _hf_config(cfg: Config):
         raise UserError(f"model {cfg.model.name}: cannot read its config ({str(err).splitlines()[0]})") from None
 
 
+def _weights_file(cfg: Config) -> tuple[float, set]:
+    """(bytes, dtypes) of the model's safetensors weights, from their headers only; (0, set()) when
+    there are none to read (a GGUF, a hub name)."""
+    import json
+    import struct
+
+    from tunesmith.models import resolve_model
+
+    total, dtypes = 0.0, set()
+    folder = Path(resolve_model(cfg.model.name))
+    for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else ():
+        try:
+            with open(path, "rb") as fh:
+                header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+        except (OSError, ValueError, struct.error):
+            continue  # loading it says what is wrong; the estimate goes on without its pages
+        for name, entry in header.items():
+            if name != "__metadata__":
+                total += entry["data_offsets"][1] - entry["data_offsets"][0]
+                dtypes.add(entry["dtype"])
+    return total, dtypes
+
+
 def _layers_of(hf_cfg) -> tuple[object, int]:
     text = hf_cfg.get_text_config() if hasattr(hf_cfg, "get_text_config") else hf_cfg
     n = getattr(text, "num_hidden_layers", None)
@@ -154,9 +177,11 @@ def _measure(
 
     from tunesmith.adapters.methods import count_parameters
     from tunesmith.adapters.storage import storage_bytes, stored_parameters
+    from tunesmith.train.kernels import scratch
     from tunesmith.train.loss import LossModule, can_embed_into_grad
 
     precision, frozen_dtype = _precision(cfg)
+    scratch.release()  # so that what the buffers hold afterwards is this probe's
     fast = probe_model(cfg, hf_cfg, n_layers, frozen_dtype)
     model, flat = fast.model, fast.flat
     trainable, total = count_parameters(model)
@@ -218,6 +243,8 @@ def _measure(
                 result["opt_s"] = opt_s if result["opt_s"] is None else min(result["opt_s"], opt_s)
         result["saved"][length] = float(sum(seen.values()))
         result["seconds"][length] = best
+    # one buffer per tag serves every layer and lives for the run (the loss's: see `estimate`)
+    result["buffers"] = float(scratch.held_bytes(skip=("loss.",)))
     return result
 
 
@@ -230,8 +257,9 @@ def _linear(x1, y1, x2, y2, x):
 
 
 def _data_shape(cfg: Config):
-    """(row length at the peak, mean row length, label fraction, tokens, mean sample length)."""
-    from tunesmith.data.sft import build_datasets, ensure_chat_template
+    """((row length at the peak, mean row length, label fraction, tokens, mean sample length,
+    the largest label fraction of a sample), the tokenizer)."""
+    from tunesmith.data.sft import IGNORE, build_datasets, ensure_chat_template
     from tunesmith.models import load_tokenizer, resolve_model, tunesmith_home
 
     tok = load_tokenizer(resolve_model(cfg.model.name), cfg.model.trust_remote_code, cfg.model.revision)
@@ -241,13 +269,14 @@ def _data_shape(cfg: Config):
     lengths = [len(s.input_ids) for s in train]
     tokens = sum(lengths)
     label_frac = max(1e-3, stats.n_label_tokens / max(1, stats.n_tokens))
+    most_labelled = max(sum(label != IGNORE for label in s.labels) / max(1, len(s.labels)) for s in train)
     mean_sample = max(1, round(tokens / len(lengths)))
     if cfg.data.packing:
-        return cfg.data.max_length, cfg.data.max_length, label_frac, tokens, mean_sample
+        return (cfg.data.max_length, cfg.data.max_length, label_frac, tokens, mean_sample, most_labelled), tok
     longest = max(lengths)
     # a micro-batch is padded to its longest row; on average about the p75 sample
     typical = sorted(lengths)[int(0.75 * (len(lengths) - 1))]
-    return longest, typical, label_frac, tokens, mean_sample
+    return (longest, typical, label_frac, tokens, mean_sample, most_labelled), tok
 
 
 def estimate(cfg: Config, probe: bool = True, ram_gib: float | None = None, _cache: dict | None = None) -> Estimate:
@@ -257,12 +286,14 @@ def estimate(cfg: Config, probe: bool = True, ram_gib: float | None = None, _cac
 
     limit_heap_retention()
     _cache = {} if _cache is None else _cache
-    baseline = _cache.setdefault("baseline", current_rss())  # before any probe, and once
     hf_cfg = _cache.get("hf") or _cache.setdefault("hf", _hf_config(cfg))
     data_key = ("data", cfg.data.max_length, cfg.data.packing)
     if data_key not in _cache:
-        _cache[data_key] = _data_shape(cfg)
-    peak_len, mean_len, label_frac, n_tokens, mean_sample = _cache[data_key]
+        _cache[data_key], tokenizer = _data_shape(cfg)
+        _cache.setdefault("tokenizer", tokenizer)  # the run holds one all along (~40 MiB for SmolLM2's)
+    # before any probe, once, with the tokenizer loaded
+    baseline = _cache.setdefault("baseline", current_rss())
+    peak_len, mean_len, label_frac, n_tokens, mean_sample, most_labelled = _cache[data_key]
     text, n_layers = _layers_of(hf_cfg)
     t = cfg.train
     method = cfg.adapter.method
@@ -318,20 +349,23 @@ def estimate(cfg: Config, probe: bool = True, ram_gib: float | None = None, _cac
         per_forward = min(tokens_micro, max(budget, peak_len))
         layer_act, outside = layer_act * per_forward / tokens_micro, outside * per_forward / tokens_micro
         tokens_micro = per_forward
-    labelled = tokens_micro * label_frac
     # the head's logits exist for one chunk of CHUNK labelled tokens at a time, at the end of the
-    # forward (the loss computes its gradients there); ∂hidden stays until the backward
+    # forward (the loss computes its gradients there), in reused buffers sized by the most labelled
+    # chunk of the run (a row of long answers): in the compute dtype, plus an fp32 copy under bf16
     vocab = getattr(text, "vocab_size", 0) or 0
-    loss_chunk = min(labelled, CHUNK) * vocab * 4.0 * 2
+    labelled = tokens_micro * most_labelled
+    loss_chunk = min(labelled, CHUNK) * vocab * (6.0 if precision == "bf16" else 4.0)
     if method == "qlora" and cfg.adapter.quantize_embeddings:  # NF4 head: its logits are saved (probed)
         loss_chunk = 0.0
+    # the layers' reused buffers (norms, rope, SwiGLU: `kernels.scratch`), sized by a forward's tokens
+    buffers = hi["buffers"] * tokens_micro / (b_probe * peak_len) + loss_chunk
     hidden = getattr(text, "hidden_size", 0) or 0
     if t.gradient_checkpointing:
         # each layer keeps only its input; one layer's activations are rebuilt at a time
         act = n_layers * tokens_micro * hidden * 4.0 + layer_act * (1 + TRANSIENT_LAYERS)
     else:
         act = layer_act * (n_layers + TRANSIENT_LAYERS)
-    act += outside + loss_chunk
+    act += outside
     data = n_tokens * DATA_BYTES_PER_TOKEN
     parts = {
         "baseline": baseline,
@@ -339,6 +373,7 @@ def estimate(cfg: Config, probe: bool = True, ram_gib: float | None = None, _cac
         "gradients": grads,
         "optimizer": optimizer,
         "activations": act,
+        "reused buffers": buffers,
         "data": data,
     }
     # Backward frees each layer's activations as it fills that layer's gradients, so both never
@@ -352,8 +387,13 @@ def estimate(cfg: Config, probe: bool = True, ram_gib: float | None = None, _cac
     stored, _ = at_depth(lo["stored"], hi["stored"])
     if method == "qlora" and frozen_dtype != "bf16":
         parts["fp32 file pages"] = stored * 4.0
-    elif method != "full" and frozen_dtype == "bf16":  # loaded as bf16, then the load is freed
-        over = total * 2.0 - optimizer - together
+    elif method != "full" and frozen_dtype == "bf16":
+        # loading reads every page of the file; from a wider file it makes a bf16 copy meanwhile, so
+        # at the end of loading both are resident (SmolLM2's fp32 file: 0.50 + 0.26 GiB) before
+        # qlora quantizes the copy; a bf16 file is mapped as it is (its pages are the weights)
+        file_bytes, dtypes = _cache.get("file") or _cache.setdefault("file", _weights_file(cfg))
+        loading = file_bytes + (total * 2.0 if dtypes - {"BF16"} else 0.0)
+        over = loading - weights - optimizer - together - buffers
         if over > 0:
             parts["loading (before step 1)"] = over
     peak = sum(parts.values())

@@ -9,7 +9,8 @@ Contract:
 - `base_targets(run, unique)` → (ids [N, k] int32, p [N, k] fp32, rest [N] fp32): the model's top-`K`
   next-token probabilities at every label position of `unique`, and the mass of all other tokens,
   from one no-grad pass in eval mode. Called before the first step, when the model still is the base
-  (adapters start as a no-op; a full fine-tune has not moved yet), in the run's precision.
+  (adapters start as a no-op; a full fine-tune has not moved yet), in the run's precision. The
+  pass's reused buffers and freed heap are given back afterwards, so training does not carry them.
 - `targets(run, unique, resume_from)`: computed on a fresh start and written to
   `RUN/replay_targets.safetensors` (atomically, rank 0); on resume, when the model no longer is the
   base, read back from the checkpoint's run dir (or this one) and copied here when missing, so the
@@ -37,6 +38,8 @@ from tunesmith.data.sft import IGNORE, Sample
 from tunesmith.errors import UserError
 from tunesmith.io import fsync_dir, fsync_file
 from tunesmith.rundir import REPLAY_TARGETS
+from tunesmith.train.budget import return_freed_heap
+from tunesmith.train.kernels.scratch import release
 from tunesmith.train.loss import CHUNK, SOFT, plain_head, unwrap
 
 K = 16
@@ -98,6 +101,8 @@ def base_targets(run, unique: list[Sample]) -> tuple[torch.Tensor, torch.Tensor,
                     parts.append(_top(model(**inputs).logits[:, :-1][keep].float()))
     finally:
         model.train(was_training)
+        release()  # the fused kernels' buffers grew for 8 samples a forward; training needs one row's
+        return_freed_heap()
     return tuple(torch.cat([part[i] for part in parts]) for i in range(3))
 
 

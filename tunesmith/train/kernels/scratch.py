@@ -6,8 +6,9 @@ until the next call with the same tag, so it is for temporaries only — never a
 output, never saved for backward, never held across a call that may ask for the same tag. The
 layers of a model run one at a time, so one buffer per tag serves them all. `use_scratch(False)`
 makes every call a fresh `torch.empty` (the plain path, for tests and A/B runs); `release(*tags)` drops
-those buffers (all of them when no tag is named). Off the CPU every call is a fresh `torch.empty`:
-CUDA's caching allocator already reuses memory.
+those buffers (all of them when no tag is named); `held_bytes(skip=())` is the bytes they hold, but
+those whose tag starts with one of `skip` (`tunesmith fit` counts them: they outlive every step).
+Off the CPU every call is a fresh `torch.empty`: CUDA's caching allocator already reuses memory.
 
 Why: `tunesmith train` pins glibc's mmap threshold at 1 MiB (`train.budget.limit_heap_retention`) so that
 RSS tracks the live tensors; every larger tensor is then a fresh mapping whose pages fault in on
@@ -51,3 +52,7 @@ def release(*tags: str) -> None:
     """Drop the buffers of these tags (every buffer when none is named)."""
     for key in [k for k in _BUFFERS if not tags or k[0] in tags]:
         del _BUFFERS[key]
+
+
+def held_bytes(skip: tuple[str, ...] = ()) -> int:
+    return sum(b.numel() * b.element_size() for k, b in _BUFFERS.items() if not k[0].startswith(skip))

@@ -9,6 +9,8 @@ Contract:
   from safetensors or GGUF (pickled `.bin` checkpoints are refused), and `trust_remote_code`
   stays off unless the config asks for it. Safetensors that do not cover every weight of the
   model (which would start from random values) are refused, naming the first missing tensors.
+- `weights_file(folder)` → (bytes, dtypes) of a model dir's safetensors weights, from their headers
+  only; (0, set()) when it has none to read.
 - `pick_device(requested)`: the torch device; one this machine lacks is a `UserError`.
 - Every user mistake raises `UserError` with one line.
 """
@@ -17,9 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import os
 import re
 import shutil
+import struct
 from pathlib import Path
 
 from tunesmith.errors import UserError
@@ -242,3 +246,18 @@ def _check_coverage(resolved: str, model, missing) -> None:
         f"model {resolved}: its safetensors lack {len(names)} of the model's {total} weight tensors "
         f"(first: {', '.join(names[:3])}); the files are incomplete or belong to another architecture"
     )
+
+
+def weights_file(folder: Path) -> tuple[float, set]:
+    total, dtypes = 0.0, set()
+    for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else ():
+        try:
+            with open(path, "rb") as fh:
+                header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+        except (OSError, ValueError, struct.error):
+            continue  # loading it says what is wrong
+        for name, entry in header.items():
+            if name != "__metadata__":
+                total += entry["data_offsets"][1] - entry["data_offsets"][0]
+                dtypes.add(entry["dtype"])
+    return total, dtypes

@@ -180,7 +180,7 @@ def test_loading_counts_the_file_read_beside_the_bf16_copy(tmp_path, wide_model_
     rows = {"max_length": 24, "packing": False}  # activations well below the file
     train = {"batch_size": 1, "frozen_dtype": "bf16"}
     cfg = load_config(write_config(tmp_path / "c.yaml", folder, data, tmp_path / "out", data=rows, train=train))
-    file_bytes, dtypes = fit._weights_file(cfg)
+    file_bytes, dtypes = fit._weights_file(cfg.model.name)
     (path,) = folder.glob("*.safetensors")
     assert dtypes == {"F32" if dtype == torch.float32 else "BF16"}
     assert path.stat().st_size - 64_000 < file_bytes < path.stat().st_size  # all but the header

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import os
 import time
@@ -33,6 +34,7 @@ from pathlib import Path
 
 from tunesmith.config import Config
 from tunesmith.errors import UserError
+from tunesmith.models import resolve_model, weights_file
 from tunesmith.train.budget import GIB, current_rss, disk_free, limit_heap_retention, ram_budget
 
 __all__ = ["GIB", "Estimate", "estimate", "limit_heap_retention", "probe_model"]
@@ -77,8 +79,6 @@ class Estimate:
 def _hf_config(cfg: Config):
     from transformers import AutoConfig
 
-    from tunesmith.models import resolve_model
-
     resolved = resolve_model(cfg.model.name)
     try:
         return AutoConfig.from_pretrained(resolved, trust_remote_code=cfg.model.trust_remote_code)
@@ -86,27 +86,8 @@ def _hf_config(cfg: Config):
         raise UserError(f"model {cfg.model.name}: cannot read its config ({str(err).splitlines()[0]})") from None
 
 
-def _weights_file(cfg: Config) -> tuple[float, set]:
-    """(bytes, dtypes) of the model's safetensors weights, from their headers only; (0, set()) when
-    there are none to read (a GGUF, a hub name)."""
-    import json
-    import struct
-
-    from tunesmith.models import resolve_model
-
-    total, dtypes = 0.0, set()
-    folder = Path(resolve_model(cfg.model.name))
-    for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else ():
-        try:
-            with open(path, "rb") as fh:
-                header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
-        except (OSError, ValueError, struct.error):
-            continue  # loading it says what is wrong; the estimate goes on without its pages
-        for name, entry in header.items():
-            if name != "__metadata__":
-                total += entry["data_offsets"][1] - entry["data_offsets"][0]
-                dtypes.add(entry["dtype"])
-    return total, dtypes
+def _weights_file(name: str) -> tuple[float, set]:
+    return weights_file(Path(resolve_model(name)))
 
 
 def _layers_of(hf_cfg) -> tuple[object, int]:
@@ -170,9 +151,19 @@ def probe_model(cfg: Config, hf_cfg, n_layers: int, frozen_dtype: str):
 
 
 def _measure(
-    cfg: Config, hf_cfg, n_layers: int, batch: int, row_lens, label_frac: float, segment: int | None, timed: bool
+    cfg: Config,
+    hf_cfg,
+    n_layers: int,
+    batch: int,
+    row_lens,
+    label_frac: float,
+    segment: int | None,
+    timed: bool,
+    per_forward: int | None = None,
 ) -> dict:
-    """Build an n-layer random copy, run AdamW steps at each row length; bytes and seconds."""
+    """Build an n-layer random copy, run AdamW steps at each row length; bytes and seconds. A step
+    runs its `batch` rows in forwards of `per_forward` rows, as the loop splits a micro-batch
+    (`train.forward_tokens`): the time is the whole step's, the saved bytes one forward's."""
     import torch
 
     from tunesmith.adapters.methods import count_parameters
@@ -211,8 +202,10 @@ def _measure(
         positions = (torch.arange(length) % seg).expand(batch, length).contiguous()
         labels = ids.clone()
         labels[(positions < max(1, round(seg * (1 - label_frac))))] = -100
-        if flat:  # [batch, length] → one row of batch × length tokens, positions restarting per row
-            ids, labels, positions = (t.reshape(1, -1) for t in (ids, labels, positions))
+        step_rows = per_forward or batch
+        forwards = [tuple(t[s : s + step_rows] for t in (ids, labels, positions)) for s in range(0, batch, step_rows)]
+        if flat:  # [rows, length] → one row of rows × length tokens, positions restarting per row
+            forwards = [tuple(t.reshape(1, -1) for t in f) for f in forwards]
         seen: dict[int, int] = {}
 
         def pack(t, seen=seen):
@@ -227,11 +220,14 @@ def _measure(
         # fastest of three, since a busy machine only ever adds time
         reps = 4 if timed and length == row_lens[-1] else 1
         for rep in range(reps):
-            seen.clear()
+            saved = 0
             start = time.perf_counter()
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast():
-                loss, n = step(ids, labels, positions if segment or flat else None)
-            (loss / max(n, 1)).backward()
+            for f_ids, f_labels, f_positions in forwards:
+                seen.clear()
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast():
+                    loss, n = step(f_ids, f_labels, f_positions if segment or flat else None)
+                (loss / max(n, 1)).backward()
+                saved = max(saved, sum(seen.values()))
             if rep > 0 or reps == 1:
                 best = min(best, time.perf_counter() - start)
             opt_start = time.perf_counter()
@@ -241,7 +237,7 @@ def _measure(
             opt_s = time.perf_counter() - opt_start
             if rep > 0:  # the first AdamW step allocates its state
                 result["opt_s"] = opt_s if result["opt_s"] is None else min(result["opt_s"], opt_s)
-        result["saved"][length] = float(sum(seen.values()))
+        result["saved"][length] = float(saved)
         result["seconds"][length] = best
     # one buffer per tag serves every layer and lives for the run (the loss's: see `estimate`)
     result["buffers"] = float(scratch.held_bytes(skip=("loss.",)))
@@ -260,7 +256,7 @@ def _data_shape(cfg: Config):
     """((row length at the peak, mean row length, label fraction, tokens, mean sample length,
     the largest label fraction of a sample), the tokenizer)."""
     from tunesmith.data.sft import IGNORE, build_datasets, ensure_chat_template
-    from tunesmith.models import load_tokenizer, resolve_model, tunesmith_home
+    from tunesmith.models import load_tokenizer, tunesmith_home
 
     tok = load_tokenizer(resolve_model(cfg.model.name), cfg.model.trust_remote_code, cfg.model.revision)
     ensure_chat_template(tok, cfg.data.chat_template)
@@ -302,23 +298,30 @@ def estimate(cfg: Config, probe: bool = True, ram_gib: float | None = None, _cac
     # with at most PROBE_TOKENS per micro-batch: memory and time are linear in rows
     lens = (peak_len,)
     b_probe = max(1, min(b, PROBE_TOKENS // peak_len))
+    # the loop's forwards (`train.forward_tokens`): each forward has a cost of its own (a full
+    # fine-tune casts every weight to bf16 and adds every gradient once per forward)
+    from tunesmith.train.rows import forward_budget
+
+    budget = forward_budget(cfg)
+    rows_pf = max(1, min(b_probe, budget // peak_len)) if budget else b_probe
     segment = min(mean_sample, peak_len) if cfg.data.packing and mean_sample < peak_len else None
     precision, frozen_dtype = _precision(cfg)
-    key = ("probe", repr(cfg.adapter), precision, frozen_dtype, b_probe, lens, segment, probe)
+    key = ("probe", repr(cfg.adapter), precision, frozen_dtype, b_probe, rows_pf, lens, segment, probe)
+    measure = functools.partial(_measure, cfg, hf_cfg, per_forward=rows_pf)
     if key not in _cache:
-        runs = [_measure(cfg, hf_cfg, n, b_probe, lens, label_frac, segment, probe) for n in PROBE_LAYERS]
+        runs = [measure(n, b_probe, lens, label_frac, segment, probe) for n in PROBE_LAYERS]
         # the per-layer time is a difference of two short timings, multiplied by the depth: on a
         # shared machine one slow burst skews it by 2×. Alternate the depths and keep the fastest
         for _ in range(TIME_ROUNDS - 1 if probe else 0):
             for r, n in zip(runs, PROBE_LAYERS):
-                again = _measure(cfg, hf_cfg, n, b_probe, lens, label_frac, segment, probe)
+                again = measure(n, b_probe, lens, label_frac, segment, probe)
                 r["seconds"] = {k: min(v, again["seconds"][k]) for k, v in r["seconds"].items()}
                 r["opt_s"] = min(r["opt_s"], again["opt_s"])
         _cache[key] = runs
     lo, hi = copy.deepcopy(_cache[key])
     for r in (lo, hi):  # scale the probe's rows up to the run's micro-batch
         for length in lens:
-            r["saved"][length] *= b / b_probe
+            r["saved"][length] *= b / rows_pf  # as if one forward took the micro-batch; split below
             r["seconds"][length] *= b / b_probe
     l1, l2 = PROBE_LAYERS
 
@@ -340,11 +343,9 @@ def estimate(cfg: Config, probe: bool = True, ram_gib: float | None = None, _cac
     layer_act = max(0.0, (saved(hi, peak_len) - saved(lo, peak_len)) / (l2 - l1))
     outside = max(0.0, saved(lo, peak_len) - l1 * layer_act)  # embeddings, final norm, head, loss
     from tunesmith.train.loss import CHUNK
-    from tunesmith.train.rows import forward_budget
 
     # a split micro-batch (train.forward_tokens) keeps one forward's activations at a time
     tokens_micro = b * peak_len
-    budget = forward_budget(cfg)
     if budget:
         per_forward = min(tokens_micro, max(budget, peak_len))
         layer_act, outside = layer_act * per_forward / tokens_micro, outside * per_forward / tokens_micro
@@ -358,7 +359,7 @@ def estimate(cfg: Config, probe: bool = True, ram_gib: float | None = None, _cac
     if method == "qlora" and cfg.adapter.quantize_embeddings:  # NF4 head: its logits are saved (probed)
         loss_chunk = 0.0
     # the layers' reused buffers (norms, rope, SwiGLU: `kernels.scratch`), sized by a forward's tokens
-    buffers = hi["buffers"] * tokens_micro / (b_probe * peak_len) + loss_chunk
+    buffers = hi["buffers"] * tokens_micro / (rows_pf * peak_len) + loss_chunk
     hidden = getattr(text, "hidden_size", 0) or 0
     if t.gradient_checkpointing:
         # each layer keeps only its input; one layer's activations are rebuilt at a time
@@ -391,7 +392,7 @@ def estimate(cfg: Config, probe: bool = True, ram_gib: float | None = None, _cac
         # loading reads every page of the file; from a wider file it makes a bf16 copy meanwhile, so
         # at the end of loading both are resident (SmolLM2's fp32 file: 0.50 + 0.26 GiB) before
         # qlora quantizes the copy; a bf16 file is mapped as it is (its pages are the weights)
-        file_bytes, dtypes = _cache.get("file") or _cache.setdefault("file", _weights_file(cfg))
+        file_bytes, dtypes = _cache.get("file") or _cache.setdefault("file", _weights_file(cfg.model.name))
         loading = file_bytes + (total * 2.0 if dtypes - {"BF16"} else 0.0)
         over = loading - weights - optimizer - together - buffers
         if over > 0:

@@ -379,12 +379,14 @@ def estimate(cfg: Config, probe: bool = True, ram_gib: float | None = None, _cac
     }
     # Backward frees each layer's activations as it fills that layer's gradients, so both never
     # peak together: at its start the head's (and tied embeddings') gradients sit beside all the
-    # activations, at its end every gradient and none of them. A step of several forwards (a split
-    # micro-batch, grad_accum) runs the later ones beside every gradient (full, 2 rows of 256 a
-    # step, one a forward: 0.82 GiB above the step's start, the gradients' 0.54 and a forward's)
-    together = max(act + outside_trainable * 4.0, grads)
+    # activations, at its end every gradient and none of them. The loss computes a trained head's
+    # gradient in its forward (in the compute dtype, then fp32) and holds it until backward adds it
+    # in. A step of several forwards (a split micro-batch, grad_accum) runs the later ones beside
+    # every gradient (full, 2 rows of 256 a step, one a forward: 0.82 GiB above the step's start)
+    head_grad = outside_trainable * (6.0 if precision == "bf16" else 4.0)
+    together = max(act + head_grad, grads)
     if b > rows_pf or t.grad_accum > 1:
-        together = act + grads
+        together = act + grads + head_grad
     parts["backward overlap"] = together - act - grads
     # qlora over an fp32 base: the fp32 weights file is memory-mapped, every page of it is read
     # once to quantize, and the weights that stay fp32 (embeddings, norms) keep the mapping, so

@@ -168,17 +168,22 @@ def test_heap_retention_is_limited_on_glibc():
     assert fit.limit_heap_retention() is True
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_loading_counts_the_file_read_beside_the_bf16_copy(tmp_path, wide_model_dir, probed, dtype):
+@pytest.mark.parametrize(
+    ("dtype", "frozen", "copy"),
+    [(torch.float32, "bf16", "bf16 copy"), (torch.bfloat16, "bf16", None), (torch.float32, "fp32", "copies out")],
+)
+def test_loading_counts_the_file_read_beside_the_copy(tmp_path, wide_model_dir, probed, dtype, frozen, copy):
     """A bf16 run of an fp32 file holds every page of the file and the bf16 copy at the end of
-    loading; a bf16 file is the weights themselves, so nothing more."""
+    loading; a bf16 file is the weights themselves, so nothing more; an fp32 LoRA run over its own
+    fp32 file stacks q/k/v and copies every other frozen weight out of the mapping, whose pages
+    stay resident until the last copy is made."""
     folder = tmp_path / "m"
     LlamaForCausalLM.from_pretrained(wide_model_dir, dtype=dtype).save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (folder / name).write_bytes((wide_model_dir / name).read_bytes())
     data = write_qa_jsonl(tmp_path / "qa.jsonl", n=16)
     rows = {"max_length": 24, "packing": False}  # activations well below the file
-    train = {"batch_size": 1, "frozen_dtype": "bf16"}
+    train = {"batch_size": 1, "frozen_dtype": frozen, "precision": frozen}
     cfg = load_config(write_config(tmp_path / "c.yaml", folder, data, tmp_path / "out", data=rows, train=train))
     file_bytes, dtypes = fit._weights_file(cfg.model.name)
     (path,) = folder.glob("*.safetensors")
@@ -187,8 +192,9 @@ def test_loading_counts_the_file_read_beside_the_bf16_copy(tmp_path, wide_model_
     est = fit.estimate(cfg, probe=False, _cache={"baseline": 0.0})
     p = est.parts
     beyond = p["weights"] + p["optimizer"] + p["activations"] + p["gradients"] + p["backward overlap"]
-    expected = file_bytes + est.params * 2.0 - beyond - p["reused buffers"]
-    if dtype == torch.float32:
+    copied = {"bf16 copy": est.params * 2.0, "copies out": p["weights"], None: 0.0}[copy]
+    expected = file_bytes + copied - beyond - p["reused buffers"]
+    if copy:
         assert p["loading (before step 1)"] == pytest.approx(expected)
     else:
         assert "loading (before step 1)" not in p and expected <= 0

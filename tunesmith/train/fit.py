@@ -241,6 +241,7 @@ def _measure(
         result["seconds"][length] = best
     # one buffer per tag serves every layer and lives for the run (the loss's: see `estimate`)
     result["buffers"] = float(scratch.held_bytes(skip=("loss.",)))
+    result["copied_out"] = any(g.lora and type(g.layers[0].base_layer) is torch.nn.Linear for g in fast.groups)
     return result
 
 
@@ -394,12 +395,17 @@ def estimate(cfg: Config, probe: bool = True, ram_gib: float | None = None, _cac
     stored, _ = at_depth(lo["stored"], hi["stored"])
     if method == "qlora" and frozen_dtype != "bf16":
         parts["fp32 file pages"] = stored * 4.0
-    elif method != "full" and frozen_dtype == "bf16":
+    elif method != "full":
         # loading reads every page of the file; from a wider file it makes a bf16 copy meanwhile, so
         # at the end of loading both are resident (SmolLM2's fp32 file: 0.50 + 0.26 GiB) before
-        # qlora quantizes the copy; a bf16 file is mapped as it is (its pages are the weights)
+        # qlora quantizes the copy; a file of the load dtype is mapped as it is (its pages are the
+        # weights) until LoRA groups stack their weights and copy the rest out of the mapping
+        # (`kernels.groups.leave_the_file`): then the file's pages and the copies are resident at once
         file_bytes, dtypes = _cache.get("file") or _cache.setdefault("file", _weights_file(cfg.model.name))
-        loading = file_bytes + (total * 2.0 if dtypes - {"BF16"} else 0.0)
+        if frozen_dtype == "bf16":
+            loading = file_bytes + (total * 2.0 if dtypes - {"BF16"} else 0.0)
+        else:
+            loading = file_bytes + (weights if dtypes - {"F32"} or lo["copied_out"] else 0.0)
         over = loading - weights - optimizer - together - buffers
         if over > 0:
             parts["loading (before step 1)"] = over

@@ -25,6 +25,21 @@ from tunesmith.errors import UserError
 GIB = 1024**3
 
 
+def _glibc():
+    """The C library when it is glibc on Linux (mallopt, malloc_trim), else None."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None  # musl has neither
+
+
 def limit_heap_retention(threshold: int = 1 << 20) -> bool:
     """Make freed activations leave the process, so RSS tracks the live tensors.
 
@@ -33,34 +48,16 @@ def limit_heap_retention(threshold: int = 1 << 20) -> bool:
     LoRA (batch 4 × 512): peak RSS 5.9 GiB after one step and 7.1 after two, against 3.9 with
     the threshold pinned at 1 MiB, at the same speed. A user's own MALLOC_MMAP_THRESHOLD_ wins.
     """
-    import ctypes
-    import ctypes.util
-    import sys
-
-    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-3, threshold))  # -3 = M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-        return False
+    libc = None if "MALLOC_MMAP_THRESHOLD_" in os.environ else _glibc()
+    return bool(libc and libc.mallopt(-3, threshold))  # -3 = M_MMAP_THRESHOLD
 
 
 def return_freed_heap() -> bool:
     """Blocks under the mmap threshold (a 352-token row's bf16 activations are 0.4 MB) are freed into
     the heap, where they stay resident: measured after `train`'s preflight probes and the replay
     targets' pass on the quickstart, 85–150 MiB of free heap kept the peak RSS up."""
-    import ctypes
-    import ctypes.util
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.malloc_trim(0))
-    except (OSError, AttributeError):  # not glibc
-        return False
+    libc = _glibc()
+    return bool(libc and libc.malloc_trim(0))
 
 
 def current_rss() -> float:

@@ -329,6 +329,12 @@ def group_projections(layers: list) -> ProjectionGroup | None:
     return group
 
 
+def copies_out(groups: list) -> bool:
+    """Whether `leave_the_file` copies the frozen weights out of the model file: a LoRA group over
+    plain weights (`tunesmith fit` counts the file's pages beside the copies)."""
+    return any(group.lora and type(group.layers[0].base_layer) is torch.nn.Linear for group in groups)
+
+
 def leave_the_file(model, groups: list) -> None:
     """For LoRA groups over plain weights, copy every other frozen weight out of the model file.
     transformers maps a safetensors file whose dtype is the load dtype into memory and hands out
@@ -336,7 +342,7 @@ def leave_the_file(model, groups: list) -> None:
     keeps the whole mapping, so the file's pages of the weights just stacked into a group would
     stay resident beside the stack (+0.3 GiB on SmolLM2 in fp32). Once nothing points into the
     mapping it is unmapped; the copies cost what the mapped pages did."""
-    if not any(group.lora and type(group.layers[0].base_layer) is torch.nn.Linear for group in groups):
+    if not copies_out(groups):
         return
     stacked = {group.weight.untyped_storage().data_ptr() for group in groups if group.weight is not None}
     for param in model.parameters():

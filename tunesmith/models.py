@@ -11,6 +11,8 @@ Contract:
   model (which would start from random values) are refused, naming the first missing tensors.
 - `weights_file(folder)` → (bytes, dtypes) of a model dir's safetensors weights, from their headers
   only; (0, set()) when it has none to read.
+- `sdpa_unsupported(err, attn_implementation)`: whether a model failed to build only for want of
+  SDPA attention (Gemma 2); `load_model` and `fit`'s random copies then build it with eager.
 - `pick_device(requested)`: the torch device; one this machine lacks is a `UserError`.
 - Every user mistake raises `UserError` with one line.
 """
@@ -225,8 +227,7 @@ def load_model(
             f"model {resolved}: its safetensors weights are corrupt or truncated ({_first_line(err)})"
         ) from None
     except (OSError, ValueError) as err:
-        if attn_implementation == "sdpa" and "scaled_dot_product_attention" in str(err):
-            # Gemma 2 has no SDPA path (its attention logits are soft-capped); eager is its exact one.
+        if sdpa_unsupported(err, attn_implementation):
             return load_model(resolved, dtype, device, trust_remote_code, revision, attn_implementation="eager")
         hint = " (offline? hub ids need network; give a local directory)" if HUB_ID.match(resolved) else ""
         raise UserError(f"model {resolved}: cannot load ({_first_line(err)}){hint}") from None
@@ -234,6 +235,12 @@ def load_model(
     if device is not None:
         model.to(device)
     return model
+
+
+def sdpa_unsupported(err: Exception, attn_implementation: str) -> bool:
+    """Whether building the model failed only because its family has no SDPA attention: Gemma 2
+    has none (its attention logits are soft-capped); eager is its exact one."""
+    return attn_implementation == "sdpa" and "scaled_dot_product_attention" in str(err)
 
 
 def _check_coverage(resolved: str, model, missing) -> None:

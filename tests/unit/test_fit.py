@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from tests.tiny import make_tokenizer, write_config, write_qa_jsonl
+from tests.tiny import FAMILY_CONFIGS, make_family_model, make_tokenizer, write_config, write_qa_jsonl
 from tunesmith.adapters.methods import apply_method, count_parameters
 from tunesmith.config import load_config
 from tunesmith.errors import UserError
@@ -219,3 +219,18 @@ def test_reused_buffers_are_those_of_a_real_step(wide_model_dir, probed):
     vocab = model.get_input_embeddings().weight.shape[0]
     assert layers > 0
     assert layers + CHUNK * vocab * 4 >= est.parts["reused buffers"] >= layers
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+def test_every_family_is_estimated(tmp_path, family):
+    """Each family's probes build: Gemma 2 has no SDPA (eager, as training loads it), and the tiny
+    models have fewer layers than the 3-layer probe, so per-layer lists (Qwen3's, Gemma's
+    layer_types) are repeated, not cut."""
+    tok = make_tokenizer()
+    make_family_model(family, len(tok)).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    cfg = config(tmp_path, tmp_path / "m")
+    est = fit.estimate(cfg, probe=False, _cache={"baseline": 0.0})
+    model = apply_method(AutoModelForCausalLM.from_pretrained(tmp_path / "m", attn_implementation="eager"), cfg.adapter)
+    assert (est.trainable, est.params) == count_parameters(model)
+    assert est.parts["activations"] > 0

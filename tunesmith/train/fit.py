@@ -103,8 +103,9 @@ def _shallow(hf_cfg, n_layers: int):
     text, _ = _layers_of(shallow)
     text.num_hidden_layers = n_layers
     for key in ("layer_types", "sliding_window_pattern_list"):  # per-layer lists must match depth
-        if isinstance(getattr(text, key, None), list):
-            setattr(text, key, getattr(text, key)[:n_layers])
+        values = getattr(text, key, None)
+        if isinstance(values, list) and values:  # cut, or repeated where the model has fewer layers
+            setattr(text, key, [values[i % len(values)] for i in range(n_layers)])
     return shallow
 
 
@@ -169,6 +170,7 @@ def _measure(
     from tunesmith.adapters.methods import count_parameters
     from tunesmith.adapters.storage import storage_bytes, stored_parameters
     from tunesmith.train.kernels import scratch
+    from tunesmith.train.kernels.groups import copies_out
     from tunesmith.train.loss import LossModule, can_embed_into_grad
 
     precision, frozen_dtype = _precision(cfg)
@@ -241,7 +243,7 @@ def _measure(
         result["seconds"][length] = best
     # one buffer per tag serves every layer and lives for the run (the loss's: see `estimate`)
     result["buffers"] = float(scratch.held_bytes(skip=("loss.",)))
-    result["copied_out"] = any(g.lora and type(g.layers[0].base_layer) is torch.nn.Linear for g in fast.groups)
+    result["copied_out"] = copies_out(fast.groups)
     return result
 
 

@@ -5,7 +5,8 @@ Contract:
   run keeps its frozen weights in bf16 (no fp32 copy of the frozen base is ever made), else fp32.
 - `load_base(cfg, resolved, frozen_dtype)`: the pretrained weights in that dtype (training).
 - `random_base(cfg, hf_config, frozen_dtype)`: the same architecture with random weights in the
-  same dtype (fit's probes: shallow copies of the real widths, no weights read).
+  same dtype (fit's probes: shallow copies of the real widths, no weights read), with eager
+  attention where the family has no SDPA, as `load_model` builds the real one.
 - `make_trainable(model, cfg, device, dist, frozen_dtype, checkpointing=True)` → `kernels.Prepared`:
   gradient checkpointing when the run asks for it and `checkpointing` allows, the fine-tuning
   method (`adapters.methods.apply_method`), then `kernels.prepare` (fast paths, device, groups).
@@ -18,7 +19,7 @@ import torch
 
 from tunesmith.adapters.methods import apply_method
 from tunesmith.config import Config
-from tunesmith.models import load_model
+from tunesmith.models import load_model, sdpa_unsupported
 from tunesmith.train.kernels import Prepared, prepare
 
 
@@ -37,15 +38,21 @@ def load_base(cfg: Config, resolved: str, frozen_dtype: str):
     )
 
 
-def random_base(cfg: Config, hf_config, frozen_dtype: str):
+def random_base(cfg: Config, hf_config, frozen_dtype: str, attn_implementation: str | None = None):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_config(
-        hf_config,
-        dtype=base_dtype(cfg.adapter.method, frozen_dtype),
-        attn_implementation=cfg.model.attn_implementation,
-        trust_remote_code=cfg.model.trust_remote_code,
-    )
+    attn = attn_implementation or cfg.model.attn_implementation
+    try:
+        return AutoModelForCausalLM.from_config(
+            hf_config,
+            dtype=base_dtype(cfg.adapter.method, frozen_dtype),
+            attn_implementation=attn,
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
+    except ValueError as err:
+        if not sdpa_unsupported(err, attn):
+            raise
+        return random_base(cfg, hf_config, frozen_dtype, "eager")  # as `load_model` builds the real one
 
 
 def make_trainable(

@@ -21,7 +21,7 @@ def test_train_with_context(tmp_path, tiny_model_dir, capsys):
     out = tmp_path / "out"
     cfg = write_config(
         tmp_path / "c.yaml", tiny_model_dir, data, out,
-        data={"context": True, "max_length": 256, "context_distractor_only": 0.25},
+        data={"context": True, "max_length": 256, "context_distractor_only": 0.25, "context_counterfactual": 0.5},
         compare={"documents": str(docs), "top_k": 2},
     )  # fmt: skip
     code = main(["train", str(cfg)])
@@ -31,7 +31,7 @@ def test_train_with_context(tmp_path, tiny_model_dir, capsys):
     # 24 plain conversations + 24 with context, each with its answer's chunk found by its rare name
     line = next(x for x in printed.out.splitlines() if "data.context:" in x)
     assert "24 conversations also trained with retrieved chunks" in line and "found for 24 (100%)" in line, line
-    assert "6 with distractors only" in line, line
+    assert "6 with distractors only, 9 with the answer swapped" in line, line
     # data check --config says what training with context makes of the data, before training
     code = main(["data", "check", str(data), "--config", str(cfg), "--json", str(tmp_path / "r.json")])
     printed = capsys.readouterr()

@@ -81,6 +81,7 @@ class DataConfig:
     documents: str | None = None  # folder data.context retrieves from; default compare.documents
     context_fraction: float = 1.0  # share of the conversations that get a copy with context (plain ones stay)
     context_distractor_only: float = 0.2  # share of those copies whose chunks leave out the answer's chunk
+    context_counterfactual: float = 0.0  # share of the copies with the answer's chunk whose answer is swapped
     replay: float | None = None  # share of training samples that are replay (against forgetting), 0 <= f < 1
     replay_source: str = "self"  # self (the base model's answers to bundled prompts) · a data file/folder
     replay_loss: str = "ce"  # ce: cross-entropy on replay answers · kl: KL to the base model's next-token distribution

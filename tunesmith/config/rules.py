@@ -60,6 +60,7 @@ FRACTIONS = {
     "train.min_lr_ratio": (0.0, 1.0, True),
     "data.context_fraction": (0.0, 1.0, True),
     "data.context_distractor_only": (0.0, 1.0, True),
+    "data.context_counterfactual": (0.0, 1.0, True),
 }
 
 

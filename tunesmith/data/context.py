@@ -23,6 +23,9 @@ Contract:
   the best-ranked oracle chunk in place of its last chunk, at a seeded position. A seeded
   `data.context_distractor_only` fraction of the copies has every oracle chunk removed, the
   next-ranked chunks filling in (distractors only: the model must also answer from what it learnt).
+  A seeded `data.context_counterfactual` share of the other copies, those whose shown oracle chunk
+  holds the answer's name or number (`data.counterfactual.answer_span`), has that answer replaced by
+  another conversation's of the same kind in the chunks and in the reply (the model must read).
   Deterministic for a given seed, examples, documents and settings.
 """
 
@@ -34,6 +37,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from tunesmith.data.counterfactual import answer_span, pick_substitute, swap
 from tunesmith.errors import UserError
 
 RAG_INSTRUCTION = "Answer the question using the context below. Give the exact name, number or term."
@@ -52,6 +56,7 @@ class ContextStats:
     n_oracle_found: int = 0  # of those, questions whose answer some chunk holds
     n_oracle_retrieved: int = 0  # ... and the retriever's top-k already held one
     n_distractor_only: int = 0  # copies whose chunks exclude every oracle chunk
+    n_counterfactual: int = 0  # copies whose answer is swapped for another's, in chunks and reply
     n_chunks: int = 0  # in the documents
 
 
@@ -64,6 +69,7 @@ def context_line(stats: dict, documents, max_length: int) -> str:
         f"({stats['n_chunks']} chunks); answer's chunk found for {found} ({found / max(1, n):.0%}), "
         f"in the retriever's top-k for {stats['n_oracle_retrieved']}; "
         f"{stats['n_distractor_only']} with distractors only"
+        + (f", {stats['n_counterfactual']} with the answer swapped" if stats.get("n_counterfactual") else "")
         + (
             f"; {stats['n_cut']} longer than data.max_length={max_length} (truncated or dropped): raise it"
             if stats.get("n_cut")
@@ -96,6 +102,7 @@ def documents_fingerprint(data, compare) -> str:
         compare.chunk_overlap,
         data.context_fraction,
         data.context_distractor_only,
+        data.context_counterfactual,
     )
     return f"{root.resolve()}\0{settings}\0" + "\0".join(parts)
 
@@ -121,16 +128,49 @@ def add_context(examples: list, data, compare, seed: int) -> tuple[list, Context
     words = [set(WORD.findall(c.text.lower())) for c in chunks]
     lowered = [c.text.lower() for c in chunks]
     df = Counter(w for have in words for w in have)
-    out = list(examples)
+    copies = []
     for j, ranking in zip(picked, ranked):
         i, (u, question, answer) = eligible[j]
         oracle = _oracle(question, answer, lowered, words, df)
         chosen = _choose(ranking, oracle, compare.top_k, j in without, rng, stats)
+        copies.append((i, u, question, answer, [chunks[c].text for c in chosen], oracle & set(chosen)))
+    if data.context_counterfactual:
+        copies = _counterfactual(copies, eligible, data.context_counterfactual, lowered, df, seed, stats)
+    out = list(examples)
+    for i, u, question, answer, texts, _ in copies:
         messages = [dict(m) for m in examples[i].messages]
-        messages[u] = {**messages[u], "content": rag_message(question, [chunks[c].text for c in chosen])}
+        messages[u] = {**messages[u], "content": rag_message(question, texts)}
+        a = next(k for k in range(u + 1, len(messages)) if messages[k].get("role") == "assistant")
+        messages[a] = {**messages[a], "content": answer}
         out.append(replace(examples[i], messages=messages, where=f"{examples[i].where} (with context)"))
         stats.n_context += 1
     return out, stats
+
+
+def _counterfactual(copies: list, eligible: list, share: float, lowered: list, df: dict, seed: int, stats) -> list:
+    """A seeded `share` of the copies shown an answer's chunk get another conversation's answer of the
+    same kind in place of theirs, in the chunks and in the reply (`data.context_counterfactual`)."""
+    rare_at = _rare_at(len(lowered))
+    pool = []
+    for _, (_, question, answer) in eligible:
+        span = answer_span(question, answer, lowered, df, rare_at)
+        if span:
+            pool.append(answer[slice(*span)])
+    spans = {}
+    for n, (_, _, question, answer, _, shown) in enumerate(copies):
+        span = answer_span(question, answer, [lowered[c] for c in sorted(shown)], df, rare_at)
+        if span:
+            spans[n] = span
+    rng = random.Random(f"data.context_counterfactual:{seed}")
+    out = list(copies)
+    for n in sorted(rng.sample(sorted(spans), round(len(spans) * share))):
+        i, u, question, answer, texts, shown = copies[n]
+        new = pick_substitute(answer[slice(*spans[n])], pool, rng)
+        if new is not None:
+            texts, answer = swap(texts, answer, spans[n], new)
+            out[n] = (i, u, question, answer, texts, shown)
+            stats.n_counterfactual += 1
+    return out
 
 
 def context_samples(examples: list, data, compare, seed: int, tokenize, stats) -> list:
@@ -180,13 +220,18 @@ def _oracle(question: str, answer: str, lowered: list[str], words: list[set[str]
     found = {c for c, text in enumerate(lowered) if whole and whole in text}
     if found:
         return found
-    rare_at = max(2, len(words) // 20)  # a word in at most 5% of the chunks names something
+    rare_at = _rare_at(len(words))
     new = set(WORD.findall(answer.lower())) - set(WORD.findall(question.lower()))
     rare = {w for w in new if 0 < df.get(w, 0) <= rare_at}
     if not rare:
         return set()
     score = [len(rare & have) for have in words]
     return {c for c, s in enumerate(score) if s == max(score)}
+
+
+def _rare_at(n_chunks: int) -> int:
+    """How many chunks a rare word is in at most: a word in at most 5% of them names something."""
+    return max(2, n_chunks // 20)
 
 
 def _choose(ranking: list[int], oracle: set[int], k: int, without: bool, rng, stats: ContextStats) -> list[int]:

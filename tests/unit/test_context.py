@@ -129,6 +129,7 @@ def test_cache_key_covers_documents_and_retrieval(setup, tiny_tokenizer):
     assert key(c=CompareConfig(**{**vars(compare), "top_k": 2})) != key()
     assert key(c=CompareConfig(**{**vars(compare), "retriever": "hybrid"})) != key()
     assert key(d=DataConfig(**{**vars(data), "context_distractor_only": 0.5})) != key()
+    assert key(d=DataConfig(**{**vars(data), "context_counterfactual": 0.5})) != key()
     plain = DataConfig(**{**vars(data), "context": False})
     assert key(d=plain) == key(d=plain, c=CompareConfig())  # without context the documents do not count
 

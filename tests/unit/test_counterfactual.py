@@ -57,6 +57,12 @@ def test_answer_span_names_the_answer():
     chunks, reply = swap(["Keeper ORLA PENHALLOW0, not Orla Penhallow01."], keeper, span, "Bram Totteridge1")
     assert chunks == ["Keeper Bram Totteridge1, not Orla Penhallow01."]  # whole words, any case
     assert reply == "The keeper there was Bram Totteridge1."
+    # a chunk cut inside a two-word name gets the new name's matching word at that edge
+    brisk = "The Brisk Water."
+    chunks, _ = swap(
+        ["Its tributary is the Brisk", "Water. Then Brisk Water again"], brisk, (4, 15), "Hilda Brackwater"
+    )
+    assert chunks == ["Its tributary is the Hilda", "Brackwater. Then Hilda Brackwater again"]
     chunks, reply = swap(["The Vane Cottage is old; the vane cottage stands."], answer, (4, 16), "The Mill House")
     assert chunks == ["The Mill House is old; the Mill House stands."] and reply == "The Mill House is the oldest."
 

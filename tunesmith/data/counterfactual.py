@@ -11,7 +11,8 @@ Contract:
 - `pick_substitute(text, pool, rng)` → a text of `pool` (the spans of the other conversations'
   answers) of the same kind and a different lower-cased text, else None; seeded by `rng`.
 - `swap(chunks, answer, span, new)` → the chunks with every whole-word, case-insensitive occurrence
-  of the span's text replaced by `new`, and the answer with its span replaced.
+  of the span's text replaced by `new` (and, for a name of several words cut by a chunk's edge, the
+  words at that edge by the matching words of `new`), and the answer with its span replaced.
 
 Why: a model fine-tuned on facts and then shown retrieved chunks answers from memory. On the
 quickstart, given the chunk that names the harbour's dredger, it names a trained entity of another
@@ -75,7 +76,29 @@ def pick_substitute(text: str, pool: list[str], rng) -> str | None:
 
 
 def swap(chunks: list[str], answer: str, span: tuple[int, int], new: str) -> tuple[list[str], str]:
-    old = re.compile(rf"(?<!\w){re.escape(answer[slice(*span)])}(?!\w)", re.IGNORECASE)
+    text = answer[slice(*span)]
+    old = re.compile(rf"(?<!\w){re.escape(text)}(?!\w)", re.IGNORECASE)
     if answer[: span[0]].lower().endswith("the ") and new.lower().startswith("the "):
         new = new[4:]  # "the The Drowned Fiddler"
-    return [old.sub(lambda _: new, c) for c in chunks], answer[: span[0]] + new + answer[span[1] :]
+    chunks = [_edges(old.sub(lambda _: new, c), text, new) for c in chunks]
+    return chunks, answer[: span[0]] + new + answer[span[1] :]
+
+
+def _edges(chunk: str, text: str, new: str) -> str:
+    """A chunk cut inside a name of several words ("… the Brisk" | "Water. The …") gets the matching
+    words of `new` at that edge, so no word of the old answer is left to read."""
+    olds, news = list(WORD.finditer(text)), list(WORD.finditer(new))
+    n = len(olds)
+    if n < 2 or n != len(news):
+        return chunk
+    for k in range(n - 1, 0, -1):  # the chunk ends with the name's first k words
+        m = re.search(rf"(?<!\w){re.escape(text[: olds[k - 1].end()])}(?=\W*$)", chunk, re.IGNORECASE)
+        if m:
+            chunk = chunk[: m.start()] + new[: news[k - 1].end()] + chunk[m.end() :]
+            break
+    for k in range(n - 1, 0, -1):  # it starts with the name's last k words
+        m = re.match(rf"\W*({re.escape(text[olds[n - k].start() :])})(?!\w)", chunk, re.IGNORECASE)
+        if m:
+            chunk = chunk[: m.start(1)] + new[news[n - k].start() :] + chunk[m.end(1) :]
+            break
+    return chunk

@@ -23,9 +23,9 @@ def test_quickstart_ends_with_the_comparison(quickstart_run):
     assert main[("finetuned", "seen")]["diff_ci"][0] > 0
     assert main[("rag", "doc_only")]["diff_ci"][0] > 0
     # the quickstart also trains questions with retrieved chunks (data.context): with them, the tuned
-    # model answers document-only facts it never trained on (half of them with the answer swapped)
+    # model answers document-only facts it never trained on (the fixture keeps distractor-only copies)
     assert "30 conversations also trained with retrieved chunks" in proc.stdout
-    assert "0 with distractors only, 15 with the answer swapped" in proc.stdout
+    assert "6 with distractors only" in proc.stdout
     assert main[("finetuned_rag", "doc_only")]["diff_ci"][0] > 0
     recall = {(r["arm"], r["split"]): r["recall_at_k"] for r in res["retrieval"]}
     assert recall[("rag", "doc_only")] >= 0.5

@@ -122,7 +122,7 @@ def add_context(examples: list, data, compare, seed: int) -> tuple[list, Context
         return examples, stats
     n_without = round(n_pick * data.context_distractor_only)
     without = set(rng.sample(picked, n_without))
-    questions = [eligible[j][1][1] for j in picked]
+    questions = [eligible[j][1][2] for j in picked]
     depth = min(len(chunks), compare.top_k + EXTRA_RANKS)
     ranked = make_retriever(compare.retriever, chunks)(questions, depth)
     words = [set(WORD.findall(c.text.lower())) for c in chunks]
@@ -130,17 +130,16 @@ def add_context(examples: list, data, compare, seed: int) -> tuple[list, Context
     df = Counter(w for have in words for w in have)
     copies = []
     for j, ranking in zip(picked, ranked):
-        i, (u, question, answer) = eligible[j]
+        i, (u, a, question, answer) = eligible[j]
         oracle = _oracle(question, answer, lowered, words, df)
         chosen = _choose(ranking, oracle, compare.top_k, j in without, rng, stats)
-        copies.append((i, u, question, answer, [chunks[c].text for c in chosen], oracle & set(chosen)))
+        copies.append((i, u, a, question, answer, [chunks[c].text for c in chosen], oracle & set(chosen)))
     if data.context_counterfactual:
         copies = _counterfactual(copies, eligible, data.context_counterfactual, lowered, df, seed, stats)
     out = list(examples)
-    for i, u, question, answer, texts, _ in copies:
+    for i, u, a, question, answer, texts, _ in copies:
         messages = [dict(m) for m in examples[i].messages]
         messages[u] = {**messages[u], "content": rag_message(question, texts)}
-        a = next(k for k in range(u + 1, len(messages)) if messages[k].get("role") == "assistant")
         messages[a] = {**messages[a], "content": answer}
         out.append(replace(examples[i], messages=messages, where=f"{examples[i].where} (with context)"))
         stats.n_context += 1
@@ -152,23 +151,23 @@ def _counterfactual(copies: list, eligible: list, share: float, lowered: list, d
     same kind in place of theirs, in the chunks and in the reply (`data.context_counterfactual`)."""
     rare_at = _rare_at(len(lowered))
     pool = []
-    for _, (_, question, answer) in eligible:
+    for _, (_, _, question, answer) in eligible:
         span = answer_span(question, answer, lowered, df, rare_at)
         if span:
             pool.append(answer[slice(*span)])
     spans = {}
-    for n, (_, _, question, answer, _, shown) in enumerate(copies):
+    for n, (_, _, _, question, answer, _, shown) in enumerate(copies):
         span = answer_span(question, answer, [lowered[c] for c in sorted(shown)], df, rare_at)
         if span:
             spans[n] = span
     rng = random.Random(f"data.context_counterfactual:{seed}")
     out = list(copies)
     for n in sorted(rng.sample(sorted(spans), round(len(spans) * share))):
-        i, u, question, answer, texts, shown = copies[n]
+        i, u, a, question, answer, texts, shown = copies[n]
         new = pick_substitute(answer[slice(*spans[n])], pool, rng)
         if new is not None:
             texts, answer = swap(texts, answer, spans[n], new)
-            out[n] = (i, u, question, answer, texts, shown)
+            out[n] = (i, u, a, question, answer, texts, shown)
             stats.n_counterfactual += 1
     return out
 
@@ -197,8 +196,9 @@ def context_check(paths, cfg, tokenizer, max_length: int) -> dict:
     return stats.context
 
 
-def _last_exchange(ex) -> tuple[int, str, str] | None:
-    """(index, text) of the last user message and the answer that follows it, if plain text."""
+def _last_exchange(ex) -> tuple[int, int, str, str] | None:
+    """(user index, assistant index, question, answer): the last user message and the assistant
+    message that follows it, if both are plain text."""
     messages = ex.messages
     if not messages:
         return None
@@ -206,13 +206,14 @@ def _last_exchange(ex) -> tuple[int, str, str] | None:
     if not users:
         return None
     u = users[-1]
-    after = [m for m in messages[u + 1 :] if m.get("role") == "assistant"]
+    after = [k for k in range(u + 1, len(messages)) if messages[k].get("role") == "assistant"]
     if not after or not isinstance(messages[u].get("content"), str):
         return None
-    answer = after[0].get("content")
-    if not isinstance(answer, str) or not answer.strip() or after[0].get("tool_calls"):
+    a = after[0]
+    answer = messages[a].get("content")
+    if not isinstance(answer, str) or not answer.strip() or messages[a].get("tool_calls"):
         return None
-    return u, messages[u]["content"], answer
+    return u, a, messages[u]["content"], answer
 
 
 def _oracle(question: str, answer: str, lowered: list[str], words: list[set[str]], df: dict) -> set[int]:
